@@ -1,0 +1,111 @@
+"""Process and MindSpore context set-up shared by every entry point.
+
+Two things must happen before ``import mindspore``: oneDNN must be kept off its AVX-512 convolution path (which is
+~77x slower on the CPUs we measured) and numpy must be 1.x (MindSpore 2.10's extension is built against numpy 1).
+``apply_process_defaults`` does both and is called when ``ldm`` is imported; ``init_env`` then configures the
+MindSpore context (device, mode, jit level, threads, compile cache, seed, data parallel).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+ONEDNN_ISA_VAR = "ONEDNN_MAX_CPU_ISA"
+DEFAULT_ONEDNN_ISA = "AVX2"
+
+
+class EnvironmentError_(RuntimeError):
+    """The Python environment cannot run this package (wrong numpy, mindspore imported too early, ...)."""
+
+
+def apply_process_defaults() -> None:
+    """Set environment defaults that MindSpore reads at import time; the user's own values always win."""
+    if "mindspore" not in sys.modules:
+        os.environ.setdefault(ONEDNN_ISA_VAR, DEFAULT_ONEDNN_ISA)
+    check_numpy()
+
+
+def check_numpy() -> None:
+    import numpy
+
+    major = int(numpy.__version__.split(".")[0])
+    if major >= 2:
+        raise EnvironmentError_(
+            f"numpy {numpy.__version__} is installed, but mindspore 2.10 needs numpy<2 "
+            "(its C extension is built against numpy 1.x). Run: pip install 'numpy<2'"
+        )
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Rank layout of the current process (``rank=0, world_size=1`` when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_env(
+    device_target: str = "CPU",
+    mode: int = 0,
+    jit_level: str | None = None,
+    seed: int | None = None,
+    threads: int | None = None,
+    compile_cache_dir: str | None = None,
+    distributed: bool = False,
+) -> DistInfo:
+    """Configure MindSpore for this process.
+
+    mode: 0 = GRAPH_MODE (default, compiled), 1 = PYNATIVE_MODE.
+    jit_level: O0/O1/O2; defaults to O2 on Ascend (whole-graph sinking) and O0 elsewhere.
+    distributed: initialise the collective backend (HCCL on Ascend, NCCL on GPU, mccl on CPU) under ``msrun``
+    and switch to data-parallel with mean-reduced gradients.
+    """
+    import mindspore as ms
+
+    device_target = device_target.upper() if device_target.lower() != "ascend" else "Ascend"
+    if device_target not in ("CPU", "GPU", "Ascend"):
+        raise ValueError(f"device_target must be CPU, GPU or Ascend, got {device_target!r}")
+    if mode not in (0, 1):
+        raise ValueError(f"mode must be 0 (graph) or 1 (pynative), got {mode!r}")
+    ms.set_device(device_target)
+    ms.set_context(mode=ms.GRAPH_MODE if mode == 0 else ms.PYNATIVE_MODE)
+    if jit_level is None:
+        jit_level = "O2" if device_target == "Ascend" else "O0"
+    if mode == 0:
+        ms.set_context(jit_config={"jit_level": jit_level})
+    if threads:
+        ms.runtime.set_cpu_affinity(False)
+        ms.set_context(inter_op_parallel_num=1)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if compile_cache_dir:
+        ms.set_context(enable_compile_cache=True, compile_cache_path=compile_cache_dir)
+    if seed is not None:
+        set_seed(seed)
+    if not distributed:
+        return DistInfo()
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    info = DistInfo(rank=get_rank(), world_size=get_group_size())
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(
+        parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=info.world_size
+    )
+    return info
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, numpy and MindSpore's global RNG."""
+    import mindspore as ms
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    ms.set_seed(seed)

@@ -1,0 +1,1 @@
+"""Stable Diffusion networks with original-LDM (CompVis/Stability) parameter names."""

@@ -1,0 +1,97 @@
+"""Building blocks whose parameters carry PyTorch names (``weight``/``bias``).
+
+MindSpore's own norm and embedding cells name their parameters ``gamma``/``beta``/``embedding_table``. Stability,
+CompVis and diffusers checkpoints use ``weight``/``bias``; keeping those names makes checkpoint import an identity
+map instead of a rename table. Norms compute in float32 and return the input dtype, so fp16 models stay stable.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+
+def _ones(n: int) -> Parameter:
+    return Parameter(initializer("ones", (n,), ms.float32), name="weight")
+
+
+def _zeros(n: int) -> Parameter:
+    return Parameter(initializer("zeros", (n,), ms.float32), name="bias")
+
+
+class GroupNorm(nn.Cell):
+    """torch.nn.GroupNorm: statistics over (channels/groups, *spatial) per sample and group."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"num_channels {num_channels} is not divisible by num_groups {num_groups}")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = _ones(num_channels)
+            self.bias = _zeros(num_channels)
+
+    def construct(self, x):
+        dtype = x.dtype
+        shape = x.shape
+        h = x.astype(ms.float32).reshape(shape[0], self.num_groups, -1)
+        mean = h.mean(axis=-1, keep_dims=True)
+        var = ops.square(h - mean).mean(axis=-1, keep_dims=True)
+        h = ((h - mean) * ops.rsqrt(var + self.eps)).reshape(shape)
+        if self.affine:
+            bshape = (1, self.num_channels) + (1,) * (len(shape) - 2)
+            h = h * self.weight.reshape(bshape) + self.bias.reshape(bshape)
+        return h.astype(dtype)
+
+
+class LayerNorm(nn.Cell):
+    """torch.nn.LayerNorm over the last dimension."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = _ones(normalized_shape)
+        self.bias = _zeros(normalized_shape)
+        self.eps = eps
+        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        dtype = x.dtype
+        y, _, _ = self.layer_norm(x.astype(ms.float32), self.weight, self.bias)
+        return y.astype(dtype)
+
+
+class Embedding(nn.Cell):
+    """torch.nn.Embedding: a ``weight`` table indexed by integer ids."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.weight = Parameter(
+            initializer(Normal(0.02), (num_embeddings, embedding_dim), ms.float32), name="weight"
+        )
+
+    def construct(self, ids):
+        return ops.gather(self.weight, ids, 0)
+
+
+def Conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0) -> nn.Conv2d:
+    """torch-style Conv2d (explicit symmetric padding, with bias)."""
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        pad_mode="pad" if padding else "valid",
+        padding=padding,
+        has_bias=True,
+        weight_init="he_uniform",
+        bias_init="zeros",
+    )
+
+
+def Linear(in_features: int, out_features: int, bias: bool = True) -> nn.Dense:
+    """torch-style Linear (weight [out, in])."""
+    return nn.Dense(in_features, out_features, has_bias=bias, weight_init="he_uniform", bias_init="zeros")

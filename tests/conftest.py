@@ -1,0 +1,26 @@
+"""Test session set-up: ``ldm`` is imported before mindspore (oneDNN ISA default), tests run in PyNative mode
+unless a test switches to graph mode itself (use the ``graph_mode`` fixture)."""
+
+import ldm  # noqa: F401  (must precede mindspore)
+import mindspore as ms
+import numpy as np
+import pytest
+
+from ldm.env import init_env
+
+init_env("CPU", mode=1)
+
+
+@pytest.fixture
+def graph_mode():
+    """Run the test body in GRAPH_MODE and switch back to PyNative afterwards."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        yield
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
