@@ -64,6 +64,8 @@ def init_env(
 
     mode: 0 = GRAPH_MODE (default, compiled), 1 = PYNATIVE_MODE.
     jit_level: O0/O1/O2; defaults to O2 on Ascend (whole-graph sinking) and O0 elsewhere.
+    threads: CPU kernel threads (MindSpore's default is 25, far more than small machines have).
+    compile_cache_dir: reuse compiled graphs across runs (cuts the first graph-mode step several-fold).
     distributed: initialise the collective backend (HCCL on Ascend, NCCL on GPU, mccl on CPU) under ``msrun``
     and switch to data-parallel with mean-reduced gradients.
     """
@@ -81,9 +83,7 @@ def init_env(
     if mode == 0:
         ms.set_context(jit_config={"jit_level": jit_level})
     if threads:
-        ms.runtime.set_cpu_affinity(False)
-        ms.set_context(inter_op_parallel_num=1)
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        ms.device_context.cpu.op_tuning.threads_num(int(threads))
     if compile_cache_dir:
         ms.set_context(enable_compile_cache=True, compile_cache_path=compile_cache_dir)
     if seed is not None:
