@@ -64,9 +64,8 @@ def validate_config(config: Any, where: str = "model") -> None:
     accepted, has_var_kw = _accepted_params(obj)
     for key in params:
         if key not in accepted and not has_var_kw:
-            raise ConfigError(
-                f"{where}.params: unknown config key {key!r} for {config['target']} (valid: {', '.join(sorted(accepted))})"
-            )
+            valid = ", ".join(sorted(accepted))
+            raise ConfigError(f"{where}.params: unknown config key {key!r} for {config['target']} (valid: {valid})")
         if str(key).endswith("_config") and params[key] is not None:
             validate_config(params[key], f"{where}.params.{key}")
 
@@ -78,3 +77,21 @@ def instantiate_from_config(config: Any, **overrides: Any) -> Any:
     if isinstance(params, DictConfig):
         params = OmegaConf.to_container(params, resolve=True)
     return get_obj_from_str(str(config["target"]))(**dict(params), **overrides)
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# --version shortcuts shared by the CLIs: (model config, native image size, default guidance scale)
+VERSIONS = {
+    "1.5": ("v1-inference.yaml", 512, 7.5),
+    "2.0": ("v2-inference.yaml", 512, 9.0),
+    "2.1": ("v2-inference.yaml", 512, 9.0),
+    "2.0-v": ("v2-inference-v.yaml", 768, 9.0),
+    "2.1-v": ("v2-inference-v.yaml", 768, 9.0),
+}
+
+
+def config_for_version(version: str) -> Path:
+    if version not in VERSIONS:
+        raise ConfigError(f"unknown --version {version!r} (choose from {', '.join(VERSIONS)})")
+    return CONFIG_DIR / VERSIONS[version][0]

@@ -6,7 +6,9 @@ from ldm.util import ConfigError, instantiate_from_config, load_config, validate
 
 
 def test_instantiate_builds_target():
-    norm = instantiate_from_config({"target": "ldm.models.layers.GroupNorm", "params": {"num_groups": 2, "num_channels": 4}})
+    norm = instantiate_from_config(
+        {"target": "ldm.models.layers.GroupNorm", "params": {"num_groups": 2, "num_channels": 4}}
+    )
     assert norm.num_groups == 2 and tuple(norm.weight.shape) == (4,)
 
 

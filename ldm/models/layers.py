@@ -69,9 +69,7 @@ class Embedding(nn.Cell):
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
-        self.weight = Parameter(
-            initializer(Normal(0.02), (num_embeddings, embedding_dim), ms.float32), name="weight"
-        )
+        self.weight = Parameter(initializer(Normal(0.02), (num_embeddings, embedding_dim), ms.float32), name="weight")
 
     def construct(self, ids):
         return ops.gather(self.weight, ids, 0)

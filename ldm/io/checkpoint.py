@@ -1,0 +1,171 @@
+"""Read and write state dicts (name -> numpy array) as ``.safetensors`` or MindSpore ``.ckpt`` files.
+
+``.ckpt`` is ambiguous: MindSpore writes protobuf, PyTorch Lightning writes a torch zip pickle. The first bytes tell
+them apart. PyTorch pickles (``.ckpt``/``.pt``/``.pth``/``.bin``) are only read with ``allow_pickle=True``, through
+the restricted unpickler of :mod:`ldm.io.torch_pickle`. Writes go to a temp file in the target directory and are
+renamed into place, so a failed write leaves any previous file untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, unsafe or does not match the model; the message names the file and key."""
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen raw bfloat16 bit patterns (uint16) to float32, exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _pickle_refused(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: is a PyTorch pickle checkpoint; pickle files can run arbitrary code when loaded, so they are read "
+        "only with --allow-pickle (allow_pickle=True; tensors are rebuilt by a restricted unpickler). Prefer a "
+        ".safetensors copy, and only allow pickles from sources you trust"
+    )
+
+
+def _is_torch_pickle(path: Path) -> bool:
+    """True for a torch zip archive or a legacy torch pickle; MindSpore protobuf starts with neither."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == _ZIP_MAGIC or head[:1] == b"\x80"
+
+
+def read_state_dict(path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """Arrays of a ``.safetensors``, MindSpore ``.ckpt`` or (with ``allow_pickle``) PyTorch checkpoint file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _read_safetensors(path)
+    if suffix in TORCH_SUFFIXES or (suffix == ".ckpt" and _is_torch_pickle(path)):
+        if not allow_pickle:
+            raise _pickle_refused(path)
+        from ldm.io.torch_pickle import load_torch_file  # imports this module for CheckpointError
+
+        return load_torch_file(path)
+    if suffix == ".ckpt":
+        return _read_mindspore(path)
+    raise CheckpointError(f"{path}: unknown checkpoint format {suffix!r} (use .safetensors, .ckpt, .pt, .pth or .bin)")
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """Parsed JSON header and the byte offset where tensor data starts; checks the file holds all tensor bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise CheckpointError(f"{path}: truncated safetensors header: {n} bytes declared, {size - 8} present")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
+    data_start = 8 + n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for key {key!r}") from None
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file: key {key!r} needs bytes up to {data_start + end}, file has {size}"
+            )
+    return header, data_start
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    header, data_start = _safetensors_header(path)
+    out: dict[str, np.ndarray] = {}
+    bf16 = 0
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                info = header[key]
+                if info["dtype"] == "BF16":
+                    begin, end = info["data_offsets"]
+                    bits = np.fromfile(path, "<u2", count=(end - begin) // 2, offset=data_start + begin)
+                    out[key] = bfloat16_bits_to_float32(bits).reshape(info["shape"])
+                    bf16 += 1
+                else:
+                    out[key] = f.get_tensor(key)
+    except (SafetensorError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors: {e}") from e
+    if bf16:
+        warnings.warn(f"{path}: {bf16} bfloat16 tensors were converted to float32", stacklevel=3)
+    return out
+
+
+def _read_mindspore(path: Path) -> dict[str, np.ndarray]:
+    import mindspore as ms
+
+    try:
+        params = ms.load_checkpoint(str(path))
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot read MindSpore checkpoint: {e}") from e
+    return {name: p.asnumpy() for name, p in params.items()}
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The ``__metadata__`` string map of a ``.safetensors`` header ({} if absent or for other formats)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    return dict(_safetensors_header(path)[0].get("__metadata__") or {})
+
+
+def write_state_dict(path, state_dict: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write arrays atomically as ``.safetensors`` (with optional string metadata) or MindSpore ``.ckpt``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".ckpt"):
+        raise CheckpointError(f"{path}: cannot write {suffix!r}; use .safetensors or .ckpt")
+    if metadata and suffix != ".safetensors":
+        raise CheckpointError(f"{path}: metadata can only be stored in .safetensors files")
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise CheckpointError(f"{path}: metadata key {key!r} must map a str to a str, got {type(value).__name__}")
+    arrays = {name: np.asarray(value, order="C") for name, value in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix == ".safetensors":
+            from safetensors.numpy import save_file
+
+            save_file(arrays, tmp, metadata=metadata)
+        else:
+            import mindspore as ms
+
+            ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 and MindSpore 0400; give the usual mode of a written file
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,455 @@
+"""Diffusers pipeline folders <-> our model config and state dict.
+
+A diffusers Stable Diffusion folder holds ``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/`` and
+``tokenizer/``, each with a ``config.json``. We translate those configs into our YAML model config (so a folder
+converts without a hand-written config) and back (so an exported folder loads in diffusers), and route each
+component's weights through its key map in ``ldm/io/*_keys.py``. Settings our networks do not implement (other
+block types, attention in the VAE encoder, class embeddings...) are refused by name instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldm.io import text_encoder_keys, unet_keys, vae_keys
+from ldm.io.checkpoint import CheckpointError, read_state_dict, write_state_dict
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
+CLIP_TARGETS = {
+    "sd1": "ldm.models.text_encoders.FrozenCLIPEmbedder",
+    "sd2": "ldm.models.text_encoders.FrozenOpenCLIPEmbedder",
+}
+WEIGHT_FILES = {
+    "unet": (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+    ),
+    "vae": (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+    ),
+    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
+}
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v"}
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / "unet" / "config.json").is_file()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (a diffusers folder needs unet/, vae/ and text_encoder/)") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _require(cfg: dict, key: str, expected: Any, source: Path) -> None:
+    value = cfg.get(key, expected)
+    if value != expected and not (isinstance(expected, tuple) and value in expected):
+        raise CheckpointError(f"{source}: unsupported value {key}={value!r} (supported: {expected!r})")
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def _unet_params(cfg: dict, source: Path) -> dict:
+    for key, expected in (
+        ("class_embed_type", None),
+        ("addition_embed_type", None),
+        ("encoder_hid_dim", None),
+        ("time_embedding_type", "positional"),
+        ("flip_sin_to_cos", True),
+        ("freq_shift", 0),
+        ("act_fn", "silu"),
+        ("norm_num_groups", 32),
+        ("resnet_time_scale_shift", "default"),
+        ("center_input_sample", False),
+        ("dual_cross_attention", False),
+        ("only_cross_attention", False),
+        ("mid_block_type", "UNetMidBlock2DCrossAttn"),
+        ("conv_in_kernel", 3),
+        ("conv_out_kernel", 3),
+    ):
+        _require(cfg, key, expected, source)
+    channels = list(cfg["block_out_channels"])
+    base = channels[0]
+    if any(c % base for c in channels):
+        raise CheckpointError(f"{source}: block_out_channels {channels} are not multiples of {channels[0]}")
+    down = list(cfg["down_block_types"])
+    attention_resolutions = []
+    for level, kind in enumerate(down):
+        if kind == "CrossAttnDownBlock2D":
+            attention_resolutions.append(2**level)
+        elif kind != "DownBlock2D":
+            raise CheckpointError(f"{source}: unsupported down block type {kind!r}")
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+    heads = [heads] * len(channels) if isinstance(heads, int) else list(heads)
+    depth = cfg.get("transformer_layers_per_block", 1)
+    if not isinstance(depth, int):
+        if len(set(depth)) != 1:
+            raise CheckpointError(f"{source}: per-level transformer_layers_per_block {depth} is not supported")
+        depth = depth[0]
+    params = {
+        "in_channels": cfg.get("in_channels", 4),
+        "out_channels": cfg.get("out_channels", 4),
+        "model_channels": base,
+        "attention_resolutions": sorted(attention_resolutions, reverse=True),
+        "num_res_blocks": cfg.get("layers_per_block", 2),
+        "channel_mult": [c // base for c in channels],
+        "use_spatial_transformer": True,
+        "use_linear_in_transformer": bool(cfg.get("use_linear_projection", False)),
+        "transformer_depth": depth,
+        "context_dim": cfg["cross_attention_dim"],
+    }
+    if len(set(heads)) == 1:
+        params["num_heads"] = heads[0]
+    else:
+        head_channels = {c // h for c, h in zip(channels, heads)}
+        if len(head_channels) != 1:
+            raise CheckpointError(f"{source}: attention heads {heads} give unequal head sizes for {channels}")
+        params["num_head_channels"] = head_channels.pop()
+    return params
+
+
+def _vae_params(cfg: dict, source: Path) -> tuple[dict, float]:
+    _require(cfg, "act_fn", "silu", source)
+    _require(cfg, "norm_num_groups", 32, source)
+    channels = list(cfg["block_out_channels"])
+    for kind in cfg.get("down_block_types", []):
+        _require({"down_block_types": kind}, "down_block_types", "DownEncoderBlock2D", source)
+    for kind in cfg.get("up_block_types", []):
+        _require({"up_block_types": kind}, "up_block_types", "UpDecoderBlock2D", source)
+    z = cfg.get("latent_channels", 4)
+    ddconfig = {
+        "double_z": True,
+        "z_channels": z,
+        "resolution": cfg.get("sample_size", 256),
+        "in_channels": cfg.get("in_channels", 3),
+        "out_ch": cfg.get("out_channels", 3),
+        "ch": channels[0],
+        "ch_mult": [c // channels[0] for c in channels],
+        "num_res_blocks": cfg.get("layers_per_block", 2),
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+    return {"embed_dim": z, "ddconfig": ddconfig}, float(cfg.get("scaling_factor", 0.18215))
+
+
+def text_family(cfg: dict) -> str:
+    """SD1 text encoders are OpenAI CLIP (quick_gelu); SD2's OpenCLIP ViT-H uses exact gelu."""
+    return "sd1" if cfg.get("hidden_act", "quick_gelu") == "quick_gelu" else "sd2"
+
+
+def _text_params(cfg: dict, source: Path) -> tuple[str, dict]:
+    family = text_family(cfg)
+    width = cfg["hidden_size"]
+    if cfg.get("intermediate_size", 4 * width) != 4 * width:
+        raise CheckpointError(f"{source}: intermediate_size {cfg['intermediate_size']} != 4 * hidden_size")
+    params = {
+        "vocab_size": cfg.get("vocab_size", 49408),
+        "width": width,
+        "layers": cfg["num_hidden_layers"],
+        "heads": cfg["num_attention_heads"],
+        "max_length": cfg.get("max_position_embeddings", 77),
+    }
+    return family, params
+
+
+def config_from_diffusers(folder: str | Path) -> dict:
+    """Our model config (``{"model": {"target": ..., "params": ...}}``) for a diffusers SD folder."""
+    folder = Path(folder)
+    unet_cfg = _read_json(folder / "unet" / "config.json")
+    vae_cfg = _read_json(folder / "vae" / "config.json")
+    text_cfg = _read_json(folder / "text_encoder" / "config.json")
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched = _read_json(sched_path) if sched_path.is_file() else {}
+    prediction = sched.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise CheckpointError(f"{sched_path}: unsupported prediction_type {prediction!r}")
+    vae_params, scale_factor = _vae_params(vae_cfg, folder / "vae" / "config.json")
+    family, text_params = _text_params(text_cfg, folder / "text_encoder" / "config.json")
+    unet_params = _unet_params(unet_cfg, folder / "unet" / "config.json")
+    downsample = 2 ** (len(vae_params["ddconfig"]["ch_mult"]) - 1)
+    return {
+        "model": {
+            "target": "ldm.models.diffusion.LatentDiffusion",
+            "params": {
+                "parameterization": PREDICTION_TYPES[prediction],
+                "beta_schedule": sched.get("beta_schedule", "scaled_linear"),
+                "linear_start": sched.get("beta_start", 0.00085),
+                "linear_end": sched.get("beta_end", 0.012),
+                "timesteps": sched.get("num_train_timesteps", 1000),
+                "scale_factor": scale_factor,
+                "image_size": unet_cfg.get("sample_size", 64),
+                "channels": unet_params["in_channels"],
+                "unet_config": {"target": "ldm.models.unet.UNetModel", "params": unet_params},
+                "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": vae_params},
+                "cond_stage_config": {"target": CLIP_TARGETS[family], "params": text_params},
+                **({} if downsample == 8 else {}),
+            },
+        }
+    }
+
+
+def _model_node(config: Any) -> dict:
+    node = config["model"] if "model" in config else config
+    if hasattr(node, "keys") and not isinstance(node, dict):
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def family_of_config(config: Any) -> str:
+    target = _model_node(config)["params"]["cond_stage_config"]["target"]
+    for family, name in CLIP_TARGETS.items():
+        if target == name:
+            return family
+    raise CheckpointError(f"unknown text encoder target {target!r} (expected one of {sorted(CLIP_TARGETS.values())})")
+
+
+def _unet_layout(unet_params: dict) -> dict:
+    return {
+        "num_res_blocks": unet_params["num_res_blocks"],
+        "channel_mult": list(unet_params.get("channel_mult", (1, 2, 4, 8))),
+        "attention_resolutions": list(unet_params["attention_resolutions"]),
+    }
+
+
+def _vae_layout(vae_params: dict) -> dict:
+    dd = vae_params["ddconfig"]
+    return {"num_levels": len(dd["ch_mult"]), "num_res_blocks": dd["num_res_blocks"]}
+
+
+def diffusers_configs(config: Any) -> dict[str, dict]:
+    """diffusers ``config.json`` contents for each component of our model config (inverse of
+    :func:`config_from_diffusers` for the settings both sides have)."""
+    p = _model_node(config)["params"]
+    unet = p["unet_config"]["params"]
+    vae = p["first_stage_config"]["params"]
+    text = p["cond_stage_config"]["params"]
+    family = family_of_config(config)
+    mult = list(unet.get("channel_mult", (1, 2, 4, 8)))
+    channels = [unet["model_channels"] * m for m in mult]
+    attn = set(unet["attention_resolutions"])
+    has_attn = [2**i in attn for i in range(len(mult))]
+    if unet.get("num_head_channels", -1) not in (-1, None):
+        heads = [c // unet["num_head_channels"] for c in channels]
+    else:
+        heads = [unet["num_heads"]] * len(channels)
+    dd = vae["ddconfig"]
+    width = text.get("width", 768 if family == "sd1" else 1024)
+    prediction = {v: k for k, v in PREDICTION_TYPES.items()}[
+        {"velocity": "v"}.get(p.get("parameterization", "eps"), p.get("parameterization", "eps"))
+    ]
+    return {
+        "unet": {
+            "_class_name": "UNet2DConditionModel",
+            "sample_size": p.get("image_size", 64),
+            "in_channels": unet["in_channels"],
+            "out_channels": unet["out_channels"],
+            "block_out_channels": channels,
+            "layers_per_block": unet["num_res_blocks"],
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "attention_head_dim": heads,
+            "cross_attention_dim": unet["context_dim"],
+            "use_linear_projection": bool(unet.get("use_linear_in_transformer", False)),
+            "transformer_layers_per_block": unet.get("transformer_depth", 1),
+            "norm_num_groups": 32,
+            "norm_eps": 1e-5,
+            "act_fn": "silu",
+            "flip_sin_to_cos": True,
+            "freq_shift": 0,
+        },
+        "vae": {
+            "_class_name": "AutoencoderKL",
+            "in_channels": dd["in_channels"],
+            "out_channels": dd["out_ch"],
+            "block_out_channels": [dd["ch"] * m for m in dd["ch_mult"]],
+            "down_block_types": ["DownEncoderBlock2D"] * len(dd["ch_mult"]),
+            "up_block_types": ["UpDecoderBlock2D"] * len(dd["ch_mult"]),
+            "layers_per_block": dd["num_res_blocks"],
+            "latent_channels": dd["z_channels"],
+            "norm_num_groups": 32,
+            "act_fn": "silu",
+            "sample_size": dd.get("resolution", 256),
+            "scaling_factor": p.get("scale_factor", 0.18215),
+        },
+        "text_encoder": {
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            "vocab_size": text.get("vocab_size", 49408),
+            "hidden_size": width,
+            "intermediate_size": 4 * width,
+            "num_hidden_layers": text.get("layers", 12 if family == "sd1" else 23),
+            "num_attention_heads": text.get("heads", 12 if family == "sd1" else 16),
+            "max_position_embeddings": text.get("max_length", 77),
+            "hidden_act": "quick_gelu" if family == "sd1" else "gelu",
+            "layer_norm_eps": 1e-5,
+            "projection_dim": width,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "pad_token_id": 1,
+            "torch_dtype": "float32",
+        },
+        "scheduler": {
+            "_class_name": "DDIMScheduler",
+            "num_train_timesteps": p.get("timesteps", 1000),
+            "beta_start": p.get("linear_start", 0.00085),
+            "beta_end": p.get("linear_end", 0.012),
+            "beta_schedule": p.get("beta_schedule", "scaled_linear"),
+            "prediction_type": prediction,
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "steps_offset": 1,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def _component_file(folder: Path, component: str) -> Path:
+    for name in WEIGHT_FILES[component]:
+        path = folder / component / name
+        if path.is_file():
+            return path
+    raise CheckpointError(f"{folder / component}: no weights file (looked for {', '.join(WEIGHT_FILES[component])})")
+
+
+def read_diffusers_folder(folder: str | Path, allow_pickle: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """(state dict in our full names, our model config) of a diffusers SD folder."""
+    folder = Path(folder)
+    config = config_from_diffusers(folder)
+    p = config["model"]["params"]
+    family = family_of_config(config)
+    out: dict[str, np.ndarray] = {}
+    parts = (
+        ("unet", UNET_PREFIX, lambda sd: unet_keys.diffusers_to_ldm(sd, **_unet_layout(p["unet_config"]["params"]))),
+        ("vae", VAE_PREFIX, lambda sd: vae_keys.diffusers_to_ldm(sd, **_vae_layout(p["first_stage_config"]["params"]))),
+        ("text_encoder", TEXT_PREFIX, lambda sd: text_encoder_keys.diffusers_to_ldm(sd, family=family)),
+    )
+    for component, prefix, convert in parts:
+        path = _component_file(folder, component)
+        try:
+            converted = convert(read_state_dict(path, allow_pickle=allow_pickle))
+        except KeyError as exc:
+            raise CheckpointError(f"{path}: {exc.args[0]}") from None
+        out.update({prefix + k: v for k, v in converted.items()})
+    return out, config
+
+
+def _split_prefixes(state_dict: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    parts: dict[str, dict[str, np.ndarray]] = {UNET_PREFIX: {}, VAE_PREFIX: {}, TEXT_PREFIX: {}}
+    for key, value in state_dict.items():
+        for prefix, part in parts.items():
+            if key.startswith(prefix):
+                part[key[len(prefix) :]] = value
+                break
+        else:
+            raise CheckpointError(f"unexpected key {key!r}: not under {', '.join(parts)}")
+    return parts
+
+
+def write_diffusers_folder(
+    state_dict: dict[str, np.ndarray],
+    config: Any,
+    folder: str | Path,
+    overwrite: bool = False,
+    tokenizer_dir_writer=None,
+) -> Path:
+    """Write a diffusers SD folder (weights, component configs, model_index.json, tokenizer files).
+
+    The folder is assembled beside the target and renamed into place, so an interrupted export leaves no partial
+    folder; an existing target is only replaced with ``overwrite``.
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise CheckpointError(f"{folder}: already exists (pass overwrite to replace it)")
+    node = _model_node(config)
+    p = node["params"]
+    family = family_of_config(config)
+    parts = _split_prefixes(state_dict)
+    weights = {
+        "unet": unet_keys.ldm_to_diffusers(parts[UNET_PREFIX], **_unet_layout(p["unet_config"]["params"])),
+        "vae": vae_keys.ldm_to_diffusers(parts[VAE_PREFIX], **_vae_layout(p["first_stage_config"]["params"])),
+        "text_encoder": text_encoder_keys.ldm_to_diffusers(parts[TEXT_PREFIX], family=family),
+    }
+    configs = diffusers_configs(config)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for component, sd in weights.items():
+            (staging / component).mkdir()
+            write_state_dict(staging / component / WEIGHT_FILES[component][0], sd, metadata={"format": "pt"})
+            with open(staging / component / "config.json", "w", encoding="utf-8") as f:
+                json.dump(configs[component], f, indent=2)
+        (staging / "scheduler").mkdir()
+        with open(staging / "scheduler" / "scheduler_config.json", "w", encoding="utf-8") as f:
+            json.dump(configs["scheduler"], f, indent=2)
+        _write_tokenizer(staging / "tokenizer", family, p["cond_stage_config"]["params"].get("max_length", 77))
+        with open(staging / "model_index.json", "w", encoding="utf-8") as f:
+            json.dump(_model_index(), f, indent=2)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def _write_tokenizer(directory: Path, family: str, max_length: int) -> None:
+    from ldm.tokenizer import CLIPTokenizer
+
+    directory.mkdir()
+    tokenizer = CLIPTokenizer.for_family(family, context_length=max_length)
+    tokenizer.save_hf_vocab(str(directory))
+    pad = "<|endoftext|>" if family == "sd1" else "!"
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad,
+    }
+    with open(directory / "special_tokens_map.json", "w", encoding="utf-8") as f:
+        json.dump(special, f, indent=2)
+    with open(directory / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump(
+            {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True, **special},
+            f,
+            indent=2,
+        )
+
+
+def _model_index() -> dict:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }

@@ -1,0 +1,120 @@
+"""Whole-model checkpoints: read any supported source into our names, load strictly, save atomically.
+
+Sources: our own single files and Stability/CompVis single files (``.safetensors``, MindSpore ``.ckpt``, and PyTorch
+pickles only with ``allow_pickle``) share the original-LDM names; diffusers folders go through their key maps. The
+only keys a Stability file may carry beyond our parameters are the DDPM schedule buffers (checked against our
+schedule, then dropped), EMA copies (``model_ema.*``) and the text-encoder keys SD2 does not use; anything else
+is reported by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldm.io import text_encoder_keys
+from ldm.io.checkpoint import CheckpointError, read_metadata, read_state_dict, write_state_dict
+from ldm.io.diffusers_format import TEXT_PREFIX, family_of_config, is_diffusers_folder, read_diffusers_folder
+from ldm.io.loading import LoadReport, cell_state_dict, load_state_dict_into
+
+CONFIG_METADATA_KEY = "ldm_config"
+EMA_PREFIX = "model_ema."
+
+
+def model_family(model) -> str:
+    """``sd1`` (CLIP ViT-L text encoder) or ``sd2`` (OpenCLIP ViT-H) for a built LatentDiffusion."""
+    from ldm.models.text_encoders import FrozenOpenCLIPEmbedder
+
+    return "sd2" if isinstance(model.cond_stage_model, FrozenOpenCLIPEmbedder) else "sd1"
+
+
+def _check_schedule(raw: dict[str, np.ndarray], model, path: Path) -> None:
+    stored = raw.get("alphas_cumprod")
+    if stored is not None and stored.shape == model.alphas_cumprod.shape:
+        if not np.allclose(stored.astype(np.float64), model.alphas_cumprod, rtol=1e-4, atol=1e-6):
+            raise CheckpointError(f"{path}: key 'alphas_cumprod' differs from the config's noise schedule")
+
+
+def read_ldm_file(path: str | Path, model, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """Our names from a single-file checkpoint (ours or Stability's): schedule buffers, EMA copies and unused
+    text-encoder keys are dropped; everything else is passed on for strict loading."""
+    path = Path(path)
+    raw = read_state_dict(path, allow_pickle=allow_pickle)
+    _check_schedule(raw, model, path)
+    from ldm.models.diffusion import SCHEDULE_BUFFER_KEYS
+
+    family = model_family(model)
+    layers = _text_layers(model)
+    out: dict[str, np.ndarray] = {}
+    text: dict[str, np.ndarray] = {}
+    for key, value in raw.items():
+        if key in SCHEDULE_BUFFER_KEYS or key.startswith(EMA_PREFIX):
+            continue
+        if key.startswith(TEXT_PREFIX):
+            text[key[len(TEXT_PREFIX) :]] = value
+        else:
+            out[key] = value
+    try:
+        text = text_encoder_keys.checkpoint_to_ldm(text, family, layers)
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: {exc.args[0]}") from None
+    out.update({TEXT_PREFIX + k: v for k, v in text.items()})
+    return out
+
+
+def _text_layers(model) -> int:
+    names = [p.name for p in model.cond_stage_model.get_parameters()]
+    marker = ".resblocks." if model_family(model) == "sd2" else ".layers."
+    return len({n.split(marker)[1].split(".")[0] for n in names if marker in n})
+
+
+def read_any(path: str | Path, model, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """State dict in our names from a diffusers folder or a single file."""
+    if is_diffusers_folder(path):
+        return read_diffusers_folder(path, allow_pickle=allow_pickle)[0]
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path}: a folder but not a diffusers pipeline (no unet/config.json)")
+    return read_ldm_file(path, model, allow_pickle=allow_pickle)
+
+
+def load_pretrained(model, path: str | Path, allow_pickle: bool = False) -> LoadReport:
+    """Strictly load a checkpoint into ``model``: any missing, unexpected or mis-shaped key is an error."""
+    return load_state_dict_into(model, read_any(path, model, allow_pickle=allow_pickle), source=str(path))
+
+
+def config_from_checkpoint(path: str | Path) -> dict | None:
+    """The model config embedded in one of our ``.safetensors`` files, or None."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    text = read_metadata(path).get(CONFIG_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: metadata key {CONFIG_METADATA_KEY!r} is not valid JSON") from None
+
+
+def save_model(model, path: str | Path, config: Any = None, dtype: str = "float32") -> None:
+    """Write ``model``'s weights (our names) atomically; ``.safetensors`` files also embed the model config."""
+    state = cell_state_dict(model)
+    if dtype == "float16":
+        state = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in state.items()}
+    elif dtype != "float32":
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    metadata = None
+    if config is not None and str(path).endswith(".safetensors"):
+        metadata = {CONFIG_METADATA_KEY: json.dumps(_plain(config)), "family": family_of_config(config)}
+    write_state_dict(path, state, metadata=metadata)
+
+
+def _plain(config: Any) -> Any:
+    if hasattr(config, "keys") and not isinstance(config, dict):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(config, resolve=True)
+    return config
