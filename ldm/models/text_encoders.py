@@ -205,10 +205,14 @@ class OpenCLIPAttention(nn.Cell):
         )
         self.in_proj_bias = Parameter(initializer("zeros", (3 * width,), ms.float32), name="in_proj_bias")
         self.out_proj = Linear(width, width)
+        self.in_proj_lora = None  # set by ldm.lora.inject_lora: a low-rank delta added to the fused projection
 
     def construct(self, x, mask):
         w, b = self.in_proj_weight.astype(self.dtype), self.in_proj_bias.astype(self.dtype)
-        q, k, v = ops.split(ops.dense(x.astype(self.dtype), w, b), x.shape[-1], axis=-1)
+        qkv = ops.dense(x.astype(self.dtype), w, b)
+        if self.in_proj_lora is not None:
+            qkv = qkv + self.in_proj_lora(x).astype(qkv.dtype)
+        q, k, v = ops.split(qkv, x.shape[-1], axis=-1)
         return self.out_proj(_attend(q, k, v, self.heads, mask))
 
 

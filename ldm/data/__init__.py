@@ -1,0 +1,21 @@
+"""Image-caption data for fine-tuning: layout detection, transforms, a sharded resumable MindSpore pipeline."""
+
+from ldm.data.dataset import (
+    ImageCaptionSource,
+    Record,
+    ShardedSampler,
+    build_dataset,
+    read_index,
+    scan_dataset,
+)
+from ldm.data.transforms import ImageTransform
+
+__all__ = [
+    "ImageCaptionSource",
+    "ImageTransform",
+    "Record",
+    "ShardedSampler",
+    "build_dataset",
+    "read_index",
+    "scan_dataset",
+]

@@ -1,0 +1,83 @@
+"""Image transforms for text-to-image fine-tuning: shorter-side resize, crop, flip, CHW float32 in [-1, 1].
+
+This is the diffusers ``train_text_to_image_lora.py`` pipeline (``Resize(resolution)`` + ``CenterCrop``/``RandomCrop``
++ ``RandomHorizontalFlip`` + ``Normalize([0.5], [0.5])``) in PIL/numpy. Resizing uses PIL's Lanczos filter by
+default, as diffusers' ``--image_interpolation_mode=lanczos`` does (MindONE uses bilinear); PIL filters antialias when
+downscaling. The longer side becomes ``int(size * long / short)`` like torchvision's ``Resize``. Randomness comes from
+a ``numpy.random.Generator`` passed in, so a sample's augmentation is reproducible from its seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def load_rgb(path) -> Image.Image:
+    """Decode an image file as RGB, applying its EXIF orientation (alpha is dropped, palette/gray expanded)."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+
+
+def resize_shorter_side(img: Image.Image, size: int, interpolation: str = "lanczos") -> Image.Image:
+    """Scale so that the shorter side is ``size`` (aspect ratio kept; the longer side is truncated as torchvision)."""
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    return img.resize((new_w, new_h), INTERPOLATIONS[interpolation])
+
+
+def crop_box(width: int, height: int, size: int, rng: np.random.Generator | None) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a ``size`` square: centred (torchvision rounding) or uniform when ``rng``."""
+    if width < size or height < size:
+        raise ValueError(f"cannot crop {size}x{size} from a {width}x{height} image")
+    if rng is None:
+        left = int(round((width - size) / 2.0))
+        top = int(round((height - size) / 2.0))
+    else:
+        left = int(rng.integers(0, width - size + 1))
+        top = int(rng.integers(0, height - size + 1))
+    return left, top, left + size, top + size
+
+
+def to_chw_float(img: Image.Image) -> np.ndarray:
+    """uint8 HWC RGB -> float32 CHW in [-1, 1] (``x / 127.5 - 1``)."""
+    arr = np.asarray(img, dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1) / np.float32(127.5) - np.float32(1.0))
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize the shorter side to ``size``, crop a square (random or centred), flip with probability 1/2."""
+
+    size: int
+    random_crop: bool = False
+    flip: bool = False
+    interpolation: str = "lanczos"
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ValueError(f"image size must be positive, got {self.size}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        img = resize_shorter_side(img, self.size, self.interpolation)
+        img = img.crop(crop_box(img.width, img.height, self.size, rng if self.random_crop else None))
+        if self.flip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_chw_float(img)
