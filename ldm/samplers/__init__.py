@@ -1,0 +1,38 @@
+"""Samplers for Stable Diffusion latents: one interface (:mod:`ldm.samplers.base`), one module per solver.
+
+>>> sampler = get_sampler("dpm_solver_pp", prediction_type="v")          # SD 2.x-v
+>>> unet_fn = ms.jit(lambda x, t, ctx: unet(x, t, ctx))                 # compiled once, called every step
+>>> x0 = sampler.sample(guided_model_fn(unet_fn, 7.5), x_T, (uncond_ctx, ctx), num_steps=20)
+"""
+
+from __future__ import annotations
+
+from ldm.samplers.base import Sampler, default_alphas_cumprod, guided_model_fn
+from ldm.samplers.ddim import DDIMSampler
+from ldm.samplers.dpm_solver import DPMSolverPPSampler
+from ldm.samplers.plms import PLMSSampler
+from ldm.samplers.unipc import UniPCSampler
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    cls.name: cls for cls in (DDIMSampler, PLMSSampler, DPMSolverPPSampler, UniPCSampler)
+}
+
+
+def get_sampler(name: str, **kwargs) -> Sampler:
+    """Build the sampler registered as ``name`` ("ddim", "plms", "dpm_solver_pp", "unipc") with its options."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name](**kwargs)
+
+
+__all__ = [
+    "SAMPLERS",
+    "DDIMSampler",
+    "DPMSolverPPSampler",
+    "PLMSSampler",
+    "Sampler",
+    "UniPCSampler",
+    "default_alphas_cumprod",
+    "get_sampler",
+    "guided_model_fn",
+]

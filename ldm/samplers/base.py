@@ -1,0 +1,226 @@
+"""The sampler interface shared by every solver, plus the small pure functions they are built from.
+
+Interface
+    ``model_fn(x, t, cond) -> eps or v``: ``x`` is a MindSpore latent tensor ``[B, ...]``, ``t`` an int32 tensor
+    ``[B]`` of discrete DDPM timestep indices (0..T-1, SD: T = 1000), ``cond`` is passed through untouched. The call
+    may be (and for a UNet should be) a graph-compiled function, e.g. ``ms.jit(unet)``: samplers call it with the
+    same shapes and dtypes at every step, so it compiles once.
+
+    ``Sampler(prediction_type, alphas_cumprod, **solver_options).sample(model_fn, x_T, cond, num_steps) -> x_0``.
+    ``prediction_type`` is ``"eps"`` or ``"v"``; ``alphas_cumprod`` defaults to SD's scaled-linear schedule
+    (0.00085..0.012, 1000 steps, :mod:`ldm.schedule`). ``Sampler.timesteps(num_steps)`` returns the timesteps the
+    model is called at, in call order.
+
+Numerics
+    Every step is a linear combination of tensors (the latent and stored model outputs or x0 predictions) whose
+    scalar coefficients are computed in float64 numpy/Python; only the combination itself runs in MindSpore, in the
+    latent's dtype. Solvers are deterministic; the only random draw (DDIM with eta > 0) comes from a numpy
+    ``Generator`` the caller passes, so a seed fixes the result on every device.
+
+Classifier-free guidance
+    :func:`guided_model_fn` wraps ``model_fn`` so one batched call per step evaluates [uncond, cond] and combines
+    ``uncond + scale * (cond - uncond)`` in the model's output space (valid for eps and v alike, both linear).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import ops
+
+from ldm.schedule import alphas_cumprod as _cumprod
+from ldm.schedule import make_betas
+
+ModelFn = Callable[[ms.Tensor, ms.Tensor, Any], ms.Tensor]
+PREDICTION_TYPES = ("eps", "v")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+
+
+def default_alphas_cumprod() -> np.ndarray:
+    """SD's alpha_bar: scaled-linear betas 0.00085..0.012 over 1000 steps, float64."""
+    return _cumprod(make_betas())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scalar helpers (float64 numpy)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def x0_eps_coeffs(alpha: float, sigma: float, prediction_type: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Coefficients expressing x0 and eps as ``c_x * x + c_out * model_output`` at a point ``x = alpha x0 + sigma eps``.
+
+    Returns ``((x0_x, x0_out), (eps_x, eps_out))``. For eps models x0 = (x - sigma eps) / alpha; for v models
+    (v = alpha eps - sigma x0, with alpha^2 + sigma^2 = 1) x0 = alpha x - sigma v and eps = sigma x + alpha v.
+    """
+    if prediction_type == "eps":
+        return (1.0 / alpha, -sigma / alpha), (0.0, 1.0)
+    if prediction_type == "v":
+        return (alpha, -sigma), (sigma, alpha)
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def leading_timesteps(num_steps: int, num_train_timesteps: int, steps_offset: int = 1) -> np.ndarray:
+    """diffusers' "leading" spacing, descending: ``arange(n) * (T // n) + steps_offset`` (SD: 901, 801, ..., 1)."""
+    _check_steps(num_steps, num_train_timesteps)
+    ratio = num_train_timesteps // num_steps
+    return (np.arange(num_steps, dtype=np.int64) * ratio)[::-1] + steps_offset
+
+
+def linspace_timesteps(num_steps: int, num_train_timesteps: int) -> np.ndarray:
+    """diffusers' "linspace" spacing for multistep solvers: ``linspace(0, T-1, n+1)`` rounded, descending, without 0."""
+    _check_steps(num_steps, num_train_timesteps)
+    return np.linspace(0, num_train_timesteps - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) eq. 5: ``num_steps`` sigmas uniform in sigma^(1/rho), from sigma_max down to sigma_min."""
+    ramp = np.linspace(0.0, 1.0, num_steps)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional timestep of each sigma: linear interpolation in log-sigma, clamped to [0, T-1]."""
+    return np.interp(np.log(np.maximum(sigma, 1e-10)), log_sigmas, np.arange(len(log_sigmas), dtype=np.float64))
+
+
+def sigma_schedule(
+    alphas_cumprod: np.ndarray,
+    num_steps: int,
+    use_karras_sigmas: bool = False,
+    final_sigmas_type: str = "zero",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Timesteps ``[n]`` and noise levels ``sigma = sqrt((1 - a) / a)`` ``[n + 1]`` of the multistep solvers.
+
+    Time-uniform ("linspace") timesteps, or Karras sigmas between sigma(t=0) and sigma(t=T-1) mapped back to the
+    nearest integer timestep for the model call (the solver itself steps in the exact Karras sigmas). The last
+    sigma is 0 (``"zero"``: denoise fully) or sigma(t=0) (``"sigma_min"``), as diffusers' ``final_sigmas_type``.
+    """
+    if final_sigmas_type not in FINAL_SIGMAS_TYPES:
+        raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
+    all_sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+    if use_karras_sigmas:
+        _check_steps(num_steps, len(alphas_cumprod))
+        sigmas = karras_sigmas(all_sigmas[0], all_sigmas[-1], num_steps)
+        timesteps = sigma_to_t(sigmas, np.log(all_sigmas)).round().astype(np.int64)
+    else:
+        timesteps = linspace_timesteps(num_steps, len(alphas_cumprod))
+        sigmas = all_sigmas[timesteps]
+    last = 0.0 if final_sigmas_type == "zero" else all_sigmas[0]
+    return timesteps, np.append(sigmas, last)
+
+
+def alpha_sigma(sigma: float) -> tuple[float, float]:
+    """(alpha_t, sigma_t) of the VP process at noise level ``sigma = sigma_t / alpha_t``."""
+    alpha = 1.0 / np.sqrt(sigma * sigma + 1.0)
+    return float(alpha), float(sigma * alpha)
+
+
+def log_snr(sigma: float) -> float:
+    """lambda = log(alpha_t / sigma_t) = -log(sigma); +inf at sigma = 0."""
+    return float(-np.log(sigma)) if sigma > 0 else float("inf")
+
+
+def zero_length_step(sigma_t: float, sigma_s: float) -> bool:
+    """True when a step starts and ends at the same noise level (up to float64 rounding of the Karras formula)."""
+    return abs(sigma_t - sigma_s) <= 1e-9 * sigma_s
+
+
+def _check_steps(num_steps: int, num_train_timesteps: int) -> None:
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor helpers (MindSpore)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def lincomb(coeffs: Sequence[float], tensors: Sequence[ms.Tensor]) -> ms.Tensor:
+    """``sum_i coeffs[i] * tensors[i]``, skipping zero coefficients (e.g. sigma_next = 0 on a final step)."""
+    out = None
+    for c, t in zip(coeffs, tensors):
+        if c == 0.0:
+            continue
+        term = float(c) * t
+        out = term if out is None else out + term
+    return ops.zeros_like(tensors[0]) if out is None else out
+
+
+def _cat_batch(a: Any, b: Any) -> Any:
+    """Concatenate two conditionings along the batch axis: tensors, or tuples/lists/dicts of them."""
+    if isinstance(a, ms.Tensor):
+        return ops.cat((a, b), axis=0)
+    if isinstance(a, (tuple, list)):
+        return type(a)(_cat_batch(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return {k: _cat_batch(a[k], b[k]) for k in a}
+    raise TypeError(f"cannot batch conditioning of type {type(a).__name__}")
+
+
+def guided_model_fn(model_fn: ModelFn, scale: float) -> ModelFn:
+    """Classifier-free guidance with one batched model call per step.
+
+    The returned function takes ``cond = (uncond_context, cond_context)``, calls ``model_fn`` once on the batch
+    ``[x; x]`` with contexts ``[uncond; cond]`` and returns ``uncond_out + scale * (cond_out - uncond_out)``.
+    At ``scale == 1`` only the conditional half is evaluated.
+    """
+
+    def guided(x: ms.Tensor, t: ms.Tensor, cond: Any) -> ms.Tensor:
+        uncond, c = cond
+        if scale == 1.0:
+            return model_fn(x, t, c)
+        out = model_fn(ops.cat((x, x), axis=0), ops.cat((t, t), axis=0), _cat_batch(uncond, c))
+        out_u, out_c = ops.split(out, x.shape[0], axis=0)
+        return out_u + float(scale) * (out_c - out_u)
+
+    return guided
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Base class
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Sampler:
+    """Common configuration (prediction type, schedule) and the model call of every solver."""
+
+    name = ""
+
+    def __init__(self, prediction_type: str = "eps", alphas_cumprod: np.ndarray | None = None):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.prediction_type = prediction_type
+        ac = default_alphas_cumprod() if alphas_cumprod is None else np.asarray(alphas_cumprod, dtype=np.float64)
+        if ac.ndim != 1 or not np.all((ac > 0) & (ac < 1)):
+            raise ValueError("alphas_cumprod must be a 1-D array with values in (0, 1)")
+        self.alphas_cumprod = ac
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def timesteps(self, num_steps: int) -> np.ndarray:
+        """Timesteps the model is called at, in call order (int64)."""
+        raise NotImplementedError
+
+    def sample(
+        self,
+        model_fn: ModelFn,
+        x_T: ms.Tensor,
+        cond: Any = None,
+        num_steps: int = 20,
+        callback: Callable[[int, int, ms.Tensor], None] | None = None,
+    ) -> ms.Tensor:
+        """Integrate from ``x_T`` (pure noise) to x_0 latents in ``num_steps`` steps.
+
+        ``callback(step, timestep, x)`` is called after every step with the updated latents.
+        """
+        raise NotImplementedError
+
+    def _call(self, model_fn: ModelFn, x: ms.Tensor, t: int, cond: Any) -> ms.Tensor:
+        ts = ms.Tensor(np.full((x.shape[0],), int(t), dtype=np.int32))
+        out = model_fn(x, ts, cond)
+        return out if out.dtype == x.dtype else out.astype(x.dtype)

@@ -1,0 +1,165 @@
+"""Multistep DPM-Solver++ (Lu et al., 2022), the data-prediction form, orders 1-3.
+
+Each step integrates the diffusion ODE in log-SNR ``lambda = log(alpha_t / sigma_t)`` from noise level sigma_s to
+sigma_t with the x0 predictions of the last ``order`` steps (D0, D1, D2 finite differences in lambda):
+
+    x_t = (sigma_t / sigma_s) x - alpha_t phi1 D0 [+ 2nd/3rd order terms],   phi1 = expm1(-h), h = lambda_t - lambda_s
+
+Defaults follow diffusers' ``DPMSolverMultistepScheduler`` (dpmsolver++, order 2, ``solver_type="midpoint"``):
+
+* timesteps: "linspace" (``linspace(0, 999, n+1)`` rounded, descending, last dropped: 999, 949, ..., 50 for n = 20),
+  or Karras sigmas (rho = 7) between sigma(t=0) and sigma(t=999), the model being called at the rounded timestep;
+* ``final_sigmas_type="zero"``: the last step lands on sigma = 0 and is always first order (it returns the last x0
+  prediction); ``"sigma_min"`` stops at sigma(t=0) instead;
+* ``lower_order_final=True``: when n < 15 the last step is first order and the one before at most second order.
+  The first steps are lower order anyway (warm-up: order min(order, i + 1)).
+
+mindone's default DPM-Solver++ sampler (a port of LuChengTHU's ``DPM_Solver.sample``: ``skip_type="time_uniform"``,
+``method="multistep"``, order 2, ``lower_order_final=True``) differs in three ways:
+
+* time grid: uniform in continuous time t in [1/N, 1], so the model sees fractional timesteps
+  ``999 - k * 999 / n`` (999, 949.05, ...) and lambda is interpolated piecewise-linearly in log-alpha; we (like
+  diffusers) call the model at integer timesteps, the ones it was trained on;
+* end point: t = 1/N, i.e. sigma(t=0) — our ``final_sigmas_type="sigma_min"``; diffusers' default is "zero";
+* ``lower_order_final`` only applies when n < 10 there (n < 15 in diffusers), and its final step is not forced to
+  first order.
+
+We follow diffusers (``final_sigmas_type="zero"``, n < 15 rule, "linspace") so results can be checked against it
+step by step; ``final_sigmas_type="sigma_min"`` gets mindone's end point. With "zero" the final step discards any
+noise left at sigma(t=0), the residual-noise issue of diffusers #5689.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import mindspore as ms
+import numpy as np
+
+from ldm.samplers.base import (
+    FINAL_SIGMAS_TYPES,
+    ModelFn,
+    Sampler,
+    alpha_sigma,
+    lincomb,
+    log_snr,
+    sigma_schedule,
+    x0_eps_coeffs,
+    zero_length_step,
+)
+
+SOLVER_TYPES = ("midpoint", "heun")
+
+
+def dpm_solver_orders(num_steps: int, order: int, lower_order_final: bool, final_sigma_zero: bool) -> list[int]:
+    """Order of each step: warm-up ``min(order, i + 1)``, then diffusers' final-step rules (see module docstring)."""
+    orders = []
+    for i in range(num_steps):
+        o = min(order, i + 1)
+        last_lower = lower_order_final and num_steps < 15
+        if i == num_steps - 1 and (last_lower or final_sigma_zero):
+            o = 1
+        elif i == num_steps - 2 and last_lower:
+            o = min(o, 2)
+        orders.append(o)
+    return orders
+
+
+def dpm_solver_pp_coeffs(sigma_t: float, sigmas_prev: Sequence[float], order: int, solver_type: str = "midpoint"):
+    """Coefficients of one multistep DPM-Solver++ step ``x_t = c_x x + sum_k c_m[k] m_k``.
+
+    ``sigmas_prev`` are the noise levels s0, s1, s2 (newest first) of the stored x0 predictions m0, m1, m2; x sits at
+    s0. Returns ``(c_x, c_m)`` with ``len(c_m) == order``. ``sigma_t`` may be 0 for a first-order step. A
+    zero-length step (Karras sigmas end at sigma_min, so "sigma_min" repeats it) leaves x unchanged; diffusers
+    gets the same at orders 1-2 and NaN at order 3 (0/0 in phi_2).
+    """
+    if zero_length_step(sigma_t, sigmas_prev[0]):
+        return 1.0, np.zeros(order)
+    alpha_t, sig_t = alpha_sigma(sigma_t)
+    _, sig_s0 = alpha_sigma(sigmas_prev[0])
+    lam_t = log_snr(sigma_t)
+    lams = [log_snr(s) for s in sigmas_prev[:order]]
+    h = lam_t - lams[0]
+    phi1 = float(np.expm1(-h))
+    c_x = sig_t / sig_s0
+    if order == 1:
+        return c_x, np.array([-alpha_t * phi1])
+    e = np.eye(order)  # m_k as unit vectors, so D1/D2 are coefficient vectors over (m0, m1, m2)
+    r0 = (lams[0] - lams[1]) / h
+    d1_0 = (e[0] - e[1]) / r0
+    if order == 2:
+        if solver_type == "midpoint":
+            c_m = -alpha_t * phi1 * e[0] - 0.5 * alpha_t * phi1 * d1_0
+        elif solver_type == "heun":
+            c_m = -alpha_t * phi1 * e[0] + alpha_t * (phi1 / h + 1.0) * d1_0
+        else:
+            raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+        return c_x, c_m
+    if order != 3:
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+    r1 = (lams[1] - lams[2]) / h
+    d1_1 = (e[1] - e[2]) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi2 = phi1 / h + 1.0
+    phi3 = phi2 / h - 0.5
+    return c_x, -alpha_t * phi1 * e[0] + alpha_t * phi2 * d1 - alpha_t * phi3 * d2
+
+
+class DPMSolverPPSampler(Sampler):
+    """Multistep DPM-Solver++ ("DPM++ 2M" at order 2, "DPM++ 2M Karras" with ``use_karras_sigmas``)."""
+
+    name = "dpm_solver_pp"
+
+    def __init__(
+        self,
+        prediction_type: str = "eps",
+        alphas_cumprod: np.ndarray | None = None,
+        order: int = 2,
+        lower_order_final: bool = True,
+        use_karras_sigmas: bool = False,
+        final_sigmas_type: str = "zero",
+        solver_type: str = "midpoint",
+    ):
+        super().__init__(prediction_type, alphas_cumprod)
+        if order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {order}")
+        if solver_type not in SOLVER_TYPES:
+            raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+        if final_sigmas_type not in FINAL_SIGMAS_TYPES:
+            raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
+        self.order = order
+        self.lower_order_final = lower_order_final
+        self.use_karras_sigmas = use_karras_sigmas
+        self.final_sigmas_type = final_sigmas_type
+        self.solver_type = solver_type
+
+    def schedule(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """(timesteps [n], sigmas [n + 1]); see :func:`~ldm.samplers.base.sigma_schedule`."""
+        return sigma_schedule(self.alphas_cumprod, num_steps, self.use_karras_sigmas, self.final_sigmas_type)
+
+    def timesteps(self, num_steps: int) -> np.ndarray:
+        return self.schedule(num_steps)[0]
+
+    def orders(self, num_steps: int) -> list[int]:
+        return dpm_solver_orders(num_steps, self.order, self.lower_order_final, self.final_sigmas_type == "zero")
+
+    def sample(
+        self,
+        model_fn: ModelFn,
+        x_T: ms.Tensor,
+        cond: Any = None,
+        num_steps: int = 20,
+        callback: Callable[[int, int, ms.Tensor], None] | None = None,
+    ) -> ms.Tensor:
+        timesteps, sigmas = self.schedule(num_steps)
+        x, x0s = x_T, []  # x0 predictions, newest last
+        for i, (t, order) in enumerate(zip(timesteps, self.orders(num_steps))):
+            out = self._call(model_fn, x, t, cond)
+            (c_x, c_out), _ = x0_eps_coeffs(*alpha_sigma(sigmas[i]), self.prediction_type)
+            x0s = (x0s + [lincomb((c_x, c_out), (x, out))])[-self.order :]
+            c_x, c_m = dpm_solver_pp_coeffs(sigmas[i + 1], sigmas[i::-1], order, self.solver_type)
+            x = lincomb([c_x, *c_m], [x, *x0s[::-1][:order]])
+            if callback is not None:
+                callback(i, int(t), x)
+        return x
