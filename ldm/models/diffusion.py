@@ -76,6 +76,8 @@ class LatentDiffusion(nn.Cell):
         self.image_size = int(image_size)
         self.channels = int(channels)
         self.num_timesteps = int(timesteps)
+        self.latent_factor = 2 ** (len(first_stage_config["params"]["ddconfig"]["ch_mult"]) - 1)
+        self.unet_factor = 2 ** (len(unet_config["params"].get("channel_mult", (1, 2, 4, 8))) - 1)
         self.model = DiffusionWrapper(instantiate_from_config(unet_config))
         self.first_stage_model = instantiate_from_config(first_stage_config)
         self.cond_stage_model = instantiate_from_config(cond_stage_config)

@@ -1,0 +1,196 @@
+"""Transformer blocks of the Stable Diffusion UNet, with original-LDM parameter names.
+
+Names follow CompVis/Stability ``ldm/modules/attention.py`` (``attn1.to_q``, ``attn2.to_out.0``, ``ff.net.0.proj``,
+``ff.net.2``, ``proj_in``/``proj_out``) so checkpoints load without renaming. Attention runs as batched matmuls with
+the softmax in float32; on Ascend an optional fused flash-attention kernel can replace that path.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from ldm.models.layers import Conv2d, GroupNorm, LayerNorm, Linear
+
+_FA_HEAD_ALIGN = 16  # flash_attention_score needs a head size that is a multiple of 16
+
+
+def use_flash_attention(enable_flash_attention: bool) -> bool:
+    """True only when flash attention is requested and the current device target is Ascend (never on CPU/GPU)."""
+    return bool(enable_flash_attention) and ms.get_context("device_target") == "Ascend"
+
+
+class CrossAttention(nn.Cell):
+    """Multi-head attention of ``x`` over ``context`` (self-attention when ``context_dim`` is None)."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        enable_flash_attention: bool = False,
+    ):
+        super().__init__()
+        if heads < 1 or dim_head < 1:
+            raise ValueError(f"heads and dim_head must be positive, got heads={heads}, dim_head={dim_head}")
+        inner_dim = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head**-0.5
+        self.to_q = Linear(query_dim, inner_dim, bias=False)
+        self.to_k = Linear(context_dim, inner_dim, bias=False)
+        self.to_v = Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.SequentialCell([Linear(inner_dim, query_dim), nn.Dropout(p=dropout)])
+        self.use_flash = use_flash_attention(enable_flash_attention)
+        self.fa_pad = (-dim_head) % _FA_HEAD_ALIGN
+
+    def _split_heads(self, x):
+        """(B, S, H*D) -> (B, H, S, D)."""
+        b, s, _ = x.shape
+        return x.reshape(b, s, self.heads, self.dim_head).transpose(0, 2, 1, 3)
+
+    def _attention(self, q, k, v):
+        """softmax(q k^T * scale) v over (B, H, S, D) tensors; q is scaled first to keep fp16 scores in range."""
+        b, h, n, d = q.shape
+        m = k.shape[2]
+        q = (q * self.scale).reshape(b * h, n, d)
+        k = k.reshape(b * h, m, d)
+        v = v.reshape(b * h, m, d)
+        sim = ops.bmm(q, k.transpose(0, 2, 1))
+        attn = ops.softmax(sim.astype(ms.float32), axis=-1).astype(v.dtype)
+        return ops.bmm(attn, v).reshape(b, h, n, d)
+
+    def _flash_attention(self, q, k, v):
+        """Ascend fused kernel (fp16 inputs, head size padded to a multiple of 16; zero padding changes nothing)."""
+        dtype = q.dtype
+        if self.fa_pad:
+            pad = (0, self.fa_pad)
+            q, k, v = ops.pad(q, pad), ops.pad(k, pad), ops.pad(v, pad)
+        if dtype == ms.float32:
+            q, k, v = q.astype(ms.float16), k.astype(ms.float16), v.astype(ms.float16)
+        out = ops.flash_attention_score(q, k, v, self.heads, scalar_value=self.scale, input_layout="BNSD")
+        return out[..., : self.dim_head].astype(dtype)
+
+    def construct(self, x, context=None):
+        context = x if context is None else context
+        q = self._split_heads(self.to_q(x))
+        k = self._split_heads(self.to_k(context))
+        v = self._split_heads(self.to_v(context))
+        if self.use_flash:
+            out = self._flash_attention(q, k, v)
+        else:
+            out = self._attention(q, k, v)
+        b, h, n, d = out.shape
+        out = out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Cell):
+    """Gated GELU: ``a * gelu(b)`` where ``[a, b] = proj(x)`` (exact erf GELU, as torch's default)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = Linear(dim_in, dim_out * 2)
+
+    def construct(self, x):
+        a, gate = ops.chunk(self.proj(x), 2, axis=-1)
+        return a * ops.gelu(gate, approximate="none")
+
+
+class FeedForward(nn.Cell):
+    """GEGLU MLP ``net = [GEGLU, Dropout, Linear]`` with hidden width ``mult * dim``."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        inner_dim = dim * mult
+        self.net = nn.SequentialCell([GEGLU(dim, inner_dim), nn.Dropout(p=dropout), Linear(inner_dim, dim)])
+
+    def construct(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Cell):
+    """Pre-norm self-attention, cross-attention and feed-forward, each with a residual connection."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        d_head: int,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+        enable_flash_attention: bool = False,
+    ):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, n_heads, d_head, dropout, enable_flash_attention)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, dropout, enable_flash_attention)
+        self.norm1 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
+
+    def construct(self, x, context=None):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Cell):
+    """Transformer over the pixels of a feature map, conditioned on ``context``.
+
+    ``proj_in``/``proj_out`` are 1x1 convolutions (SD 1.x) or Linear layers on the flattened tokens (SD 2.x,
+    ``use_linear=True``); the two are the same map with differently shaped weights.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_heads: int,
+        d_head: int,
+        depth: int = 1,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+        use_linear: bool = False,
+        enable_flash_attention: bool = False,
+    ):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"transformer depth must be >= 1, got {depth}")
+        inner_dim = n_heads * d_head
+        self.use_linear = use_linear
+        self.norm = GroupNorm(32, in_channels, eps=1e-6)
+        if use_linear:
+            self.proj_in = Linear(in_channels, inner_dim)
+            self.proj_out = Linear(inner_dim, in_channels)
+        else:
+            self.proj_in = Conv2d(in_channels, inner_dim, 1)
+            self.proj_out = Conv2d(inner_dim, in_channels, 1)
+        self.transformer_blocks = nn.CellList(
+            [
+                BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim, enable_flash_attention)
+                for _ in range(depth)
+            ]
+        )
+
+    def construct(self, x, emb=None, context=None):
+        """``emb`` is accepted and ignored so every UNet block shares the ``(x, emb, context)`` signature."""
+        b, _, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        c = x.shape[1]
+        x = x.reshape(b, c, h * w).transpose(0, 2, 1)
+        if self.use_linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = x.transpose(0, 2, 1).reshape(b, -1, h, w)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in

@@ -1,0 +1,280 @@
+"""The compiled training step: loss scaling, gradient accumulation, data-parallel mean, clipping, AdamW, EMA.
+
+``TrainStep`` wraps any loss Cell (``loss_net(*inputs) -> scalar``, e.g. ``DiffusionLoss``) and the list of
+parameters to train. It never uses ``nn.TrainOneStepWithLossScaleCell`` (it fails on CPU); instead two ``ms.jit``
+functions are built around ``mindspore.value_and_grad`` over the trainable parameters only:
+
+- ``accumulate`` (micro-steps 1..N-1 of an update): add the unscaled gradients to float32 accumulators;
+- ``update`` (micro-step N): add the last gradients, average over N, mean over data-parallel ranks, check that they
+  are all finite, adjust the loss scale, clip to ``max_grad_norm``, take an AdamW step, update the EMA.
+
+On a non-finite update nothing but the loss scale and ``global_step`` changes: parameters, moments, the AdamW
+bias-correction count and the EMA are kept by ``select`` (no graph control flow), so the skip is exact. The learning
+rate is looked up per optimizer update (``global_step`` counts update boundaries, skipped ones included, like
+mindone, so the schedule's length is the number of updates).
+
+The optimizer is an AdamW with PyTorch semantics (bias correction, decoupled weight decay) written here rather than
+``nn.AdamWeightDecay``, which has no bias correction and so would not match diffusers' runs, and whose in-place
+update cannot be masked on overflow without graph control flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, ParameterTuple, Tensor, amp, nn, ops
+
+from ldm.train.ema import EMA
+from ldm.train.loss_scaling import load_scaler_state, make_loss_scaler, scaler_state
+
+
+def no_decay_default(name: str, param: Parameter) -> bool:
+    """Parameters that get no weight decay: biases, norm weights and any other 1-D tensor."""
+    lowered = name.lower()
+    return len(param.shape) <= 1 or lowered.endswith(".bias") or "norm" in lowered
+
+
+def _adamw_one(beta1, beta2, eps, lr, bc1, bc2_sqrt, apply, param, m, v, grad, wd):
+    grad = grad.astype(ms.float32)
+    m_new = m * beta1 + grad * (1.0 - beta1)
+    v_new = v * beta2 + ops.square(grad) * (1.0 - beta2)
+    p_new = param * (1.0 - lr * wd)
+    denom = ops.sqrt(v_new) / bc2_sqrt + eps
+    p_new = p_new - (lr / bc1) * m_new / denom
+    ops.assign(m, ops.select(apply, m_new, m))
+    ops.assign(v, ops.select(apply, v_new, v))
+    return ops.assign(param, ops.select(apply, p_new.astype(param.dtype), param))
+
+
+class AdamW(nn.Cell):
+    """torch.optim.AdamW as a Cell: ``construct(grads, lr, apply)`` updates params and moments where ``apply``.
+
+    Moments are ``adam_m.<name>`` / ``adam_v.<name>``; ``adam_step`` counts applied updates (bias correction).
+    ``no_decay(name, param)`` selects the parameters whose weight decay is 0.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Parameter],
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        no_decay: Callable[[str, Parameter], bool] = no_decay_default,
+    ):
+        super().__init__()
+        self.params = ParameterTuple(params)
+        self.exp_avg = self.params.clone(prefix="adam_m", init="zeros")
+        self.exp_avg_sq = self.params.clone(prefix="adam_v", init="zeros")
+        for p in (*self.exp_avg, *self.exp_avg_sq):
+            p.requires_grad = False
+        self.step = Parameter(Tensor(0, ms.int32), name="adam_step", requires_grad=False)
+        self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
+        self.weight_decays = tuple(
+            Tensor(0.0 if no_decay(p.name, p) else float(weight_decay), ms.float32) for p in self.params
+        )
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self, grads, lr, apply):
+        step = self.step + apply.astype(ms.int32)
+        ops.assign(self.step, step)
+        stepf = ops.maximum(step, 1).astype(ms.float32)
+        bc1 = 1.0 - ops.pow(ops.scalar_to_tensor(self.beta1, ms.float32), stepf)
+        bc2_sqrt = ops.sqrt(1.0 - ops.pow(ops.scalar_to_tensor(self.beta2, ms.float32), stepf))
+        update = ops.partial(_adamw_one, self.beta1, self.beta2, self.eps, lr, bc1, bc2_sqrt, apply)
+        return self.hyper_map(update, self.params, self.exp_avg, self.exp_avg_sq, grads, self.weight_decays)
+
+
+def _add_to(acc, grad):
+    return ops.assign_add(acc, grad.astype(acc.dtype))
+
+
+def _average(n, acc, grad):
+    return (acc + grad.astype(acc.dtype)) / n
+
+
+def _zero(acc):
+    return ops.assign(acc, ops.zeros_like(acc))
+
+
+def _global_norm(grads):
+    total = ops.zeros((), ms.float32)
+    for g in grads:
+        total = total + ops.square(g.astype(ms.float32)).sum()
+    return ops.sqrt(total)
+
+
+def _data_parallel_reducer(params: ParameterTuple) -> nn.Cell | None:
+    if ms.get_auto_parallel_context("parallel_mode") != ms.ParallelMode.DATA_PARALLEL:
+        return None
+    from mindspore.communication import get_group_size
+
+    return nn.DistributedGradReducer(
+        params, mean=ms.get_auto_parallel_context("gradients_mean"), degree=get_group_size()
+    )
+
+
+@dataclass
+class StepOutput:
+    """What one call of ``TrainStep`` reports. ``overflow``/``grad_norm`` refer to this micro-step's gradients on
+    accumulation micro-steps; ``scale`` is the loss scale this micro-step used; ``updated`` says whether this call
+    ended an update boundary (whether it was applied is ``updated and not overflow``)."""
+
+    loss: float
+    overflow: bool
+    scale: float
+    grad_norm: float
+    updated: bool
+
+
+class TrainStep:
+    """One training micro-step per call: ``TrainStep(loss_net, params, lr)(*inputs) -> StepOutput``.
+
+    lr: a float (constant) or a per-update table from ``lr_schedules.lr_table``.
+    grad_accum_steps: micro-steps per optimizer update; the loss is a per-micro-batch mean, so N micro-batches of
+    size b give the same update as one batch of N*b.
+    max_grad_norm: clip the (averaged, unscaled) gradients to this global norm; None disables it.
+    loss_scaler: ``none`` | ``static`` | ``dynamic`` with ``init_scale``/``scale_factor``/``scale_window``.
+    ema: an ``EMA`` over the same ``params`` (or None).
+    jit: compile the step with ``ms.jit`` (always on in practice; False runs it eagerly in PyNative for debugging).
+    """
+
+    def __init__(
+        self,
+        loss_net: nn.Cell,
+        params: Sequence[Parameter],
+        lr: float | np.ndarray,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        no_decay: Callable[[str, Parameter], bool] = no_decay_default,
+        grad_accum_steps: int = 1,
+        max_grad_norm: float | None = 1.0,
+        loss_scaler: str = "none",
+        init_scale: float = 2.0**16,
+        scale_factor: int = 2,
+        scale_window: int = 1000,
+        ema: EMA | None = None,
+        jit: bool = True,
+    ):
+        params = list(params)
+        if not params:
+            raise ValueError("TrainStep needs at least one trainable parameter")
+        names = [p.name for p in params]
+        if len(set(names)) != len(names):
+            raise ValueError("trainable parameter names must be unique")
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        if ema is not None and [p.name for p in ema.params] != names:
+            raise ValueError("the EMA must be built over the same parameters as the TrainStep")
+        self.loss_net = loss_net
+        self.params = ParameterTuple(params)
+        self.optimizer = AdamW(self.params, betas=betas, eps=eps, weight_decay=weight_decay, no_decay=no_decay)
+        self.scaler = make_loss_scaler(loss_scaler, init_scale, scale_factor, scale_window)
+        self.ema = ema
+        self.grad_accum_steps = int(grad_accum_steps)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        table = np.atleast_1d(np.asarray(lr, dtype=np.float32))
+        self.lr_table = Tensor(table)
+        self.global_step = Parameter(Tensor(0, ms.int32), name="global_step", requires_grad=False)
+        self.accum = self.params.clone(prefix="accum", init="zeros") if self.grad_accum_steps > 1 else None
+        self.reducer = _data_parallel_reducer(self.params)
+        self.micro_step = 0
+        self._accumulate, self._update = self._build(jit)
+
+    def _build(self, jit: bool):
+        loss_net, scaler, optimizer, ema = self.loss_net, self.scaler, self.optimizer, self.ema
+        accum, reducer, n_accum, max_norm = self.accum, self.reducer, self.grad_accum_steps, self.max_grad_norm
+        lr_table, global_step, last = self.lr_table, self.global_step, self.lr_table.shape[0] - 1
+        hyper_map = ops.HyperMap()
+
+        def scaled_loss(*inputs):
+            loss = loss_net(*inputs)
+            return scaler.scale(loss), loss
+
+        grad_fn = ms.value_and_grad(scaled_loss, None, self.params, has_aux=True)
+
+        def accumulate(*inputs):
+            scale = scaler.scale_value + 0.0
+            (_, loss), grads = grad_fn(*inputs)
+            grads = scaler.unscale(grads)
+            loss = ops.depend(loss, hyper_map(_add_to, accum, grads))
+            return loss, ops.logical_not(amp.all_finite(grads)), scale, _global_norm(grads)
+
+        def update(*inputs):
+            scale = scaler.scale_value + 0.0
+            (_, loss), grads = grad_fn(*inputs)
+            grads = scaler.unscale(grads)
+            if n_accum > 1:
+                grads = hyper_map(ops.partial(_average, float(n_accum)), accum, grads)
+                loss = ops.depend(loss, hyper_map(_zero, accum))
+            if reducer is not None:
+                grads = reducer(grads)
+            finite = amp.all_finite(grads)
+            loss = ops.depend(loss, scaler.adjust(finite))
+            norm = _global_norm(grads)
+            if max_norm is not None:
+                grads = ops.clip_by_global_norm(grads, max_norm)
+            lr = lr_table[ops.minimum(global_step, last)]
+            loss = ops.depend(loss, optimizer(grads, lr, finite))
+            if ema is not None:
+                loss = ops.depend(loss, ema(finite))
+            loss = ops.depend(loss, ops.assign_add(global_step, ops.ones((), ms.int32)))
+            return loss, ops.logical_not(finite), scale, norm
+
+        if jit:
+            return (ms.jit(accumulate) if accum is not None else None), ms.jit(update)
+        return (accumulate if accum is not None else None), update
+
+    def __call__(self, *inputs) -> StepOutput:
+        last = self.micro_step == self.grad_accum_steps - 1
+        fn = self._update if last else self._accumulate
+        loss, overflow, scale, norm = fn(*inputs)
+        self.micro_step = 0 if last else self.micro_step + 1
+        return StepOutput(float(loss), bool(overflow), float(scale), float(norm), last)
+
+    @property
+    def step(self) -> int:
+        """Optimizer update boundaries reached so far (skipped updates included)."""
+        return int(self.global_step.asnumpy())
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Every tensor needed to resume: params, moments, accumulators, EMA, counters, loss-scale state."""
+        arrays = {p.name: p.asnumpy().copy() for p in self._state_parameters()}
+        arrays.update({f"loss_scaler.{k}": v for k, v in scaler_state(self.scaler).items()})
+        return arrays
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray], micro_step: int) -> None:
+        """Inverse of ``state_arrays``; every expected key must be present with the same shape and dtype."""
+        if not 0 <= micro_step < self.grad_accum_steps:
+            raise ValueError(f"micro_step {micro_step} out of range for grad_accum_steps={self.grad_accum_steps}")
+        current = self.state_arrays()
+        missing = sorted(set(current) - set(arrays))
+        if missing:
+            raise KeyError(f"train state lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        by_name = {p.name: p for p in self._state_parameters()}
+        for name, ref in current.items():
+            value = np.asarray(arrays[name])
+            if value.shape != ref.shape or value.dtype != ref.dtype:
+                raise ValueError(
+                    f"train state tensor {name}: {value.dtype}{list(value.shape)}, "
+                    f"expected {ref.dtype}{list(ref.shape)}"
+                )
+            if name in by_name:
+                by_name[name].set_data(Tensor(value.copy()))
+        load_scaler_state(
+            self.scaler, {k[len("loss_scaler.") :]: arrays[k] for k in current if k.startswith("loss_scaler.")}
+        )
+        self.micro_step = int(micro_step)
+
+    def _state_parameters(self) -> list[Parameter]:
+        opt = self.optimizer
+        groups = [self.params, opt.exp_avg, opt.exp_avg_sq, [self.global_step, opt.step]]
+        if self.accum is not None:
+            groups.append(self.accum)
+        if self.ema is not None:
+            groups += [self.ema.ema_params, [self.ema.updates]]
+        return [p for group in groups for p in group]
