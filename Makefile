@@ -21,6 +21,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+demo: $(STAMP)
+	$(BIN)/python examples/stable_diffusion_v2/demo.py
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_samplers.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -79,8 +79,9 @@ class LoRALayer(nn.Cell):
     of the branch (float16 halves its activation memory; the parameters stay float32 either way).
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha=None, dropout: float = 0.0,
-                 lora_dtype=ms.float32):
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, alpha=None, dropout: float = 0.0, lora_dtype=ms.float32
+    ):
         super().__init__()
         if rank < 1 or rank > min(in_features, out_features):
             raise ValueError(f"LoRA rank must be in [1, min(in, out) = {min(in_features, out_features)}], got {rank}")
@@ -231,8 +232,7 @@ class LoRAFusedInProj(LoRALayer):
     input's dtype. The target weight is held by reference for :meth:`merge` and is not a parameter of this cell.
     """
 
-    def __init__(self, in_proj_weight: Parameter, rank: int, alpha=None, dropout: float = 0.0,
-                 lora_dtype=ms.float32):
+    def __init__(self, in_proj_weight: Parameter, rank: int, alpha=None, dropout: float = 0.0, lora_dtype=ms.float32):
         if len(in_proj_weight.shape) != 2:
             raise ValueError(f"{in_proj_weight.name}: expected a 2-D [3d, d] weight, got {in_proj_weight.shape}")
         out_features, in_features = in_proj_weight.shape
@@ -283,8 +283,10 @@ def _freeze_all_but_lora(network: nn.Cell) -> None:
         param.requires_grad = id(param) in lora_ids
     trainable = {id(p) for p in network.trainable_params()}
     if trainable != lora_ids:
-        raise RuntimeError(f"after LoRA injection {len(trainable)} parameters are trainable, expected exactly the "
-                           f"{len(lora_ids)} LoRA parameters")
+        raise RuntimeError(
+            f"after LoRA injection {len(trainable)} parameters are trainable, expected exactly the "
+            f"{len(lora_ids)} LoRA parameters"
+        )
 
 
 def inject_lora(
@@ -323,8 +325,10 @@ def inject_lora(
         fused_target = _match(f"{path}.in_proj" if path else "in_proj", targets)
         if fused_target and isinstance(getattr(cell, "in_proj_weight", None), Parameter):
             if not hasattr(cell, FUSED_IN_PROJ_HOOK):
-                raise ValueError(f"{path} ({type(cell).__name__}) has a fused in_proj_weight but no "
-                                 f"'{FUSED_IN_PROJ_HOOK}' hook; see ldm.lora.LoRAFusedInProj")
+                raise ValueError(
+                    f"{path} ({type(cell).__name__}) has a fused in_proj_weight but no "
+                    f"'{FUSED_IN_PROJ_HOOK}' hook; see ldm.lora.LoRAFusedInProj"
+                )
             if getattr(cell, FUSED_IN_PROJ_HOOK) is not None:
                 raise ValueError(f"{path}.{FUSED_IN_PROJ_HOOK} already has a LoRA adapter; inject once per network")
             plans.append(("fused", path, cell, fused_target))
@@ -336,11 +340,13 @@ def inject_lora(
         else:
             skipped.append(f"{path} ({type(cell).__name__})")
     if skipped:
-        logger.warning("LoRA skipped %d matching modules that are not Dense (no conv LoRA): %s",
-                       len(skipped), ", ".join(skipped))
+        logger.warning(
+            "LoRA skipped %d matching modules that are not Dense (no conv LoRA): %s", len(skipped), ", ".join(skipped)
+        )
     if not plans:
-        raise ValueError(f"no Dense module matches LoRA targets {list(targets)}"
-                         + (f" under scope {scope!r}" if scope else ""))
+        raise ValueError(
+            f"no Dense module matches LoRA targets {list(targets)}" + (f" under scope {scope!r}" if scope else "")
+        )
     injected = []
     for kind, path, cell, target in plans:
         if kind == "dense":
@@ -360,8 +366,12 @@ def inject_lora(
         layer._name_parameters(prefix)
         injected.append(prefix)
     _freeze_all_but_lora(network)
-    logger.info("LoRA rank %d injected into %d modules (%d trainable parameters)", rank, len(injected),
-                sum(int(np.prod(p.shape)) for p in network.trainable_params()))
+    logger.info(
+        "LoRA rank %d injected into %d modules (%d trainable parameters)",
+        rank,
+        len(injected),
+        sum(int(np.prod(p.shape)) for p in network.trainable_params()),
+    )
     return injected
 
 
@@ -377,8 +387,10 @@ def lora_state_dict(network: nn.Cell) -> dict[str, np.ndarray]:
 
 def lora_metadata(network: nn.Cell, family: str = "") -> dict[str, str]:
     """String metadata for a safetensors header: format, family, targets and per-module rank/alpha (JSON)."""
-    modules = {name: {"rank": layer.rank, "alpha": layer.alpha, "kind": type(layer).__name__}
-               for name, layer in lora_layers(network)}
+    modules = {
+        name: {"rank": layer.rank, "alpha": layer.alpha, "kind": type(layer).__name__}
+        for name, layer in lora_layers(network)
+    }
     targets = sorted({layer.target for _, layer in lora_layers(network)})
     return {
         "lora.format": METADATA_FORMAT,
@@ -416,8 +428,10 @@ def load_lora_state_dict(network: nn.Cell, state_dict: dict, metadata: dict[str,
         value = state_dict[name]
         value = value.asnumpy() if isinstance(value, Tensor) else np.asarray(value)
         if tuple(value.shape) != tuple(param.shape):
-            raise ValueError(f"LoRA key {name}: shape {tuple(value.shape)} in the state dict, {tuple(param.shape)} "
-                             "in the network (different rank?)")
+            raise ValueError(
+                f"LoRA key {name}: shape {tuple(value.shape)} in the state dict, {tuple(param.shape)} "
+                "in the network (different rank?)"
+            )
         values[name] = value
     modules = json.loads(metadata["lora.modules"]) if metadata and "lora.modules" in metadata else {}
     for name, param in params.items():

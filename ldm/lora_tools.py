@@ -10,7 +10,8 @@ SD2's fused q/k/v, up ``[3d, r]``). The header's ``ldm_lora`` metadata is JSON w
 ``family`` (``sd1``/``sd2``), ``context_dim`` and ``parameterization``. Each module's delta is
 ``dW = alpha / rank * up @ down``; a module without an ``.alpha`` tensor takes the metadata ``alpha``, else its rank
 (scale 1). Files this module writes always carry an ``.alpha`` per module. Reading also accepts the metadata of
-:func:`ldm.lora.lora_metadata` (``lora.family``/``lora.modules``) and the fused module name ``attn.in_proj_lora`` (``attn.in_proj`` is read too).
+:func:`ldm.lora.lora_metadata` (``lora.family``/``lora.modules``) and its fused module name
+``attn.in_proj_lora`` (imports write ``attn.in_proj``; both are read).
 
 Scale conventions on export/import (``dW`` is preserved exactly, i.e. the factors are copied bit for bit):
 
@@ -156,8 +157,10 @@ def modules(adapter: Adapter, source="adapter") -> dict:
         if down.ndim != 2 or up.ndim != 2:
             raise _err(source, f"{path}: LoRA factors must be 2-D, got down {down.shape}, up {up.shape}")
         if down.shape[0] != up.shape[1]:
-            raise _err(source, f"{path}: rank mismatch: {path + DOWN} has rank {down.shape[0]}, "
-                               f"{path + UP} has rank {up.shape[1]}")
+            raise _err(
+                source,
+                f"{path}: rank mismatch: {path + DOWN} has rank {down.shape[0]}, {path + UP} has rank {up.shape[1]}",
+            )
         if alpha is not None:
             if alpha.size != 1 or not np.isfinite(alpha).all():
                 raise _err(source, f"key {path + ALPHA!r} must be one finite number, got shape {alpha.shape}")
@@ -226,8 +229,11 @@ def read_adapter(path) -> Adapter:
     elif "lora.format" in metadata:
         meta = _meta_from_ldm_lora_py(metadata, state, path)
     else:
-        raise _err(path, f"no {META_KEY!r} metadata (family unknown); is this one of our LoRA files? "
-                         "(use 'import' for diffusers/kohya files)")
+        raise _err(
+            path,
+            f"no {META_KEY!r} metadata (family unknown); is this one of our LoRA files? "
+            "(use 'import' for diffusers/kohya files)",
+        )
     if meta.get("family") is None:
         raise _err(path, f"metadata {META_KEY!r} has no 'family' (sd1 or sd2)")
     adapter = Adapter(state, meta)
@@ -248,7 +254,7 @@ def write_adapter(path, adapter: Adapter) -> None:
 
 
 def _unet_to_diffusers(path: str, layout: UNetLayout) -> str:
-    rel = path[len(UNET_PREFIX):] + ".weight"
+    rel = path[len(UNET_PREFIX) :] + ".weight"
     try:
         (key,) = unet_keys.ldm_to_diffusers({rel: None}, **layout.key_args())
     except KeyError as e:
@@ -266,7 +272,7 @@ def _unet_from_diffusers(dpath: str, layout: UNetLayout) -> str:
 
 def _te_to_hf(path: str, family: str) -> list:
     """HF CLIP module paths of one of our text-encoder modules (three for a fused in_proj)."""
-    rel = path[len(TE_PREFIX):]
+    rel = path[len(TE_PREFIX) :]
     fused = _FUSED.fullmatch(rel)
     fake = {f"{fused.group(1)}.in_proj_weight": np.zeros((3, 1))} if fused else {rel + ".weight": None}
     try:
@@ -324,7 +330,7 @@ def _join_qkv(parts: dict, source) -> Module:
             continue
         d, u, a = parts[name]
         r = d.shape[0]
-        up[i * width:(i + 1) * width, col:col + r] = u if common is not None else u * module_scale(d, a)
+        up[i * width : (i + 1) * width, col : col + r] = u if common is not None else u * module_scale(d, a)
         col += r
     return down, up, (common * rank if common is not None else float(rank))
 
@@ -337,8 +343,11 @@ def _linear_pair(name: str, down: np.ndarray, up: np.ndarray, skip_conv: bool, s
         return down[:, :, 0, 0], up[:, :, 0, 0]
     if skip_conv:
         return None
-    raise _err(source, f"{name}: LoRA factors down {down.shape}, up {up.shape} are not linear or 1x1 conv (conv "
-                       "LoRA / LoCon is not supported; pass skip_conv / --skip-conv to drop such modules)")
+    raise _err(
+        source,
+        f"{name}: LoRA factors down {down.shape}, up {up.shape} are not linear or 1x1 conv (conv "
+        "LoRA / LoCon is not supported; pass skip_conv / --skip-conv to drop such modules)",
+    )
 
 
 def _exported_modules(adapter: Adapter, layout: UNetLayout, source) -> list:
@@ -389,8 +398,9 @@ def _import_modules(found: dict, family: str, layout: UNetLayout, skip_conv: boo
         else:
             mods[_te_from_hf(path, family)] = module
     if skipped:
-        warnings.warn(f"{source}: dropped {len(skipped)} conv LoRA modules (skip_conv), e.g. {skipped[0]}",
-                      stacklevel=3)
+        warnings.warn(
+            f"{source}: dropped {len(skipped)} conv LoRA modules (skip_conv), e.g. {skipped[0]}", stacklevel=3
+        )
     for layer, parts in hf_qkv.items():
         if family == "sd2":
             attn = _te_from_hf(f"{layer}.out_proj", family).rsplit(".", 1)[0]
@@ -424,8 +434,9 @@ def _peft_config(entries: list) -> dict:
     }
 
 
-def to_diffusers(adapter: Adapter, layout: UNetLayout = UNetLayout(), fold_scale: bool = False,
-                 source="adapter") -> tuple:
+def to_diffusers(
+    adapter: Adapter, layout: UNetLayout = UNetLayout(), fold_scale: bool = False, source="adapter"
+) -> tuple:
     """``(state dict, safetensors metadata)`` in the diffusers/PEFT form ``unet.<path>.lora_A.weight`` etc."""
     state, entries = {}, {}
     for component, path, module, conv in _exported_modules(adapter, layout, source):
@@ -448,8 +459,14 @@ def _peft_alpha(config: dict, path: str, rank: int) -> float:
     return float(config.get("lora_alpha", rank))
 
 
-def from_diffusers(state: dict, family: str, layout: UNetLayout = UNetLayout(), metadata: dict | None = None,
-                   skip_conv: bool = False, source="diffusers LoRA") -> Adapter:
+def from_diffusers(
+    state: dict,
+    family: str,
+    layout: UNetLayout = UNetLayout(),
+    metadata: dict | None = None,
+    skip_conv: bool = False,
+    source="diffusers LoRA",
+) -> Adapter:
     """Our adapter from a diffusers/PEFT LoRA state dict (``lora_A``/``lora_B``, ``lora.down``/``lora.up``,
     or ``lora_linear_layer.down``/``up``; legacy ``<module>.alpha`` keys optional)."""
     _check_family(family, source)
@@ -457,8 +474,9 @@ def from_diffusers(state: dict, family: str, layout: UNetLayout = UNetLayout(), 
         peft_meta = json.loads((metadata or {}).get(PEFT_METADATA_KEY) or "{}")
     except ValueError as e:
         raise _err(source, f"metadata {PEFT_METADATA_KEY!r} is not JSON: {e}") from None
-    configs = {c: {k[len(c) + 1:]: v for k, v in peft_meta.items() if k.startswith(c + ".")}
-               for c in ("unet", "text_encoder")}
+    configs = {
+        c: {k[len(c) + 1 :]: v for k, v in peft_meta.items() if k.startswith(c + ".")} for c in ("unet", "text_encoder")
+    }
     found: dict = {}
     for key, value in state.items():
         match = _DIFFUSERS_KEY.fullmatch(key)
@@ -466,8 +484,9 @@ def from_diffusers(state: dict, family: str, layout: UNetLayout = UNetLayout(), 
             raise _err(source, f"key {key!r} is not a diffusers/PEFT LoRA key (unet.* / text_encoder.*)")
         component, path, is_down, is_up, _ = match.groups()
         found.setdefault((component, path), [None, None, None])[0 if is_down else 1 if is_up else 2] = value
-    return _import_modules(found, family, layout, skip_conv, source, lambda c, p: f"{c}.{p}",
-                           lambda c, p, r: _peft_alpha(configs[c], p, r))
+    return _import_modules(
+        found, family, layout, skip_conv, source, lambda c, p: f"{c}.{p}", lambda c, p, r: _peft_alpha(configs[c], p, r)
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ kohya
@@ -475,15 +494,31 @@ def from_diffusers(state: dict, family: str, layout: UNetLayout = UNetLayout(), 
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 _KOHYA_KEY = re.compile(r"(lora_(?:unet|te)_\w+)\.(lora_down\.weight|lora_up\.weight|alpha)")
 _KOHYA_TE = re.compile(r"lora_te_text_model_encoder_layers_(\d+)_(\w+)")
-_HF_LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                     "mlp.fc1", "mlp.fc2")
+_HF_LAYER_MODULES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
 _BLOCK_LEAVES = {
     "layer": ("",),
     "resnet": ("conv1", "conv2", "time_emb_proj", "conv_shortcut"),
     "transformer": ("proj_in", "proj_out"),
 }
-_TRANSFORMER_BLOCK_LEAVES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                             "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+_TRANSFORMER_BLOCK_LEAVES = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+)
 
 
 def _kohya_name(component: str, path: str) -> str:
@@ -497,8 +532,11 @@ def _kohya_unet_table(layout: UNetLayout) -> dict:
     for dpath, _, kind in unet_keys._block_table(**layout.key_args()):
         leaves = list(_BLOCK_LEAVES[kind])
         if kind == "transformer":
-            leaves += [f"transformer_blocks.{d}.{leaf}" for d in range(layout.transformer_depth)
-                       for leaf in _TRANSFORMER_BLOCK_LEAVES]
+            leaves += [
+                f"transformer_blocks.{d}.{leaf}"
+                for d in range(layout.transformer_depth)
+                for leaf in _TRANSFORMER_BLOCK_LEAVES
+            ]
         for leaf in leaves:
             path = f"{dpath}.{leaf}" if leaf else dpath
             table[_kohya_name("unet", path)] = path
@@ -533,8 +571,9 @@ def to_kohya(adapter: Adapter, layout: UNetLayout = UNetLayout(), source="adapte
     return state, metadata
 
 
-def from_kohya(state: dict, family: str, layout: UNetLayout = UNetLayout(), skip_conv: bool = False,
-               source="kohya LoRA") -> Adapter:
+def from_kohya(
+    state: dict, family: str, layout: UNetLayout = UNetLayout(), skip_conv: bool = False, source="kohya LoRA"
+) -> Adapter:
     """Our adapter from a kohya/A1111 LoRA (``lora_unet_*``/``lora_te_*``); names are resolved through a table of
     the known modules, never by guessing dots."""
     _check_family(family, source)
@@ -543,8 +582,11 @@ def from_kohya(state: dict, family: str, layout: UNetLayout = UNetLayout(), skip
     for key, value in state.items():
         match = _KOHYA_KEY.fullmatch(key)
         if match is None:
-            raise _err(source, f"key {key!r} is not a kohya LoRA key (lora_unet_* / lora_te_* with .lora_down.weight, "
-                               ".lora_up.weight or .alpha)")
+            raise _err(
+                source,
+                f"key {key!r} is not a kohya LoRA key (lora_unet_* / lora_te_* with .lora_down.weight, "
+                ".lora_up.weight or .alpha)",
+            )
         name, kind = match.groups()
         if name.startswith("lora_unet_"):
             target = ("unet", unet_table.get(name))
@@ -566,8 +608,10 @@ def detect_format(state: dict) -> str:
         return "diffusers"
     if keys and all(k.startswith((UNET_PREFIX, TE_PREFIX)) for k in keys):
         return "ldm"
-    raise CheckpointError(f"cannot tell the LoRA format from keys such as {keys[:1]} (expected lora_unet_*/lora_te_* "
-                          "(kohya), unet.*/text_encoder.* (diffusers) or model.diffusion_model.*/cond_stage_model.*)")
+    raise CheckpointError(
+        f"cannot tell the LoRA format from keys such as {keys[:1]} (expected lora_unet_*/lora_te_* "
+        "(kohya), unet.*/text_encoder.* (diffusers) or model.diffusion_model.*/cond_stage_model.*)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ merges
@@ -581,8 +625,10 @@ def merge_into_base(base_state: dict, adapter: Adapter, weight: float = 1.0) -> 
         fused = _FUSED.fullmatch(path)
         key = f"{fused.group(1)}.in_proj_weight" if fused else path + ".weight"
         if key not in base_state:
-            raise CheckpointError(f"base checkpoint has no key {key!r} for LoRA module {path!r} "
-                                  f"(wrong family or model? adapter family {adapter.meta.get('family')!r})")
+            raise CheckpointError(
+                f"base checkpoint has no key {key!r} for LoRA module {path!r} "
+                f"(wrong family or model? adapter family {adapter.meta.get('family')!r})"
+            )
         base = np.asarray(base_state[key])
         delta = weight * delta_weight(module)
         if delta.size != base.size or delta.shape != base.shape[:2]:
@@ -612,8 +658,9 @@ def combine_lpl(a: Adapter, b: Adapter, w1: float = 1.0, w2: float = 1.0) -> Ada
     for path in ma:
         (da, ua, aa), (db, ub, ab) = ma[path], mb[path]
         if da.shape != db.shape or ua.shape != ub.shape:
-            raise CheckpointError(f"lpl needs equal shapes/ranks; {path!r}: {da.shape}/{ua.shape} vs "
-                                  f"{db.shape}/{ub.shape}")
+            raise CheckpointError(
+                f"lpl needs equal shapes/ranks; {path!r}: {da.shape}/{ua.shape} vs {db.shape}/{ub.shape}"
+            )
         sa, sb = module_scale(da, aa), module_scale(db, ab)
         alpha = aa
         if sa != sb:
@@ -670,28 +717,40 @@ def _int_list(text: str) -> tuple:
 
 def _add_layout(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("UNet layout (for the LDM <-> diffusers block map; defaults: SD 1.x/2.x)")
-    g.add_argument("--config", help="model YAML config; takes the layout (and family) from it instead of the options "
-                                    "below, e.g. configs/tiny/sd2-tiny.yaml")
+    g.add_argument(
+        "--config",
+        help="model YAML config; takes the layout (and family) from it instead of the options "
+        "below, e.g. configs/tiny/sd2-tiny.yaml",
+    )
     g.add_argument("--num-res-blocks", type=int, default=2, help="ResBlocks per level (default 2)")
     g.add_argument("--channel-mult", type=_int_list, default=(1, 2, 4, 4), help="channel multipliers (default 1,2,4,4)")
-    g.add_argument("--attention-resolutions", type=_int_list, default=(4, 2, 1),
-                   help="downsampling factors with attention (default 4,2,1)")
+    g.add_argument(
+        "--attention-resolutions",
+        type=_int_list,
+        default=(4, 2, 1),
+        help="downsampling factors with attention (default 4,2,1)",
+    )
     g.add_argument("--transformer-depth", type=int, default=1, help="transformer blocks per attention (default 1)")
 
 
 def _layout_and_family(args) -> tuple:
     """(UNetLayout, family or None) from --config or the layout options."""
     if not args.config:
-        return UNetLayout(args.num_res_blocks, args.channel_mult, args.attention_resolutions,
-                          args.transformer_depth), None
+        return UNetLayout(
+            args.num_res_blocks, args.channel_mult, args.attention_resolutions, args.transformer_depth
+        ), None
     from ldm.util import load_config
 
     cfg = load_config(args.config)
     try:
         params = cfg.model.params
         unet = params.unet_config.params
-        layout = UNetLayout(int(unet.num_res_blocks), tuple(unet.channel_mult), tuple(unet.attention_resolutions),
-                            int(unet.get("transformer_depth", 1)))
+        layout = UNetLayout(
+            int(unet.num_res_blocks),
+            tuple(unet.channel_mult),
+            tuple(unet.attention_resolutions),
+            int(unet.get("transformer_depth", 1)),
+        )
         target = str(params.cond_stage_config.target)
     except Exception as e:  # OmegaConf raises several types for a missing node
         raise CheckpointError(f"{args.config}: not a model config with unet_config/cond_stage_config: {e}") from None
@@ -712,52 +771,88 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m ldm.lora_tools", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("export", help="our adapter -> diffusers/PEFT or kohya file",
-                       description="Write one of our LoRA adapters as a diffusers/PEFT or kohya .safetensors file.")
+    p = sub.add_parser(
+        "export",
+        help="our adapter -> diffusers/PEFT or kohya file",
+        description="Write one of our LoRA adapters as a diffusers/PEFT or kohya .safetensors file.",
+    )
     p.add_argument("src", help="our adapter (.safetensors with ldm_lora metadata)")
     p.add_argument("dst", help="output .safetensors")
-    p.add_argument("--format", choices=("diffusers", "kohya"), required=True,
-                   help="diffusers: unet.<path>.lora_A/lora_B (+ lora_adapter_metadata with alpha); kohya: "
-                        "lora_unet_*/lora_te_* with .alpha")
-    p.add_argument("--fold-scale", action="store_true",
-                   help="diffusers only: multiply lora_B by alpha/r and write no PEFT metadata, for loaders that "
-                        "ignore lora_adapter_metadata")
+    p.add_argument(
+        "--format",
+        choices=("diffusers", "kohya"),
+        required=True,
+        help="diffusers: unet.<path>.lora_A/lora_B (+ lora_adapter_metadata with alpha); kohya: "
+        "lora_unet_*/lora_te_* with .alpha",
+    )
+    p.add_argument(
+        "--fold-scale",
+        action="store_true",
+        help="diffusers only: multiply lora_B by alpha/r and write no PEFT metadata, for loaders that "
+        "ignore lora_adapter_metadata",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     _add_layout(p)
 
-    p = sub.add_parser("import", help="diffusers/PEFT or kohya file -> our adapter",
-                       description="Convert a diffusers/PEFT or kohya LoRA .safetensors file to our adapter format.")
+    p = sub.add_parser(
+        "import",
+        help="diffusers/PEFT or kohya file -> our adapter",
+        description="Convert a diffusers/PEFT or kohya LoRA .safetensors file to our adapter format.",
+    )
     p.add_argument("src", help="diffusers/PEFT or kohya LoRA .safetensors")
     p.add_argument("dst", help="output .safetensors (our format)")
-    p.add_argument("--format", choices=("auto", "diffusers", "kohya"), default="auto",
-                   help="input format (default: detected from the key names)")
-    p.add_argument("--family", choices=FAMILIES,
-                   help="sd1 or sd2 (text-encoder layout); default from --config or kohya's ss_v2 metadata")
+    p.add_argument(
+        "--format",
+        choices=("auto", "diffusers", "kohya"),
+        default="auto",
+        help="input format (default: detected from the key names)",
+    )
+    p.add_argument(
+        "--family",
+        choices=FAMILIES,
+        help="sd1 or sd2 (text-encoder layout); default from --config or kohya's ss_v2 metadata",
+    )
     p.add_argument("--context-dim", type=int, help="stored in the ldm_lora metadata")
     p.add_argument("--parameterization", choices=("eps", "v"), help="stored in the ldm_lora metadata")
-    p.add_argument("--skip-conv", action="store_true",
-                   help="drop conv LoRA modules (LoCon, kernels > 1x1) with a warning instead of failing")
+    p.add_argument(
+        "--skip-conv",
+        action="store_true",
+        help="drop conv LoRA modules (LoCon, kernels > 1x1) with a warning instead of failing",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     _add_layout(p)
 
-    p = sub.add_parser("merge", help="fold an adapter into a full checkpoint",
-                       description="Write BASE with W += WEIGHT * alpha/r * up @ down for every LoRA module.")
+    p = sub.add_parser(
+        "merge",
+        help="fold an adapter into a full checkpoint",
+        description="Write BASE with W += WEIGHT * alpha/r * up @ down for every LoRA module.",
+    )
     p.add_argument("base", help="full checkpoint in our (original-LDM) names: .safetensors or .ckpt")
     p.add_argument("lora", help="our adapter")
     p.add_argument("out", help="output checkpoint (.safetensors or MindSpore .ckpt)")
     p.add_argument("--weight", type=float, default=1.0, help="strength multiplier (default 1.0)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="read a PyTorch pickle BASE with the restricted unpickler (only files you trust)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a PyTorch pickle BASE with the restricted unpickler (only files you trust)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
-    p = sub.add_parser("combine", help="combine two adapters (svd: exact sum then truncated SVD; lpl: factor sum)",
-                       description="Combine two of our adapters into one.")
+    p = sub.add_parser(
+        "combine",
+        help="combine two adapters (svd: exact sum then truncated SVD; lpl: factor sum)",
+        description="Combine two of our adapters into one.",
+    )
     p.add_argument("a", help="first adapter")
     p.add_argument("b", help="second adapter")
     p.add_argument("out", help="output adapter .safetensors")
-    p.add_argument("--mode", choices=("svd", "lpl"), default="svd",
-                   help="svd: w1*dW_a + w2*dW_b truncated to --rank (error reported); lpl: cloneofsimo's weighted "
-                        "sum of ups and of downs (approximate, same ranks needed). Default svd")
+    p.add_argument(
+        "--mode",
+        choices=("svd", "lpl"),
+        default="svd",
+        help="svd: w1*dW_a + w2*dW_b truncated to --rank (error reported); lpl: cloneofsimo's weighted "
+        "sum of ups and of downs (approximate, same ranks needed). Default svd",
+    )
     p.add_argument("--w1", type=float, default=1.0, help="weight of the first adapter (default 1.0)")
     p.add_argument("--w2", type=float, default=1.0, help="weight of the second adapter (default 1.0)")
     p.add_argument("--rank", type=int, help="svd: rank of the result (default rank_a + rank_b: exact)")
@@ -771,8 +866,9 @@ def _run(args) -> str:
         layout, family = _layout_and_family(args)
         adapter = read_adapter(args.src)
         if family is not None and family != adapter.meta["family"]:
-            raise CheckpointError(f"{args.src}: adapter family {adapter.meta['family']!r} does not match "
-                                  f"{args.config} ({family})")
+            raise CheckpointError(
+                f"{args.src}: adapter family {adapter.meta['family']!r} does not match {args.config} ({family})"
+            )
         if args.format == "kohya":
             state, metadata = to_kohya(adapter, layout, args.src)
         else:
@@ -812,12 +908,15 @@ def _run(args) -> str:
         write_adapter(out, combine_lpl(a, b, args.w1, args.w2))
         return f"wrote {out} (lpl, w1={args.w1}, w2={args.w2}; approximate by construction)"
     rank = args.rank or max(m[0].shape[0] for m in modules(a).values()) + max(
-        m[0].shape[0] for m in modules(b).values())
+        m[0].shape[0] for m in modules(b).values()
+    )
     combined, report = combine_svd(a, b, args.w1, args.w2, rank)
     write_adapter(out, combined)
     worst = max(report.per_module.items(), key=lambda kv: kv[1])
-    return (f"wrote {out} (svd rank {rank}); relative Frobenius error overall {report.overall:.3e}, "
-            f"worst {worst[1]:.3e} ({worst[0]})")
+    return (
+        f"wrote {out} (svd rank {rank}); relative Frobenius error overall {report.overall:.3e}, "
+        f"worst {worst[1]:.3e} ({worst[0]})"
+    )
 
 
 def main(argv=None) -> int:

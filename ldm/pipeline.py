@@ -70,8 +70,13 @@ class Text2ImagePipeline:
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
     def sample_latents(
-        self, prompts: list[str], negative_prompts: list[str], latents: np.ndarray, settings: GenerationSettings,
-        seed: int = 0, callback=None,
+        self,
+        prompts: list[str],
+        negative_prompts: list[str],
+        latents: np.ndarray,
+        settings: GenerationSettings,
+        seed: int = 0,
+        callback=None,
     ) -> Tensor:
         """Run the sampler from ``latents`` (x_T) with classifier-free guidance; returns x_0 latents."""
         cond = self.encode_prompts(prompts)
@@ -94,8 +99,13 @@ class Text2ImagePipeline:
         return np.round(images.transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
 
     def __call__(
-        self, prompts: list[str], negative_prompts: list[str] | None = None, settings: GenerationSettings | None = None,
-        seed: int = 0, latents: np.ndarray | None = None, callback=None,
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        settings: GenerationSettings | None = None,
+        seed: int = 0,
+        latents: np.ndarray | None = None,
+        callback=None,
     ) -> np.ndarray:
         settings = settings or GenerationSettings()
         check_size(self.model, settings.height, settings.width)

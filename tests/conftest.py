@@ -1,6 +1,8 @@
 """Test session set-up: ``ldm`` is imported before mindspore (oneDNN ISA default), tests run in PyNative mode
 unless a test switches to graph mode itself (use the ``graph_mode`` fixture)."""
 
+# ruff: noqa: I001  (ldm must be imported before mindspore)
+
 import ldm  # noqa: F401  (must precede mindspore)
 import mindspore as ms
 import numpy as np

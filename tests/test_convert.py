@@ -194,8 +194,15 @@ def test_cli_does_not_overwrite(tiny_single, tmp_path):
 @pytest.mark.parametrize(
     "version, unet_cfg",
     [
-        ("2.1", dict(block_out_channels=[320, 640, 1280, 1280], attention_head_dim=[5, 10, 20, 20],
-                     cross_attention_dim=1024, use_linear_projection=True)),
+        (
+            "2.1",
+            dict(
+                block_out_channels=[320, 640, 1280, 1280],
+                attention_head_dim=[5, 10, 20, 20],
+                cross_attention_dim=1024,
+                use_linear_projection=True,
+            ),
+        ),
         ("1.5", dict(block_out_channels=[320, 640, 1280, 1280], attention_head_dim=8, cross_attention_dim=768)),
     ],
 )
@@ -203,17 +210,34 @@ def test_published_diffusers_configs_map_to_bundled_yaml(tmp_path, version, unet
     """The configs of the published SD1.5 / SD2-base diffusers repos translate to our bundled YAML exactly."""
     from ldm.util import config_for_version
 
-    blocks = {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-              "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+    blocks = {
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    }
     sd2 = version.startswith("2")
     files = {
-        "unet/config.json": {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-                             **blocks, **unet_cfg},
-        "vae/config.json": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
-                            "sample_size": 256 if not sd2 else 768},
-        "text_encoder/config.json": {"hidden_size": 1024 if sd2 else 768, "intermediate_size": 4096 if sd2 else 3072,
-                                     "num_hidden_layers": 23 if sd2 else 12, "num_attention_heads": 16 if sd2 else 12,
-                                     "hidden_act": "gelu" if sd2 else "quick_gelu", "max_position_embeddings": 77},
+        "unet/config.json": {
+            "sample_size": 64,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 2,
+            **blocks,
+            **unet_cfg,
+        },
+        "vae/config.json": {
+            "block_out_channels": [128, 256, 512, 512],
+            "layers_per_block": 2,
+            "latent_channels": 4,
+            "sample_size": 256 if not sd2 else 768,
+        },
+        "text_encoder/config.json": {
+            "hidden_size": 1024 if sd2 else 768,
+            "intermediate_size": 4096 if sd2 else 3072,
+            "num_hidden_layers": 23 if sd2 else 12,
+            "num_attention_heads": 16 if sd2 else 12,
+            "hidden_act": "gelu" if sd2 else "quick_gelu",
+            "max_position_embeddings": 77,
+        },
         "scheduler/scheduler_config.json": {"prediction_type": "epsilon", "beta_schedule": "scaled_linear"},
     }
     for name, content in files.items():

@@ -198,8 +198,17 @@ def test_epochs_reshuffle_and_resume_continues_exactly():
 
 def test_build_dataset_batches_shards_and_resumes(tmp_path, rng):
     root = make_csv_folder(tmp_path / "d", rng, n=9)
-    kwargs = dict(image_size=8, batch_size=2, shuffle=True, seed=1, random_crop=True, flip=True, world_size=2,
-                  num_epochs=2, num_workers=1)
+    kwargs = dict(
+        image_size=8,
+        batch_size=2,
+        shuffle=True,
+        seed=1,
+        random_crop=True,
+        flip=True,
+        world_size=2,
+        num_epochs=2,
+        num_workers=1,
+    )
     per_rank = []
     for r in range(2):
         ds = build_dataset(root, stub_tokenizer, rank=r, **kwargs)
@@ -213,6 +222,6 @@ def test_build_dataset_batches_shards_and_resumes(tmp_path, rng):
     assert len(set(epoch0)) == 8  # ranks disjoint within an epoch
 
     resumed = build_dataset(root, stub_tokenizer, rank=1, batches_done=3, **kwargs)
-    (image, tokens), = list(resumed.create_tuple_iterator(num_epochs=1, output_numpy=True))
+    ((image, tokens),) = list(resumed.create_tuple_iterator(num_epochs=1, output_numpy=True))
     np.testing.assert_array_equal(tokens, per_rank[1][3][1])
     np.testing.assert_array_equal(image, per_rank[1][3][0])  # same crop/flip: per-sample seeds

@@ -84,8 +84,12 @@ class Transformer(nn.Cell):
 class TinyUNet(nn.Cell):
     def __init__(self, dim=16, ctx_dim=12, conv=False):
         super().__init__()
-        self.input_blocks = nn.CellList([nn.SequentialCell([Linear(dim, dim)]),
-                                         nn.SequentialCell([Linear(dim, dim), Transformer(dim, ctx_dim, conv)])])
+        self.input_blocks = nn.CellList(
+            [
+                nn.SequentialCell([Linear(dim, dim)]),
+                nn.SequentialCell([Linear(dim, dim), Transformer(dim, ctx_dim, conv)]),
+            ]
+        )
 
     def construct(self, x, ctx):
         x = self.input_blocks[0](x)
@@ -133,8 +137,9 @@ class OpenClipAttention(nn.Cell):
     def __init__(self, d, hook=True):
         super().__init__()
         rng = np.random.default_rng(3)
-        self.in_proj_weight = Parameter(Tensor(rng.normal(0, 0.2, (3 * d, d)).astype(np.float32)),
-                                        name="in_proj_weight")
+        self.in_proj_weight = Parameter(
+            Tensor(rng.normal(0, 0.2, (3 * d, d)).astype(np.float32)), name="in_proj_weight"
+        )
         self.in_proj_bias = Parameter(Tensor(rng.normal(0, 0.2, (3 * d,)).astype(np.float32)), name="in_proj_bias")
         self.out_proj = Linear(d, d)
         if hook:
@@ -190,8 +195,10 @@ class TextEncoder(nn.Cell):
 
 
 def _inputs(rng, b=2, n=5, dim=16, m=3, ctx=12):
-    return (Tensor(rng.normal(size=(b, n, dim)).astype(np.float32)),
-            Tensor(rng.normal(size=(b, m, ctx)).astype(np.float32)))
+    return (
+        Tensor(rng.normal(size=(b, n, dim)).astype(np.float32)),
+        Tensor(rng.normal(size=(b, m, ctx)).astype(np.float32)),
+    )
 
 
 def _randomise_up(net, rng, std=0.1):
@@ -220,7 +227,8 @@ def test_injection_keeps_output_names_and_freezes_base(rng):
     names = inject_lora(net, rank=4)
     prefix = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0"
     assert names == [f"{prefix}.attn1.{t}" for t in UNET_ATTENTION_TARGETS] + [
-        f"{prefix}.attn2.{t}" for t in UNET_ATTENTION_TARGETS]
+        f"{prefix}.attn2.{t}" for t in UNET_ATTENTION_TARGETS
+    ]
     np.testing.assert_array_equal(net(x, ctx).asnumpy(), before)  # lora_up = 0
 
     after = {p.name: p for p in net.get_parameters()}
@@ -392,8 +400,10 @@ def test_text_encoder_targets(rng):
     x = Tensor(rng.normal(size=(2, 4, 8)).astype(np.float32))
     y0 = sd2(x).asnumpy()
     names = inject_lora(sd2, TEXT_ENCODER_TARGETS, rank=2)
-    assert names[:2] == ["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_lora",
-                         "cond_stage_model.model.transformer.resblocks.0.attn.out_proj"]
+    assert names[:2] == [
+        "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_lora",
+        "cond_stage_model.model.transformer.resblocks.0.attn.out_proj",
+    ]
     sd = lora_state_dict(sd2)
     assert sd["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_lora.lora_up.weight"].shape == (24, 2)
     np.testing.assert_array_equal(sd2(x).asnumpy(), y0)
@@ -436,8 +446,14 @@ def test_full_unet_rank4_attention_count(family, expected):
     """Rank-4 to_q/k/v/out LoRA on the real SD UNet: 128 modules, the published parameter counts (~1 min each)."""
     from ldm.models.unet import UNetModel
 
-    arch = dict(in_channels=4, out_channels=4, model_channels=320, attention_resolutions=(4, 2, 1), num_res_blocks=2,
-                channel_mult=(1, 2, 4, 4))
+    arch = dict(
+        in_channels=4,
+        out_channels=4,
+        model_channels=320,
+        attention_resolutions=(4, 2, 1),
+        num_res_blocks=2,
+        channel_mult=(1, 2, 4, 4),
+    )
     if family == "sd2":
         arch.update(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
     else:

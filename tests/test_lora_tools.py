@@ -17,8 +17,15 @@ from ldm.io.checkpoint import CheckpointError, read_metadata, read_state_dict, w
 # configs/tiny/sd{1,2}-tiny.yaml: model_channels 32, channel_mult [1, 2], num_res_blocks 1, attention [2, 1],
 # context_dim 32, text width 32 with 2 layers.
 LAYOUT = lt.UNetLayout(num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(2, 1))
-BLOCK_CHANNELS = {"input_blocks.1.1": 32, "input_blocks.3.1": 64, "middle_block.1": 64, "output_blocks.0.1": 64,
-                  "output_blocks.1.1": 64, "output_blocks.2.1": 32, "output_blocks.3.1": 32}
+BLOCK_CHANNELS = {
+    "input_blocks.1.1": 32,
+    "input_blocks.3.1": 64,
+    "middle_block.1": 64,
+    "output_blocks.0.1": 64,
+    "output_blocks.1.1": 64,
+    "output_blocks.2.1": 32,
+    "output_blocks.3.1": 32,
+}
 CTX, WIDTH = 32, 32
 
 
@@ -97,8 +104,10 @@ def test_write_read_round_trip(tmp_path, rng):
 def test_alpha_defaults(rng):
     """No .alpha tensor: the metadata alpha, else the rank (scale 1)."""
     d, u = rng.normal(size=(4, 32)), rng.normal(size=(32, 4))
-    state = {"model.diffusion_model.middle_block.1.proj_in" + lt.DOWN: d,
-             "model.diffusion_model.middle_block.1.proj_in" + lt.UP: u}
+    state = {
+        "model.diffusion_model.middle_block.1.proj_in" + lt.DOWN: d,
+        "model.diffusion_model.middle_block.1.proj_in" + lt.UP: u,
+    }
     (m,) = lt.modules(lt.Adapter(state, {"family": "sd1"})).values()
     assert m[2] == 4.0
     (m,) = lt.modules(lt.Adapter(state, {"family": "sd1", "alpha": 1})).values()
@@ -109,8 +118,7 @@ def test_alpha_defaults(rng):
     "mutate, message",
     [
         (lambda s: s.pop(next(k for k in s if k.endswith(lt.UP))), "has no matching"),
-        (lambda s: s.update({next(k for k in s if k.endswith(lt.UP)): np.zeros((32, 3), np.float32)}),
-         "rank mismatch"),
+        (lambda s: s.update({next(k for k in s if k.endswith(lt.UP)): np.zeros((32, 3), np.float32)}), "rank mismatch"),
         (lambda s: s.update({"model.diffusion_model.out.2.weight": np.zeros(1, np.float32)}), "not a LoRA key"),
     ],
 )
@@ -142,8 +150,12 @@ def test_reads_ldm_lora_py_metadata(tmp_path, rng):
     """Files written with ldm.lora.lora_metadata (lora.* keys, per-module alpha, fused ``in_proj_lora``) read too."""
     down, up = rng.normal(size=(2, 32)).astype(np.float32), rng.normal(size=(96, 2)).astype(np.float32)
     name = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_lora"
-    metadata = {"lora.format": "ldm-lora/1", "lora.family": "sd2", "lora.targets": '["attn.in_proj"]',
-                "lora.modules": json.dumps({name: {"rank": 2, "alpha": 8.0, "kind": "LoRAFusedInProj"}})}
+    metadata = {
+        "lora.format": "ldm-lora/1",
+        "lora.family": "sd2",
+        "lora.targets": '["attn.in_proj"]',
+        "lora.modules": json.dumps({name: {"rank": 2, "alpha": 8.0, "kind": "LoRAFusedInProj"}}),
+    }
     write_state_dict(tmp_path / "t.safetensors", {name + lt.DOWN: down, name + lt.UP: up}, metadata)
     adapter = lt.read_adapter(tmp_path / "t.safetensors")
     assert lt.modules(adapter)[name][2] == 8.0
@@ -183,8 +195,13 @@ def test_diffusers_import_variants(rng):
     d, u = rng.normal(size=(4, 32)).astype(np.float32), rng.normal(size=(32, 4)).astype(np.float32)
     q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     te = "text_encoder.text_model.encoder.layers.0.self_attn.out_proj"
-    state = {q + ".lora.down.weight": d, q + ".lora.up.weight": u,
-             te + ".lora_linear_layer.down.weight": d, te + ".lora_linear_layer.up.weight": u, te + ".alpha": 2.0}
+    state = {
+        q + ".lora.down.weight": d,
+        q + ".lora.up.weight": u,
+        te + ".lora_linear_layer.down.weight": d,
+        te + ".lora_linear_layer.up.weight": u,
+        te + ".alpha": 2.0,
+    }
     mods = lt.modules(lt.from_diffusers(state, "sd1", LAYOUT))
     assert mods["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"][2] == 4.0
     assert mods["cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.out_proj"][2] == 2.0
@@ -193,8 +210,14 @@ def test_diffusers_import_variants(rng):
     with pytest.raises(CheckpointError, match="has no up factor"):
         lt.from_diffusers({q + ".lora_A.weight": d}, "sd1", LAYOUT)
     with pytest.raises(CheckpointError, match="not in the UNet layout"):  # SD default layout has no such module here
-        lt.from_diffusers({q.replace("down_blocks.0", "down_blocks.3") + ".lora_A.weight": d,
-                           q.replace("down_blocks.0", "down_blocks.3") + ".lora_B.weight": u}, "sd1", LAYOUT)
+        lt.from_diffusers(
+            {
+                q.replace("down_blocks.0", "down_blocks.3") + ".lora_A.weight": d,
+                q.replace("down_blocks.0", "down_blocks.3") + ".lora_B.weight": u,
+            },
+            "sd1",
+            LAYOUT,
+        )
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
@@ -218,8 +241,13 @@ def test_kohya_alpha_conventions(rng):
     d, u = rng.normal(size=(4, 32)).astype(np.float32), rng.normal(size=(32, 4)).astype(np.float32)
     a = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_v"
     b = "lora_te_text_model_encoder_layers_1_mlp_fc2"
-    state = {a + ".lora_down.weight": d, a + ".lora_up.weight": u, a + ".alpha": np.float32(1.0),
-             b + ".lora_down.weight": rng.normal(size=(4, 128)).astype(np.float32), b + ".lora_up.weight": u}
+    state = {
+        a + ".lora_down.weight": d,
+        a + ".lora_up.weight": u,
+        a + ".alpha": np.float32(1.0),
+        b + ".lora_down.weight": rng.normal(size=(4, 128)).astype(np.float32),
+        b + ".lora_up.weight": u,
+    }
     mods = lt.modules(lt.from_kohya(state, "sd1", LAYOUT))
     ma = mods["model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_v"]
     np.testing.assert_allclose(lt.delta_weight(ma), 0.25 * u.astype(np.float64) @ d)
@@ -228,9 +256,12 @@ def test_kohya_alpha_conventions(rng):
     assert out[a + ".alpha"] == 1.0 and out[b + ".alpha"] == 4.0
     with pytest.raises(CheckpointError, match="not a module"):
         lt.from_kohya({"lora_unet_down_blocks_9_attentions_0_proj_in.alpha": np.float32(1)}, "sd1", LAYOUT)
-    conv = {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": np.zeros((4, 32, 3, 3), np.float32),
-            "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": np.zeros((32, 4, 1, 1), np.float32),
-            "lora_unet_down_blocks_0_resnets_0_conv1.alpha": np.float32(1), **state}
+    conv = {
+        "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": np.zeros((4, 32, 3, 3), np.float32),
+        "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": np.zeros((32, 4, 1, 1), np.float32),
+        "lora_unet_down_blocks_0_resnets_0_conv1.alpha": np.float32(1),
+        **state,
+    }
     with pytest.raises(CheckpointError, match="conv LoRA"):
         lt.from_kohya(conv, "sd1", LAYOUT)
     with pytest.warns(UserWarning, match="dropped 1 conv LoRA modules"):
@@ -249,7 +280,7 @@ def test_fused_split_is_exact(rng):
         prefix = f"text_encoder.text_model.encoder.layers.0.self_attn.{n}_proj"
         down, up = state[prefix + ".lora_A.weight"], state[prefix + ".lora_B.weight"]
         np.testing.assert_array_equal(down, fused[0])  # the shared down
-        np.testing.assert_array_equal(up, fused[1][i * WIDTH:(i + 1) * WIDTH])  # its third of up
+        np.testing.assert_array_equal(up, fused[1][i * WIDTH : (i + 1) * WIDTH])  # its third of up
         parts.append(up.astype(np.float64) @ down)
     np.testing.assert_allclose(0.5 * np.concatenate(parts), lt.delta_weight(fused), rtol=1e-12)
 
@@ -259,11 +290,15 @@ def test_join_separate_qkv_is_exact(rng):
     p = "text_encoder.text_model.encoder.layers.1.self_attn."
     dq, uq = rng.normal(size=(2, 32)).astype(np.float32), rng.normal(size=(32, 2)).astype(np.float32)
     dk, uk = rng.normal(size=(3, 32)).astype(np.float32), rng.normal(size=(32, 3)).astype(np.float32)
-    state = {p + "q_proj.lora_A.weight": dq, p + "q_proj.lora_B.weight": uq,
-             p + "k_proj.lora_A.weight": dk, p + "k_proj.lora_B.weight": uk}
+    state = {
+        p + "q_proj.lora_A.weight": dq,
+        p + "q_proj.lora_B.weight": uq,
+        p + "k_proj.lora_A.weight": dk,
+        p + "k_proj.lora_B.weight": uk,
+    }
     meta = {lt.PEFT_METADATA_KEY: json.dumps({"text_encoder.lora_alpha": 2, "text_encoder.r": 2})}
     adapter = lt.from_diffusers(state, "sd2", LAYOUT, meta)  # q scale 1, k scale 2/3
-    (path, (down, up, alpha)), = lt.modules(adapter).items()
+    ((path, (down, up, alpha)),) = lt.modules(adapter).items()
     assert path == "cond_stage_model.model.transformer.resblocks.1.attn.in_proj"
     assert down.shape == (5, 32) and up.shape == (96, 5)
     expected = np.concatenate([uq.astype(np.float64) @ dq, 2 / 3 * (uk.astype(np.float64) @ dk), np.zeros((32, 32))])
@@ -372,16 +407,20 @@ def test_peft_loads_exported_unet_lora(family, tmp_path, rng):
     with torch.no_grad():
         for name, layer in layers.items():
             effective = layer.get_base_layer().weight.double() + layer.get_delta_weight("x").double()
-            ldm_key = lt.UNET_PREFIX + next(iter(unet_keys.diffusers_to_ldm({name + ".weight": 0},
-                                                                            **LAYOUT.key_args())))
+            ldm_key = lt.UNET_PREFIX + next(
+                iter(unet_keys.diffusers_to_ldm({name + ".weight": 0}, **LAYOUT.key_args()))
+            )
             np.testing.assert_allclose(effective.numpy(), ours[ldm_key], rtol=1e-5, atol=1e-5, err_msg=name)
         unet.fuse_lora(adapter_names=["x"])
     fused = unet.state_dict()
     key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     fused_key = next(k for k in fused if k.startswith(key) and k.endswith("weight") and "lora" not in k)
-    np.testing.assert_allclose(fused[fused_key].numpy(),
-                               ours["model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn2.to_k.weight"],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        fused[fused_key].numpy(),
+        ours["model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn2.to_k.weight"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI
@@ -392,26 +431,90 @@ CLI_LAYOUT = ["--num-res-blocks", "1", "--channel-mult", "1,2", "--attention-res
 def test_cli_round_trips(tmp_path, rng, capsys):
     adapter = random_adapter("sd2", rng)
     lt.write_adapter(tmp_path / "a.safetensors", adapter)
-    assert lt.main(["export", str(tmp_path / "a.safetensors"), str(tmp_path / "k.safetensors"), "--format", "kohya",
-                    "--config", "configs/tiny/sd2-tiny.yaml"]) == 0
+    assert (
+        lt.main(
+            [
+                "export",
+                str(tmp_path / "a.safetensors"),
+                str(tmp_path / "k.safetensors"),
+                "--format",
+                "kohya",
+                "--config",
+                "configs/tiny/sd2-tiny.yaml",
+            ]
+        )
+        == 0
+    )
     assert lt.main(["import", str(tmp_path / "k.safetensors"), str(tmp_path / "b.safetensors"), *CLI_LAYOUT]) == 0
     back = lt.read_adapter(tmp_path / "b.safetensors")  # family from kohya's ss_v2
     assert back.meta["family"] == "sd2"
     assert_same_deltas(adapter, back, rtol=1e-6)
-    assert lt.main(["export", str(tmp_path / "a.safetensors"), str(tmp_path / "d.safetensors"), "--format",
-                    "diffusers", *CLI_LAYOUT]) == 0
+    assert (
+        lt.main(
+            [
+                "export",
+                str(tmp_path / "a.safetensors"),
+                str(tmp_path / "d.safetensors"),
+                "--format",
+                "diffusers",
+                *CLI_LAYOUT,
+            ]
+        )
+        == 0
+    )
     assert lt.PEFT_METADATA_KEY in read_metadata(tmp_path / "d.safetensors")
-    assert lt.main(["import", str(tmp_path / "d.safetensors"), str(tmp_path / "c.safetensors"), "--family", "sd2",
-                    "--parameterization", "v", *CLI_LAYOUT]) == 0
+    assert (
+        lt.main(
+            [
+                "import",
+                str(tmp_path / "d.safetensors"),
+                str(tmp_path / "c.safetensors"),
+                "--family",
+                "sd2",
+                "--parameterization",
+                "v",
+                *CLI_LAYOUT,
+            ]
+        )
+        == 0
+    )
     assert lt.read_adapter(tmp_path / "c.safetensors").meta["parameterization"] == "v"
-    assert lt.main(["combine", str(tmp_path / "a.safetensors"), str(tmp_path / "c.safetensors"),
-                    str(tmp_path / "s.safetensors"), "--w2", "-1", "--rank", "2"]) == 0
+    assert (
+        lt.main(
+            [
+                "combine",
+                str(tmp_path / "a.safetensors"),
+                str(tmp_path / "c.safetensors"),
+                str(tmp_path / "s.safetensors"),
+                "--w2",
+                "-1",
+                "--rank",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "relative Frobenius error" in capsys.readouterr().out
-    base = {(p[:-len(".in_proj")] + ".in_proj_weight" if p.endswith("in_proj") else p + ".weight"):
-            np.zeros((m[1].shape[0], m[0].shape[1]), np.float32) for p, m in lt.modules(adapter).items()}
+    base = {
+        (p[: -len(".in_proj")] + ".in_proj_weight" if p.endswith("in_proj") else p + ".weight"): np.zeros(
+            (m[1].shape[0], m[0].shape[1]), np.float32
+        )
+        for p, m in lt.modules(adapter).items()
+    }
     write_state_dict(tmp_path / "base.safetensors", base, {"config": "x"})
-    assert lt.main(["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "a.safetensors"),
-                    str(tmp_path / "m.safetensors"), "--weight", "2"]) == 0
+    assert (
+        lt.main(
+            [
+                "merge",
+                str(tmp_path / "base.safetensors"),
+                str(tmp_path / "a.safetensors"),
+                str(tmp_path / "m.safetensors"),
+                "--weight",
+                "2",
+            ]
+        )
+        == 0
+    )
     merged = read_state_dict(tmp_path / "m.safetensors")
     key = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v"
     np.testing.assert_allclose(merged[key + ".weight"], 2 * lt.delta_weight(lt.modules(adapter)[key]), rtol=1e-5)
@@ -428,34 +531,82 @@ def _one_line_error(capsys, argv, match, out=None):
 
 def test_cli_bad_input(tmp_path, rng, capsys):
     out = tmp_path / "out.safetensors"
-    _one_line_error(capsys, ["export", str(tmp_path / "missing.safetensors"), str(out), "--format", "kohya"],
-                    "no such checkpoint file", out)
+    _one_line_error(
+        capsys,
+        ["export", str(tmp_path / "missing.safetensors"), str(out), "--format", "kohya"],
+        "no such checkpoint file",
+        out,
+    )
     adapter = random_adapter("sd1", rng, shapes=te_shapes("sd1"))
     write_state_dict(tmp_path / "wrong.safetensors", adapter.state, {lt.META_KEY: json.dumps({"family": "sd3"})})
-    _one_line_error(capsys, ["export", str(tmp_path / "wrong.safetensors"), str(out), "--format", "kohya"],
-                    "family must be one of", out)
+    _one_line_error(
+        capsys,
+        ["export", str(tmp_path / "wrong.safetensors"), str(out), "--format", "kohya"],
+        "family must be one of",
+        out,
+    )
     write_state_dict(tmp_path / "sd1.safetensors", adapter.state, {lt.META_KEY: json.dumps({"family": "sd1"})})
-    _one_line_error(capsys, ["export", str(tmp_path / "sd1.safetensors"), str(out), "--format", "diffusers",
-                             "--config", "configs/tiny/sd2-tiny.yaml"], "does not match", out)
-    write_state_dict(tmp_path / "sd2base.safetensors",
-                     {"cond_stage_model.model.transformer.resblocks.0.attn.out_proj.weight": np.zeros((32, 32))})
-    _one_line_error(capsys, ["merge", str(tmp_path / "sd2base.safetensors"), str(tmp_path / "sd1.safetensors"),
-                             str(out)], "wrong family", out)
-    write_state_dict(tmp_path / "full.safetensors", {"model.diffusion_model.out.2.weight": np.zeros((4, 4))},
-                     {lt.META_KEY: json.dumps({"family": "sd1"})})
-    _one_line_error(capsys, ["combine", str(tmp_path / "full.safetensors"), str(tmp_path / "sd1.safetensors"),
-                             str(out)], "is not a LoRA key", out)
-    write_state_dict(tmp_path / "k.safetensors", {"lora_unet_conv_in.lora_down.weight": np.zeros((4, 4)),
-                                                  "first_stage_model.encoder.conv_in.weight": np.zeros((4, 4))})
-    _one_line_error(capsys, ["import", str(tmp_path / "k.safetensors"), str(out), "--family", "sd1"],
-                    "cannot tell the LoRA format", out)
-    _one_line_error(capsys, ["import", str(tmp_path / "k.safetensors"), str(out), "--format", "kohya",
-                             "--family", "sd1"], "is not a kohya LoRA key", out)
-    _one_line_error(capsys, ["import", str(tmp_path / "k.safetensors"), str(out), "--family", "sd3"],
-                    "invalid choice", out)
+    _one_line_error(
+        capsys,
+        [
+            "export",
+            str(tmp_path / "sd1.safetensors"),
+            str(out),
+            "--format",
+            "diffusers",
+            "--config",
+            "configs/tiny/sd2-tiny.yaml",
+        ],
+        "does not match",
+        out,
+    )
+    write_state_dict(
+        tmp_path / "sd2base.safetensors",
+        {"cond_stage_model.model.transformer.resblocks.0.attn.out_proj.weight": np.zeros((32, 32))},
+    )
+    _one_line_error(
+        capsys,
+        ["merge", str(tmp_path / "sd2base.safetensors"), str(tmp_path / "sd1.safetensors"), str(out)],
+        "wrong family",
+        out,
+    )
+    write_state_dict(
+        tmp_path / "full.safetensors",
+        {"model.diffusion_model.out.2.weight": np.zeros((4, 4))},
+        {lt.META_KEY: json.dumps({"family": "sd1"})},
+    )
+    _one_line_error(
+        capsys,
+        ["combine", str(tmp_path / "full.safetensors"), str(tmp_path / "sd1.safetensors"), str(out)],
+        "is not a LoRA key",
+        out,
+    )
+    write_state_dict(
+        tmp_path / "k.safetensors",
+        {
+            "lora_unet_conv_in.lora_down.weight": np.zeros((4, 4)),
+            "first_stage_model.encoder.conv_in.weight": np.zeros((4, 4)),
+        },
+    )
+    _one_line_error(
+        capsys,
+        ["import", str(tmp_path / "k.safetensors"), str(out), "--family", "sd1"],
+        "cannot tell the LoRA format",
+        out,
+    )
+    _one_line_error(
+        capsys,
+        ["import", str(tmp_path / "k.safetensors"), str(out), "--format", "kohya", "--family", "sd1"],
+        "is not a kohya LoRA key",
+        out,
+    )
+    _one_line_error(
+        capsys, ["import", str(tmp_path / "k.safetensors"), str(out), "--family", "sd3"], "invalid choice", out
+    )
     out.write_bytes(b"keep")
-    _one_line_error(capsys, ["export", str(tmp_path / "sd1.safetensors"), str(out), "--format", "kohya"],
-                    "already exists")
+    _one_line_error(
+        capsys, ["export", str(tmp_path / "sd1.safetensors"), str(out), "--format", "kohya"], "already exists"
+    )
     assert out.read_bytes() == b"keep"
 
 
@@ -464,6 +615,9 @@ def test_cli_entry_point_help_and_error(tmp_path):
     for command in ("export", "import", "merge", "combine"):
         res = subprocess.run([*run, command, "-h"], capture_output=True, text=True, check=True)
         assert "--overwrite" in res.stdout
-    res = subprocess.run([*run, "merge", "nope.safetensors", "nope2.safetensors", str(tmp_path / "o.safetensors")],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [*run, "merge", "nope.safetensors", "nope2.safetensors", str(tmp_path / "o.safetensors")],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr

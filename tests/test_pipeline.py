@@ -55,8 +55,14 @@ def test_pipeline_matches_diffusers(pair, sampler, scheduler_cls, options):
     ours = pipe.sample_latents(PROMPTS, NEGATIVE, latents, settings).asnumpy()
     with torch.no_grad():
         theirs = ref(
-            PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5, height=32, width=32,
-            latents=torch.from_numpy(latents), output_type="latent",
+            PROMPTS,
+            negative_prompt=NEGATIVE,
+            num_inference_steps=10,
+            guidance_scale=7.5,
+            height=32,
+            width=32,
+            latents=torch.from_numpy(latents),
+            output_type="latent",
         ).images.numpy()
     err = np.abs(ours - theirs).max() / np.abs(theirs).max()
     assert err < 1e-4, err

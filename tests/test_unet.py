@@ -26,32 +26,62 @@ RTOL = 1e-5
 # of heads here), 2 ResBlocks per level, attention at level 0 only, so the level-1 upsampler is output_blocks.2.1.
 TINY_SD1 = dict(
     ours=dict(
-        in_channels=4, out_channels=4, model_channels=32, attention_resolutions=(1,), num_res_blocks=2,
-        channel_mult=(1, 2), num_heads=2, context_dim=24,
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        attention_resolutions=(1,),
+        num_res_blocks=2,
+        channel_mult=(1, 2),
+        num_heads=2,
+        context_dim=24,
     ),
     diffusers=dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24, attention_head_dim=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=2,
     ),
 )
 # Tiny SD2-style UNet: linear projections, 16 channels per head (diffusers wants heads per level), 1 ResBlock per
 # level, two transformer blocks per SpatialTransformer, attention at level 1 only (upsampler: output_blocks.1.2).
 TINY_SD2 = dict(
     ours=dict(
-        in_channels=4, out_channels=4, model_channels=32, attention_resolutions=(2,), num_res_blocks=1,
-        channel_mult=(1, 2), num_head_channels=16, context_dim=40, use_linear_in_transformer=True,
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        attention_resolutions=(2,),
+        num_res_blocks=1,
+        channel_mult=(1, 2),
+        num_head_channels=16,
+        context_dim=40,
+        use_linear_in_transformer=True,
         transformer_depth=2,
     ),
     diffusers=dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=40, attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=40,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=2,
     ),
 )
 # Published diffusers configs of the full-size UNets (runwayml SD 1.5, stabilityai SD 2 base).
 FULL_SD1 = dict(
-    sample_size=64, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+    sample_size=64,
+    block_out_channels=(320, 640, 1280, 1280),
+    attention_head_dim=8,
+    cross_attention_dim=768,
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
 )

@@ -65,7 +65,12 @@ def save_folder(path, family: str = "sd2", prediction_type: str = "epsilon", see
     vae.save_pretrained(path / "vae")
     text.save_pretrained(path / "text_encoder")
     DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type,
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     ).save_pretrained(path / "scheduler")
     return unet, vae, text

@@ -108,8 +108,10 @@ def read_index(data_path) -> tuple[str, list[Record]]:
         return csv_path, _read_csv(csv_path, root)
     if has_jsonl:
         return jsonl_path, _read_jsonl(jsonl_path, root)
-    raise ValueError(f"{root}: no {CSV_INDEX} (MindONE layout, columns dir,text) or {JSONL_INDEX} "
-                     "(diffusers imagefolder, fields file_name,text) found")
+    raise ValueError(
+        f"{root}: no {CSV_INDEX} (MindONE layout, columns dir,text) or {JSONL_INDEX} "
+        "(diffusers imagefolder, fields file_name,text) found"
+    )
 
 
 def _image_problem(path: str) -> str | None:
@@ -138,8 +140,9 @@ def scan_dataset(data_path) -> tuple[list[Record], list[tuple[str, str]]]:
         more = f"; ... {len(skipped) - _SHOWN} more" if len(skipped) > _SHOWN else ""
         logger.warning("%s: skipped %d of %d images: %s%s", index, len(skipped), len(records), shown, more)
     if not good:
-        raise ValueError(f"{os.fspath(data_path)}: no usable images ({len(skipped)} listed in {index} are missing "
-                         "or corrupt)")
+        raise ValueError(
+            f"{os.fspath(data_path)}: no usable images ({len(skipped)} listed in {index} are missing or corrupt)"
+        )
     return good, skipped
 
 
@@ -218,26 +221,40 @@ class ShardedSampler:
     ``iter()`` more than once while building a pipeline, and each call yields the same sequence.
     """
 
-    def __init__(self, num_samples: int, batch_size: int = 1, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True, num_epochs: int = 1, batches_done: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        num_epochs: int = 1,
+        batches_done: int = 0,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if batch_size < 1 or num_samples < 1 or num_epochs < 1:
-            raise ValueError(f"need batch_size, num_samples and num_epochs >= 1, got {batch_size}, {num_samples}, "
-                             f"{num_epochs}")
+            raise ValueError(
+                f"need batch_size, num_samples and num_epochs >= 1, got {batch_size}, {num_samples}, {num_epochs}"
+            )
         self.num_samples, self.batch_size, self.shuffle, self.seed = num_samples, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last, self.num_epochs = rank, world_size, drop_last, num_epochs
         if drop_last:
             self.per_rank = num_samples // (world_size * batch_size) * batch_size
             if self.per_rank == 0:
-                raise ValueError(f"{num_samples} samples cannot fill one global batch of {world_size}x{batch_size} "
-                                 "with drop_last")
+                raise ValueError(
+                    f"{num_samples} samples cannot fill one global batch of {world_size}x{batch_size} with drop_last"
+                )
         else:
             self.per_rank = -(-num_samples // world_size)
         self.start = int(batches_done) * batch_size
         if not 0 <= self.start < self.per_rank * num_epochs:
-            raise ValueError(f"batches_done={batches_done} is outside a run of {num_epochs} epochs of "
-                             f"{self.per_rank} samples per rank")
+            raise ValueError(
+                f"batches_done={batches_done} is outside a run of {num_epochs} epochs of "
+                f"{self.per_rank} samples per rank"
+            )
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """This rank's record indices for ``epoch``."""
@@ -285,15 +302,30 @@ def build_dataset(
     """
     import mindspore.dataset as msds
 
-    source = ImageCaptionSource(data_path, tokenizer, image_size, random_crop, flip, caption_dropout, seed,
-                                interpolation)
-    sampler = ShardedSampler(len(source), batch_size, shuffle, seed, rank, world_size, drop_last, num_epochs,
-                             batches_done)
+    source = ImageCaptionSource(
+        data_path, tokenizer, image_size, random_crop, flip, caption_dropout, seed, interpolation
+    )
+    sampler = ShardedSampler(
+        len(source), batch_size, shuffle, seed, rank, world_size, drop_last, num_epochs, batches_done
+    )
     workers = max(1, min(int(num_workers), os.cpu_count() or 1))
     if workers != num_workers:
         logger.warning("num_workers=%d capped to %d (CPU count)", num_workers, workers)
-    dataset = msds.GeneratorDataset(source, column_names=["image", "tokens"], sampler=sampler,
-                                    num_parallel_workers=workers, python_multiprocessing=python_multiprocessing)
-    logger.info("%s: %d images; rank %d/%d gets %d per epoch, %d epochs, resuming after %d batches",
-                source.data_path, len(source), rank, world_size, sampler.per_rank, num_epochs, batches_done)
+    dataset = msds.GeneratorDataset(
+        source,
+        column_names=["image", "tokens"],
+        sampler=sampler,
+        num_parallel_workers=workers,
+        python_multiprocessing=python_multiprocessing,
+    )
+    logger.info(
+        "%s: %d images; rank %d/%d gets %d per epoch, %d epochs, resuming after %d batches",
+        source.data_path,
+        len(source),
+        rank,
+        world_size,
+        sampler.per_rank,
+        num_epochs,
+        batches_done,
+    )
     return dataset.batch(batch_size, drop_remainder=drop_last)

@@ -171,8 +171,15 @@ class UNetModel(nn.Cell):
         channel_mult = tuple(channel_mult)
         attention_resolutions = tuple(attention_resolutions)
         self._check_args(
-            model_channels, attention_resolutions, num_res_blocks, channel_mult, num_heads, num_head_channels,
-            use_spatial_transformer, transformer_depth, context_dim,
+            model_channels,
+            attention_resolutions,
+            num_res_blocks,
+            channel_mult,
+            num_heads,
+            num_head_channels,
+            use_spatial_transformer,
+            transformer_depth,
+            context_dim,
         )
         self.compute_dtype = resolve_dtype(dtype)
         self.in_channels = in_channels
@@ -189,7 +196,13 @@ class UNetModel(nn.Cell):
             else:
                 heads, dim_head = ch // num_head_channels, num_head_channels
             return SpatialTransformer(
-                ch, heads, dim_head, transformer_depth, dropout, context_dim, use_linear_in_transformer,
+                ch,
+                heads,
+                dim_head,
+                transformer_depth,
+                dropout,
+                context_dim,
+                use_linear_in_transformer,
                 enable_flash_attention,
             )
 
@@ -236,8 +249,15 @@ class UNetModel(nn.Cell):
 
     @staticmethod
     def _check_args(
-        model_channels, attention_resolutions, num_res_blocks, channel_mult, num_heads, num_head_channels,
-        use_spatial_transformer, transformer_depth, context_dim,
+        model_channels,
+        attention_resolutions,
+        num_res_blocks,
+        channel_mult,
+        num_heads,
+        num_head_channels,
+        use_spatial_transformer,
+        transformer_depth,
+        context_dim,
     ) -> None:
         """Reject configurations the network cannot be built from, naming the offending argument."""
         if not use_spatial_transformer:
