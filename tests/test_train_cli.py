@@ -68,3 +68,10 @@ def test_empty_csv_and_corrupt_image(tmp_path):
     run = _run("--train_config", str(TINY), "--data_path", str(data), "--output_path", str(tmp_path / "out"))
     assert run.returncode != 0 and "img_txt.csv" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["lora_v1", "lora_v2", "lora_v2_vpred", "vanilla_v2", "lora_tiny"])
+def test_bundled_train_configs_parse(name):
+    opts = parse_options(["--train_config", str(ROOT / f"configs/train/train_config_{name}.yaml")])
+    assert (ROOT / opts.model_config).is_file()
+    assert opts.use_lora == (name != "vanilla_v2")
