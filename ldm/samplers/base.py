@@ -224,3 +224,43 @@ class Sampler:
         ts = ms.Tensor(np.full((x.shape[0],), int(t), dtype=np.int32))
         out = model_fn(x, ts, cond)
         return out if out.dtype == x.dtype else out.astype(x.dtype)
+
+
+class MultistepSigmaSampler(Sampler):
+    """Shared set-up of the multistep solvers on a sigma schedule (DPM-Solver++ and UniPC).
+
+    Subclasses name their ``solver_types`` (the first is the default) and implement ``sample``.
+    """
+
+    solver_types: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        prediction_type: str = "eps",
+        alphas_cumprod: np.ndarray | None = None,
+        order: int = 2,
+        lower_order_final: bool = True,
+        use_karras_sigmas: bool = False,
+        final_sigmas_type: str = "zero",
+        solver_type: str | None = None,
+    ):
+        super().__init__(prediction_type, alphas_cumprod)
+        solver_type = self.solver_types[0] if solver_type is None else solver_type
+        if order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {order}")
+        if solver_type not in self.solver_types:
+            raise ValueError(f"solver_type must be one of {self.solver_types}, got {solver_type!r}")
+        if final_sigmas_type not in FINAL_SIGMAS_TYPES:
+            raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
+        self.order = order
+        self.lower_order_final = lower_order_final
+        self.use_karras_sigmas = use_karras_sigmas
+        self.final_sigmas_type = final_sigmas_type
+        self.solver_type = solver_type
+
+    def schedule(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """(timesteps [n], sigmas [n + 1]); see :func:`sigma_schedule`."""
+        return sigma_schedule(self.alphas_cumprod, num_steps, self.use_karras_sigmas, self.final_sigmas_type)
+
+    def timesteps(self, num_steps: int) -> np.ndarray:
+        return self.schedule(num_steps)[0]

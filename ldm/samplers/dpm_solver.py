@@ -37,18 +37,16 @@ import mindspore as ms
 import numpy as np
 
 from ldm.samplers.base import (
-    FINAL_SIGMAS_TYPES,
     ModelFn,
-    Sampler,
+    MultistepSigmaSampler,
     alpha_sigma,
     lincomb,
     log_snr,
-    sigma_schedule,
     x0_eps_coeffs,
     zero_length_step,
 )
 
-SOLVER_TYPES = ("midpoint", "heun")
+SOLVER_TYPES = ("midpoint", "heun")  # the first is the default
 
 
 def dpm_solver_orders(num_steps: int, order: int, lower_order_final: bool, final_sigma_zero: bool) -> list[int]:
@@ -106,40 +104,12 @@ def dpm_solver_pp_coeffs(sigma_t: float, sigmas_prev: Sequence[float], order: in
     return c_x, -alpha_t * phi1 * e[0] + alpha_t * phi2 * d1 - alpha_t * phi3 * d2
 
 
-class DPMSolverPPSampler(Sampler):
+class DPMSolverPPSampler(MultistepSigmaSampler):
     """Multistep DPM-Solver++ ("DPM++ 2M" at order 2, "DPM++ 2M Karras" with ``use_karras_sigmas``)."""
 
     name = "dpm_solver_pp"
 
-    def __init__(
-        self,
-        prediction_type: str = "eps",
-        alphas_cumprod: np.ndarray | None = None,
-        order: int = 2,
-        lower_order_final: bool = True,
-        use_karras_sigmas: bool = False,
-        final_sigmas_type: str = "zero",
-        solver_type: str = "midpoint",
-    ):
-        super().__init__(prediction_type, alphas_cumprod)
-        if order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {order}")
-        if solver_type not in SOLVER_TYPES:
-            raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
-        if final_sigmas_type not in FINAL_SIGMAS_TYPES:
-            raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
-        self.order = order
-        self.lower_order_final = lower_order_final
-        self.use_karras_sigmas = use_karras_sigmas
-        self.final_sigmas_type = final_sigmas_type
-        self.solver_type = solver_type
-
-    def schedule(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """(timesteps [n], sigmas [n + 1]); see :func:`~ldm.samplers.base.sigma_schedule`."""
-        return sigma_schedule(self.alphas_cumprod, num_steps, self.use_karras_sigmas, self.final_sigmas_type)
-
-    def timesteps(self, num_steps: int) -> np.ndarray:
-        return self.schedule(num_steps)[0]
+    solver_types = SOLVER_TYPES
 
     def orders(self, num_steps: int) -> list[int]:
         return dpm_solver_orders(num_steps, self.order, self.lower_order_final, self.final_sigmas_type == "zero")
