@@ -1,0 +1,113 @@
+"""Generate images from text prompts with Stable Diffusion 1.5/2.x, optionally with LoRA adapters merged in.
+
+    python examples/stable_diffusion_v2/text_to_image.py --prompt "a red fox" --ckpt_path sd21.safetensors \
+        [--use_lora True --lora_ckpt_path a.safetensors --lora_scale 0.8] [--sampler dpm_solver_pp]
+
+Writes ``<output_path>/samples/NNNNN.png`` (+ ``NNNNN.json`` with the settings and per-image seed) and one
+``<output_path>/grid-<k>.png`` per prompt. Errors are one ``error: ...`` line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import ldm  # noqa: E402, F401  (CPU defaults before mindspore)
+from ldm.generate import SAMPLERS, GenerationError, GenerationJob, generate, read_prompts, validate_job  # noqa: E402
+from ldm.io.checkpoint import CheckpointError  # noqa: E402
+from ldm.util import VERSIONS, ConfigError  # noqa: E402
+
+
+def _str2bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--data_path", help="text file with one prompt per line")
+    p.add_argument("--negative_prompt", default="", help="negative prompt for every image (default empty)")
+    p.add_argument("--config", help="model YAML config (overrides --version)")
+    p.add_argument("--version", choices=list(VERSIONS), help="bundled config of this SD version (default 2.1)")
+    p.add_argument("--ckpt_path", help="weights: our/Stability single file or a diffusers folder (omit: random)")
+    p.add_argument("--allow_pickle", action="store_true", help="read PyTorch pickle checkpoints (trusted files only)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="dpm_solver_pp")
+    p.add_argument("--sampling_steps", type=int, default=20)
+    p.add_argument("--scale", type=float, help="guidance scale (default: 9.0 for 2.x, 7.5 for 1.5)")
+    p.add_argument("--ddim_eta", type=float, default=0.0)
+    p.add_argument("--n_samples", type=int, default=1, help="batch size per prompt")
+    p.add_argument("--n_iter", type=int, default=2, help="batches per prompt; iteration i uses seed + i")
+    p.add_argument("--H", type=int, help="image height (default: the version's native size)")
+    p.add_argument("--W", type=int, help="image width (default: the version's native size)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--use_lora", type=_str2bool, default=False, help="merge the --lora_ckpt_path adapters (True)")
+    p.add_argument("--lora_ckpt_path", action="append", default=[], help="LoRA adapter file (repeatable)")
+    p.add_argument("--lora_scale", type=float, action="append", help="scale per adapter (repeatable; default 1.0)")
+    p.add_argument(
+        "--lora_ft_text_encoder", type=_str2bool, default=False, help="also merge the adapters' text-encoder modules"
+    )
+    p.add_argument("--output_path", default="output/")
+    p.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default="CPU")
+    p.add_argument("--mode", type=int, choices=(0, 1), default=0, help="0 graph (default), 1 pynative")
+    return p
+
+
+def job_from_args(args: argparse.Namespace) -> GenerationJob:
+    prompts = read_prompts(args.data_path) if args.data_path else [args.prompt]
+    if not prompts[0].strip():
+        raise GenerationError("--prompt is empty")
+    adapters = list(args.lora_ckpt_path) if args.use_lora else []
+    if args.lora_ckpt_path and not args.use_lora:
+        print("note: --lora_ckpt_path given without --use_lora True: adapters are not applied", file=sys.stderr)
+    if args.use_lora and not adapters:
+        raise GenerationError("--use_lora True needs at least one --lora_ckpt_path")
+    return GenerationJob(
+        prompts=prompts,
+        negative_prompt=args.negative_prompt,
+        config=args.config,
+        version=args.version,
+        ckpt_path=args.ckpt_path,
+        allow_pickle=args.allow_pickle,
+        sampler=args.sampler,
+        sampling_steps=args.sampling_steps,
+        scale=args.scale,
+        ddim_eta=args.ddim_eta,
+        n_samples=args.n_samples,
+        n_iter=args.n_iter,
+        height=args.H,
+        width=args.W,
+        seed=args.seed,
+        lora_ckpt_paths=adapters,
+        lora_scales=args.lora_scale if adapters else None,
+        lora_ft_text_encoder=args.lora_ft_text_encoder,
+        output_path=args.output_path,
+    )
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        job = job_from_args(args)
+        validate_job(job)  # fail fast, before MindSpore is imported
+        from ldm.env import init_env
+
+        init_env(args.device_target, mode=args.mode, seed=args.seed)
+        generate(job)
+    except (GenerationError, CheckpointError, ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Text-to-image generation as a library call: build the model, load weights, merge LoRA adapters, sample, save.
+
+:func:`generate` is what ``examples/stable_diffusion_v2/text_to_image.py`` runs. Outputs go to
+``<output_path>/samples/NNNNN.png`` with a ``NNNNN.json`` sidecar each (numbering continues after existing files,
+nothing is overwritten) and one ``<output_path>/grid-<k>.png`` per prompt. Iteration ``i`` of every prompt starts
+from the latents of seed ``seed + i``, so a run is reproducible image by image.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ldm.io.checkpoint import CheckpointError
+from ldm.util import VERSIONS, config_for_version, load_config
+
+DEFAULT_VERSION = "2.1"
+SAMPLERS = ("ddim", "plms", "dpm_solver_pp", "unipc")  # = ldm.pipeline.SAMPLER_NAMES, without importing MindSpore
+_NUMBERED = re.compile(r"(\d{5})\.(?:png|json)")
+_GRID = re.compile(r"grid-(\d+)\.png")
+
+
+class GenerationError(ValueError):
+    """Bad generation input (prompts, sizes, adapter options); the message names the culprit."""
+
+
+@dataclass
+class GenerationJob:
+    """Everything one generation run needs; field names follow the CLI options."""
+
+    prompts: list[str]
+    negative_prompt: str = ""
+    config: str | None = None
+    version: str | None = None
+    ckpt_path: str | None = None
+    allow_pickle: bool = False
+    sampler: str = "dpm_solver_pp"
+    sampling_steps: int = 20
+    scale: float | None = None
+    ddim_eta: float = 0.0
+    n_samples: int = 1
+    n_iter: int = 2
+    height: int | None = None
+    width: int | None = None
+    seed: int = 42
+    lora_ckpt_paths: list[str] = field(default_factory=list)
+    lora_scales: list[float] | None = None
+    lora_ft_text_encoder: bool = False
+    output_path: str = "output/"
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Non-blank lines of a prompt file; a missing or empty file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenerationError(f"{path}: prompt file not found")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise GenerationError(f"{path}: prompt file holds no prompts")
+    return prompts
+
+
+def resolve_config(job: GenerationJob):
+    """(config, label): ``--config`` wins, then ``--version``, then a config embedded in / beside the checkpoint,
+    then the default version."""
+    if job.config:
+        return load_config(job.config), str(job.config)
+    if job.version:
+        return load_config(config_for_version(job.version)), job.version
+    if job.ckpt_path:
+        from ldm.io.diffusers_format import config_from_diffusers, is_diffusers_folder
+        from ldm.io.model_io import config_from_checkpoint
+
+        if is_diffusers_folder(job.ckpt_path):
+            return config_from_diffusers(job.ckpt_path), f"{job.ckpt_path} (diffusers config)"
+        embedded = config_from_checkpoint(job.ckpt_path)
+        if embedded is not None:
+            return embedded, f"{job.ckpt_path} (embedded config)"
+    return load_config(config_for_version(DEFAULT_VERSION)), DEFAULT_VERSION
+
+
+def resolve_lora_scales(paths: list[str], scales: list[float] | None) -> list[float]:
+    if not scales:
+        return [1.0] * len(paths)
+    if len(scales) != len(paths):
+        raise GenerationError(
+            f"--lora_scale given {len(scales)} times for {len(paths)} --lora_ckpt_path adapter(s); give one per adapter"
+        )
+    return [float(s) for s in scales]
+
+
+def apply_adapters(model, paths: list[str], scales: list[float], text_encoder: bool = True, log=print) -> None:
+    """Merge each adapter (``weight = scale``) into ``model``'s weights; checks existence, family and shapes first.
+    With ``text_encoder=False`` text-encoder modules are dropped (with a note)."""
+    from ldm.io.loading import cell_state_dict, load_state_dict_into
+    from ldm.io.model_io import model_family
+    from ldm.lora_tools import TE_PREFIX, Adapter, merge_into_base, read_adapter
+
+    family = model_family(model)
+    adapters = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise GenerationError(f"{path}: LoRA adapter file not found")
+        adapter = read_adapter(path)
+        if adapter.meta.get("family") != family:
+            raise GenerationError(
+                f"{path}: adapter family {adapter.meta.get('family')!r} does not match the base model family {family!r}"
+            )
+        if not text_encoder:
+            kept = {k: v for k, v in adapter.state.items() if not k.startswith(TE_PREFIX)}
+            dropped = len(adapter.state) - len(kept)
+            if dropped:
+                log(f"note: {path}: ignoring {dropped} text-encoder LoRA tensors (--lora_ft_text_encoder is off)")
+                if not kept:
+                    log(f"note: {path}: nothing left to merge")
+                    continue
+                adapter = Adapter(kept, adapter.meta)
+        adapters.append((path, adapter))
+    if not adapters:
+        return
+    state = cell_state_dict(model)
+    for (path, adapter), scale in zip(adapters, scales):
+        try:
+            state = merge_into_base(state, adapter, weight=scale)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+    load_state_dict_into(model, state, source="merged LoRA weights")
+
+
+def validate_job(job: GenerationJob) -> list[float]:
+    """Checks that need no model (cheap, MindSpore-free: the CLI runs them before start-up); returns the scales."""
+    if not job.prompts or not all(p.strip() for p in job.prompts):
+        raise GenerationError("empty prompt")
+    if job.sampler not in SAMPLERS:
+        raise GenerationError(f"unknown sampler {job.sampler!r}; choose from {', '.join(SAMPLERS)}")
+    if job.sampling_steps < 1 or job.n_samples < 1 or job.n_iter < 1:
+        raise GenerationError("--sampling_steps, --n_samples and --n_iter must be at least 1")
+    for flag, value in (("--H", job.height), ("--W", job.width)):
+        if value is not None and (value <= 0 or value % 8):
+            raise GenerationError(f"{flag} {value} must be a positive multiple of 8")
+    if job.ckpt_path and not Path(job.ckpt_path).exists():
+        raise GenerationError(f"{job.ckpt_path}: checkpoint not found")
+    if job.config and not Path(job.config).is_file():
+        raise GenerationError(f"{job.config}: config file not found")
+    scales = resolve_lora_scales(job.lora_ckpt_paths, job.lora_scales)
+    for path in job.lora_ckpt_paths:
+        if not Path(path).is_file():
+            raise GenerationError(f"{path}: LoRA adapter file not found")
+    return scales
+
+
+def _next_index(folder: Path, pattern: re.Pattern) -> int:
+    found = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))] if folder.is_dir() else []
+    return max(found) + 1 if found else 0
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+
+
+def _defaults(job: GenerationJob, model, family: str) -> tuple[int, int, float]:
+    version = job.version or (None if job.config else DEFAULT_VERSION)
+    if version in VERSIONS and not job.config:
+        native, scale = VERSIONS[version][1], VERSIONS[version][2]
+    else:
+        native = model.image_size * model.latent_factor
+        scale = 7.5 if family == "sd1" else 9.0
+    return job.height or native, job.width or native, scale if job.scale is None else job.scale
+
+
+def generate(job: GenerationJob, log=print, warn=None) -> dict:
+    """Run ``job``; returns a summary (written files, images, seconds, images/s)."""
+    from tqdm import tqdm
+
+    from ldm.io.model_io import load_pretrained, model_family
+    from ldm.models.diffusion import build_model_from_config
+    from ldm.pipeline import SAMPLER_NAMES, GenerationSettings, Text2ImagePipeline, check_size, make_grid
+
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    scales = validate_job(job)
+    if SAMPLERS != SAMPLER_NAMES:  # the light copy used by the CLI must follow the pipeline's list
+        raise RuntimeError(f"ldm.generate.SAMPLERS {SAMPLERS} differs from ldm.pipeline.SAMPLER_NAMES")
+
+    config, config_label = resolve_config(job)
+    model = build_model_from_config(config)
+    family = model_family(model)
+    height, width, scale = _defaults(job, model, family)
+    check_size(model, height, width)
+    if job.ckpt_path:
+        report = load_pretrained(model, job.ckpt_path, allow_pickle=job.allow_pickle)
+        log(f"loaded {job.ckpt_path}: {report.summary()}")
+    else:
+        warn("WARNING: no --ckpt_path given: the model has RANDOM weights; the images are noise (smoke tests only)")
+    if job.lora_ckpt_paths:
+        apply_adapters(model, job.lora_ckpt_paths, scales, text_encoder=job.lora_ft_text_encoder, log=log)
+        log("merged LoRA: " + ", ".join(f"{p} x {s:g}" for p, s in zip(job.lora_ckpt_paths, scales)))
+
+    settings = GenerationSettings(
+        sampler=job.sampler, steps=job.sampling_steps, scale=scale, height=height, width=width, eta=job.ddim_eta
+    )
+    pipe = Text2ImagePipeline(model, job.sampler)
+    out = Path(job.output_path)
+    samples = out / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    index, grid_index = _next_index(samples, _NUMBERED), _next_index(out, _GRID)
+    common = {
+        "negative_prompt": job.negative_prompt,
+        "sampler": job.sampler,
+        "steps": job.sampling_steps,
+        "scale": scale,
+        "eta": job.ddim_eta,
+        "H": height,
+        "W": width,
+        "config": config_label,
+        "ckpt_path": job.ckpt_path,
+        "adapters": [{"path": p, "scale": s} for p, s in zip(job.lora_ckpt_paths, scales)],
+        "lora_ft_text_encoder": job.lora_ft_text_encoder,
+    }
+    written, grids, n_images, batch_seconds = [], [], 0, []
+    bar = tqdm(total=len(job.prompts) * job.n_iter, desc="generating", unit="batch", file=sys.stderr)
+
+    def on_step(step, _t, _x):
+        bar.set_postfix_str(f"step {step + 1}/{job.sampling_steps}")
+
+    for prompt in job.prompts:
+        batch = [prompt] * job.n_samples
+        images_of_prompt = []
+        for i in range(job.n_iter):
+            seed = job.seed + i
+            start = time.perf_counter()
+            images = pipe(batch, [job.negative_prompt] * job.n_samples, settings=settings, seed=seed, callback=on_step)
+            batch_seconds.append(time.perf_counter() - start)
+            for j, image in enumerate(images):
+                png = samples / f"{index:05d}.png"
+                _save_png(image, png)
+                meta = {"prompt": prompt, "seed": seed, "batch_index": j, "iteration": i, **common}
+                png.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+                written.append(str(png))
+                index += 1
+            images_of_prompt.append(images)
+            n_images += len(images)
+            bar.update(1)
+        grid = out / f"grid-{grid_index}.png"
+        _save_png(make_grid(np.concatenate(images_of_prompt), rows=job.n_iter), grid)
+        grids.append(str(grid))
+        grid_index += 1
+    bar.close()
+    sample_seconds = sum(batch_seconds)
+    rate = n_images / sample_seconds if sample_seconds > 0 else float("inf")
+    steady = ""
+    if len(batch_seconds) > 1:  # the first batch compiles the graphs
+        steady = f", {job.n_samples * (len(batch_seconds) - 1) / sum(batch_seconds[1:]):.3f} images/s after the first"
+    log(f"{n_images} images in {sample_seconds:.1f}s ({rate:.3f} images/s{steady}); samples in {samples}")
+    log("grids: " + ", ".join(grids))
+    return {
+        "samples": written,
+        "grids": grids,
+        "images": n_images,
+        "seconds": sample_seconds,
+        "images_per_second": rate,
+        "settings": asdict(settings),
+    }
+
+
+__all__ = [
+    "GenerationError",
+    "GenerationJob",
+    "apply_adapters",
+    "generate",
+    "read_prompts",
+    "resolve_config",
+    "resolve_lora_scales",
+    "validate_job",
+]
