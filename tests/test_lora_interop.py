@@ -71,3 +71,43 @@ def test_exported_adapter_matches_in_diffusers(family, tmp_path):
     with torch.no_grad():
         base = ref.unet(torch.from_numpy(x), torch.from_numpy(t.astype(np.int64)), torch.from_numpy(ctx)).sample
     assert np.abs(base.numpy() - theirs).max() / np.abs(theirs).max() > 1e-2
+
+
+def test_upl_merge_output_equals_unmerged_adapter(tmp_path):
+    """``merge`` (cloneofsimo upl) folded into a fresh base model gives the LoRA-injected model's outputs.
+
+    Tolerance 1e-5 relative: the merged weight W + s*up@down is rounded to fp32 once, the unmerged path computes
+    W x + s*up(down(x)) in fp32; both are the same product up to rounding."""
+    from ldm.io.loading import cell_state_dict, load_state_dict_into
+    from ldm.lora_tools import merge_into_base
+    from ldm.util import CONFIG_DIR, load_config
+
+    config = load_config(CONFIG_DIR / "tiny/sd2-tiny.yaml")
+    base_model = build_model_from_config(config)
+    base_state = cell_state_dict(base_model)
+    lora_model = build_model_from_config(config)
+    load_state_dict_into(lora_model, base_state)
+    inject_lora(lora_model.cond_stage_model, targets=TEXT_ENCODER_TARGETS, rank=2, alpha=3.0)
+    inject_lora(lora_model.model, targets=UNET_ATTENTION_TARGETS, rank=2, alpha=3.0)
+    rng = np.random.default_rng(1)
+    for p in lora_model.get_parameters():
+        if ".lora_up." in p.name:
+            p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.3))
+    path = tmp_path / "a.safetensors"
+    write_state_dict(path, lora_state_dict(lora_model), metadata=lora_metadata(lora_model, family="sd2"))
+    merged = merge_into_base(base_state, read_adapter(path), weight=1.0)
+    load_state_dict_into(base_model, merged)
+
+    ids = ms.Tensor(base_model.tokenize(["a green triangle"]))
+    x = ms.Tensor(rng.standard_normal((1, 4, 16, 16)).astype(np.float32))
+    t = ms.Tensor(np.array([500], np.int32))
+    outs = []
+    for m in (lora_model, base_model):
+        ctx = m.get_learned_conditioning(ids)
+        outs.append((ctx.asnumpy(), m.apply_model(x, t, ctx).asnumpy()))
+    for a, b in zip(*outs):
+        assert np.abs(a - b).max() / np.abs(b).max() < 1e-5
+    unmerged = build_model_from_config(config)
+    load_state_dict_into(unmerged, base_state)
+    plain = unmerged.apply_model(x, t, unmerged.get_learned_conditioning(ids)).asnumpy()
+    assert np.abs(plain - outs[1][1]).max() / np.abs(outs[1][1]).max() > 1e-3  # the adapter changed something
