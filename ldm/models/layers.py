@@ -8,6 +8,7 @@ map instead of a rename table. Norms compute in float32 and return the input dty
 from __future__ import annotations
 
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
@@ -93,3 +94,20 @@ def Conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
 def Linear(in_features: int, out_features: int, bias: bool = True) -> nn.Dense:
     """torch-style Linear (weight [out, in])."""
     return nn.Dense(in_features, out_features, has_bias=bias, weight_init="he_uniform", bias_init="zeros")
+
+
+def assign_array(param: Parameter, value) -> None:
+    """Write ``value`` into ``param`` in place, cast to the parameter's dtype.
+
+    ``Parameter.set_data`` replaces the parameter's tensor object, and functions already compiled with ``ms.jit``
+    keep using the old one: they silently stop seeing the parameter (measured with MindSpore 2.10, graph and
+    PyNative modes). An in-place ``ops.assign`` keeps compiled steps, samplers and the Python side in sync. A
+    parameter still holding its lazy initializer has never been compiled against and simply takes ``set_data``.
+    """
+    tensor = value if isinstance(value, ms.Tensor) else ms.Tensor(np.asarray(value))
+    if tensor.dtype != param.dtype:
+        tensor = tensor.astype(param.dtype)
+    if param.has_init:
+        param.set_data(tensor)
+    else:
+        ops.assign(param, tensor)

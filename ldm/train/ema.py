@@ -15,6 +15,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from ldm.models.layers import assign_array
+
 
 def ema_decay(n: int, decay: float, warmup_steps: float) -> float:
     """Host-side reference of the decay used for the n-th update (n >= 1)."""
@@ -57,12 +59,12 @@ class EMA(nn.Cell):
             raise RuntimeError("EMA weights are already swapped in")
         self._backup = [p.asnumpy().copy() for p in self.params]
         for p, e in zip(self.params, self.ema_params):
-            p.set_data(Tensor(e.asnumpy().copy()))
+            assign_array(p, e.asnumpy().copy())
 
     def swap_out(self) -> None:
         """Restore the training weights saved by ``swap_in``."""
         if self._backup is None:
             raise RuntimeError("EMA weights are not swapped in")
         for p, b in zip(self.params, self._backup):
-            p.set_data(Tensor(b))
+            assign_array(p, b)
         self._backup = None

@@ -27,6 +27,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, amp, nn, ops
 
+from ldm.models.layers import assign_array
 from ldm.train.ema import EMA
 from ldm.train.loss_scaling import load_scaler_state, make_loss_scaler, scaler_state
 
@@ -264,7 +265,7 @@ class TrainStep:
                     f"expected {ref.dtype}{list(ref.shape)}"
                 )
             if name in by_name:
-                by_name[name].set_data(Tensor(value.copy()))
+                assign_array(by_name[name], value.copy())
         load_scaler_state(
             self.scaler, {k[len("loss_scaler.") :]: arrays[k] for k in current if k.startswith("loss_scaler.")}
         )

@@ -263,7 +263,9 @@ def run_training(opts: TrainOptions, config) -> dict:
         scale_window=opts.scale_window,
         ema=ema,
     )
-    noise = NoiseSampler(opts.seed + dist.rank, model.num_timesteps)
+    # One noise stream for all ranks: each draws the global batch's noise and keeps its rows (see _rank_rows), so
+    # N ranks x B reproduce 1 rank x N*B, and every rank can resume from rank 0's saved sampler state.
+    noise = NoiseSampler(opts.seed, model.num_timesteps)
     done = 0
     if opts.resume:
         state_path = ckpt_dir / STATE_FILE if opts.resume in ("True", "true") else Path(opts.resume)
@@ -292,15 +294,16 @@ def run_training(opts: TrainOptions, config) -> dict:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     losses: list[tuple[int, float]] = []
-    shape = (opts.train_batch_size, model.channels, latent, latent)
+    shape = (opts.train_batch_size * dist.world_size, model.channels, latent, latent)
     bar = tqdm(total=micro_total, initial=done, disable=not dist.is_main, desc="train", unit="step")
     last_loss = float("nan")
     t_prev = time.perf_counter()
     for images, tokens in data.create_tuple_iterator(num_epochs=1, output_numpy=True):
         if done >= micro_total:
             break
-        t, eps, offset = noise.draw(shape)
-        result = step(ms.Tensor(images), ms.Tensor(tokens), noise.normal(shape), t, eps, offset)
+        t, eps, offset = _rank_rows(noise.draw(shape), dist)
+        (post_noise,) = _rank_rows([noise.normal(shape)], dist)
+        result = step(ms.Tensor(images), ms.Tensor(tokens), post_noise, t, eps, offset)
         done += 1
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now
@@ -344,6 +347,14 @@ def run_training(opts: TrainOptions, config) -> dict:
         _loss_plot(losses, out / "loss.png")
         summary.update({"metrics": str(metrics_path), "loss_plot": str(out / "loss.png")})
     return summary
+
+
+def _rank_rows(draws, dist) -> list:
+    """This rank's rows ``rank::world_size`` of global-batch draws: the sampler gives rank r the samples
+    ``order[r::world_size]``, so row i of the global draw belongs to the sample at global batch position i."""
+    if dist.world_size == 1:
+        return list(draws)
+    return [ms.Tensor(d.asnumpy()[dist.rank :: dist.world_size]) for d in draws]
 
 
 def _checkpoint(model, params, step, noise, ema, done, ckpt_dir: Path, opts: TrainOptions, config) -> Path:

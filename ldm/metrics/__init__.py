@@ -1,0 +1,1 @@
+"""Evaluation metrics: FID/KID with the TF Inception network and CLIP score."""

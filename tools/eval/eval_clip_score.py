@@ -1,0 +1,130 @@
+"""CLIP score of generated images against their prompts, in MindSpore.
+
+    python tools/eval/eval_clip_score.py --image_dir outputs/samples --prompts prompts.txt \
+        --model_dir clip-vit-base-patch16 [--clip_mode per_sample|mean|none] [--output_json clip.json]
+
+Line i of the prompts file belongs to image i in sorted file-name order. --model_dir is a Hugging Face CLIP folder
+(config.json + model.safetensors); or give --model (preset) and --ckpt (HF-named .safetensors/.ckpt).
+Errors print one line and exit 2. See tools/eval/README.md for the clipping conventions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv=None):
+    from ldm.metrics.clip import PRESETS
+    from ldm.metrics.clip_score import CLIP_MODES
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--image_dir", required=True, help="folder of images (sorted by file name)")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line, aligned with the sorted images")
+    p.add_argument("--model_dir", help="Hugging Face CLIP folder with config.json and model.safetensors")
+    p.add_argument("--model", default="vit-b-16", choices=sorted(PRESETS), help="architecture when no --model_dir")
+    p.add_argument("--ckpt", help="weights with transformers CLIPModel names (.safetensors or MindSpore .ckpt)")
+    p.add_argument("--clip_mode", default="per_sample", choices=CLIP_MODES, help="where max(., 0) is applied")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--output_json", help="write the score and the per-image scores here")
+    p.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    p.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0 graph (default), 1 PyNative")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+class InputError(ValueError):
+    """Bad command-line input (images, prompts, weights)."""
+
+
+def read_prompts(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read prompts ({exc.strerror})") from exc
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
+def weights_path(args) -> str:
+    path = args.ckpt or (os.path.join(args.model_dir, "model.safetensors") if args.model_dir else None)
+    if path is None or not os.path.isfile(path):
+        hf = "openai/clip-vit-base-patch16"
+        raise InputError(
+            f"CLIP weights not found ({path or 'no --model_dir or --ckpt given'}). Download a Hugging Face CLIP "
+            f"model, e.g. `huggingface-cli download {hf} config.json model.safetensors --local-dir clip-b16`, "
+            "and pass --model_dir clip-b16"
+        )
+    return path
+
+
+def run(args) -> dict:
+    from ldm.env import init_env
+    from ldm.metrics.clip import CLIPModel, load_clip_state_dict, load_config
+    from ldm.metrics.clip_score import aggregate, cosine_scores, embed_pairs
+    from ldm.metrics.fid import check_images, list_images
+
+    paths = list_images(args.image_dir)
+    if not paths:
+        raise InputError(f"image folder {args.image_dir} has no images")
+    prompts = read_prompts(args.prompts)
+    if len(prompts) != len(paths):
+        raise InputError(
+            f"{args.prompts} has {len(prompts)} prompts but {args.image_dir} has {len(paths)} images; "
+            "line i must be the prompt of image i in sorted file-name order"
+        )
+    check_images(paths)
+    ckpt = weights_path(args)
+    cfg = load_config(args.model_dir or args.model)
+    init_env(args.device_target, mode=args.mode)
+    from PIL import Image
+
+    from ldm.io.checkpoint import read_state_dict
+    from ldm.tokenizer import CLIPTokenizer
+
+    model = CLIPModel(cfg)
+    load_clip_state_dict(model, read_state_dict(ckpt), ckpt)
+    model.set_train(False)
+    images = [Image.open(p) for p in paths]
+    img_emb, txt_emb = embed_pairs(model, CLIPTokenizer(), images, prompts, args.batch_size, not args.quiet)
+    scores = cosine_scores(img_emb, txt_emb)
+    return {
+        "clip_score": aggregate(scores, args.clip_mode),
+        "clip_mode": args.clip_mode,
+        "model": args.model_dir or args.model,
+        "weights": ckpt,
+        "num_pairs": len(paths),
+        "per_image": [
+            {"image": os.path.basename(p), "prompt": t, "score": float(s)} for p, t, s in zip(paths, prompts, scores)
+        ],
+    }
+
+
+def main(argv=None) -> int:
+    from ldm.env import apply_process_defaults
+
+    apply_process_defaults()  # before mindspore is imported, even if `ldm` resolved as a namespace package
+    from ldm.io.checkpoint import CheckpointError
+    from ldm.metrics.fid import FIDError
+
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (InputError, FIDError, CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"CLIP score ({result['clip_mode']} clipping, {result['num_pairs']} pairs): {result['clip_score']:.4f}")
+    if args.output_json:
+        tmp = f"{args.output_json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.output_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

