@@ -241,3 +241,14 @@ def test_cli_end_to_end_matches_library(tmp_path, rng):
     assert [r["image"] for r in result["per_image"]] == [f"{i:02d}.png" for i in range(4)]
     assert [r["prompt"] for r in result["per_image"]] == PROMPTS
     np.testing.assert_allclose([r["score"] for r in result["per_image"]], scores, atol=1e-3)
+
+
+def test_cli_accepts_mindone_option_names():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools/eval/eval_clip_score.py")
+    spec = importlib.util.spec_from_file_location("eval_clip_score", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--image_path_or_dir", "a.png", "--prompt_or_path", "a cat", "--ckpt_path", "c.ckpt"])
+    assert (args.image_dir, args.prompts, args.ckpt) == ("a.png", "a cat", "c.ckpt")

@@ -3,7 +3,9 @@
     python tools/eval/eval_clip_score.py --image_dir outputs/samples --prompts prompts.txt \
         --model_dir clip-vit-base-patch16 [--clip_mode per_sample|mean|none] [--output_json clip.json]
 
-Line i of the prompts file belongs to image i in sorted file-name order. --model_dir is a Hugging Face CLIP folder
+Line i of the prompts file belongs to image i in sorted file-name order (mindone's spellings
+--image_path_or_dir / --prompt_or_path / --ckpt_path are accepted too; a --prompts value that is not a file is the
+prompt of every image). --model_dir is a Hugging Face CLIP folder
 (config.json + model.safetensors); or give --model (preset) and --ckpt (HF-named .safetensors/.ckpt).
 Errors print one line and exit 2. See tools/eval/README.md for the clipping conventions.
 """
@@ -21,11 +23,29 @@ def parse_args(argv=None):
     from ldm.metrics.clip_score import CLIP_MODES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--image_dir", required=True, help="folder of images (sorted by file name)")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line, aligned with the sorted images")
+    p.add_argument(
+        "--image_dir",
+        "--image_path_or_dir",
+        dest="image_dir",
+        required=True,
+        help="folder of images (sorted by file name) or one image file",
+    )
+    p.add_argument(
+        "--prompts",
+        "--prompt_or_path",
+        dest="prompts",
+        required=True,
+        help="text file, one prompt per line aligned with the sorted images; any other value is taken as "
+        "the prompt of every image",
+    )
     p.add_argument("--model_dir", help="Hugging Face CLIP folder with config.json and model.safetensors")
     p.add_argument("--model", default="vit-b-16", choices=sorted(PRESETS), help="architecture when no --model_dir")
-    p.add_argument("--ckpt", help="weights with transformers CLIPModel names (.safetensors or MindSpore .ckpt)")
+    p.add_argument(
+        "--ckpt",
+        "--ckpt_path",
+        dest="ckpt",
+        help="weights with transformers CLIPModel names (.safetensors or MindSpore .ckpt)",
+    )
     p.add_argument("--clip_mode", default="per_sample", choices=CLIP_MODES, help="where max(., 0) is applied")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--output_json", help="write the score and the per-image scores here")
@@ -68,10 +88,10 @@ def run(args) -> dict:
     from ldm.metrics.clip_score import aggregate, cosine_scores, embed_pairs
     from ldm.metrics.fid import check_images, list_images
 
-    paths = list_images(args.image_dir)
+    paths = [args.image_dir] if os.path.isfile(args.image_dir) else list_images(args.image_dir)
     if not paths:
         raise InputError(f"image folder {args.image_dir} has no images")
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts) if os.path.isfile(args.prompts) else [args.prompts] * len(paths)
     if len(prompts) != len(paths):
         raise InputError(
             f"{args.prompts} has {len(prompts)} prompts but {args.image_dir} has {len(paths)} images; "
