@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_path", default="output/demo")
-    parser.add_argument("--max_train_steps", type=int, default=150)
+    parser.add_argument("--max_train_steps", type=int, default=300)
     args = parser.parse_args()
     out = Path(args.output_path)
     data = make_shapes_dataset(out / "data", count=32, size=32)
