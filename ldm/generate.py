@@ -104,7 +104,7 @@ def apply_adapters(model, paths: list[str], scales: list[float], text_encoder: b
 
     family = model_family(model)
     adapters = []
-    for path in paths:
+    for path, scale in zip(paths, scales):
         if not Path(path).is_file():
             raise GenerationError(f"{path}: LoRA adapter file not found")
         adapter = read_adapter(path)
@@ -121,11 +121,11 @@ def apply_adapters(model, paths: list[str], scales: list[float], text_encoder: b
                     log(f"note: {path}: nothing left to merge")
                     continue
                 adapter = Adapter(kept, adapter.meta)
-        adapters.append((path, adapter))
+        adapters.append((path, adapter, scale))
     if not adapters:
         return
     state = cell_state_dict(model)
-    for (path, adapter), scale in zip(adapters, scales):
+    for path, adapter, scale in adapters:
         try:
             state = merge_into_base(state, adapter, weight=scale)
         except CheckpointError as exc:
