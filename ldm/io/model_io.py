@@ -1,7 +1,8 @@
 """Whole-model checkpoints: read any supported source into our names, load strictly, save atomically.
 
 Sources: our own single files and Stability/CompVis single files (``.safetensors``, MindSpore ``.ckpt``, and PyTorch
-pickles only with ``allow_pickle``) share the original-LDM names; diffusers folders go through their key maps. The
+pickles only with ``allow_pickle``) share the original-LDM names; mindone's MindSpore checkpoints (``gamma``/``beta``
+names) and diffusers folders go through their key maps. The
 only keys a Stability file may carry beyond our parameters are the DDPM schedule buffers (checked against our
 schedule, then dropped), EMA copies (``model_ema.*``) and the text-encoder keys SD2 does not use; anything else
 is reported by name.
@@ -19,6 +20,7 @@ from ldm.io import text_encoder_keys
 from ldm.io.checkpoint import CheckpointError, read_metadata, read_state_dict, write_state_dict
 from ldm.io.diffusers_format import TEXT_PREFIX, family_of_config, is_diffusers_folder, read_diffusers_folder
 from ldm.io.loading import LoadReport, cell_state_dict, load_state_dict_into
+from ldm.io.mindone_keys import is_mindone_state_dict, mindone_to_ldm
 
 CONFIG_METADATA_KEY = "ldm_config"
 EMA_PREFIX = "model_ema."
@@ -47,6 +49,11 @@ def read_ldm_file(path: str | Path, model, allow_pickle: bool = False) -> dict[s
     from ldm.models.diffusion import SCHEDULE_BUFFER_KEYS
 
     family = model_family(model)
+    if is_mindone_state_dict(raw):
+        try:
+            raw = mindone_to_ldm(raw, family)
+        except KeyError as exc:
+            raise CheckpointError(f"{path}: {exc.args[0]}") from None
     layers = _text_layers(model)
     out: dict[str, np.ndarray] = {}
     text: dict[str, np.ndarray] = {}
