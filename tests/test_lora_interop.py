@@ -76,12 +76,14 @@ def test_exported_adapter_matches_in_diffusers(family, tmp_path):
 def test_upl_merge_output_equals_unmerged_adapter(tmp_path):
     """``merge`` (cloneofsimo upl) folded into a fresh base model gives the LoRA-injected model's outputs.
 
-    Tolerance 1e-5 relative: the merged weight W + s*up@down is rounded to fp32 once, the unmerged path computes
-    W x + s*up(down(x)) in fp32; both are the same product up to rounding."""
+    Tolerance 1e-4 relative: the merged weight W + s*up@down is rounded to fp32 once per layer while the unmerged path
+    computes W x + s*up(down(x)) in fp32; the two roundings differ and compound through the UNet's ~30 projections
+    (measured 1.4e-5 on one random draw). A wrong or missing scale moves the output by > 1e-3 (checked below)."""
     from ldm.io.loading import cell_state_dict, load_state_dict_into
     from ldm.lora_tools import merge_into_base
     from ldm.util import CONFIG_DIR, load_config
 
+    ms.set_seed(0)
     config = load_config(CONFIG_DIR / "tiny/sd2-tiny.yaml")
     base_model = build_model_from_config(config)
     base_state = cell_state_dict(base_model)
@@ -106,7 +108,7 @@ def test_upl_merge_output_equals_unmerged_adapter(tmp_path):
         ctx = m.get_learned_conditioning(ids)
         outs.append((ctx.asnumpy(), m.apply_model(x, t, ctx).asnumpy()))
     for a, b in zip(*outs):
-        assert np.abs(a - b).max() / np.abs(b).max() < 1e-5
+        assert np.abs(a - b).max() / np.abs(b).max() < 1e-4
     unmerged = build_model_from_config(config)
     load_state_dict_into(unmerged, base_state)
     plain = unmerged.apply_model(x, t, unmerged.get_learned_conditioning(ids)).asnumpy()
