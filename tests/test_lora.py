@@ -447,20 +447,9 @@ def test_full_unet_rank4_attention_count(family, expected):
     Built under ``no_init_parameters`` so no weight memory is allocated (shapes and names only)."""
     from mindspore.nn.utils import no_init_parameters
 
-    from ldm.models.unet import UNetModel
+    from ldm.models.unet import SD1_UNET_CONFIG, SD2_UNET_CONFIG, UNetModel
 
-    arch = dict(
-        in_channels=4,
-        out_channels=4,
-        model_channels=320,
-        attention_resolutions=(4, 2, 1),
-        num_res_blocks=2,
-        channel_mult=(1, 2, 4, 4),
-    )
-    if family == "sd2":
-        arch.update(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
-    else:
-        arch.update(num_heads=8, context_dim=768)
+    arch = SD2_UNET_CONFIG if family == "sd2" else SD1_UNET_CONFIG
     with no_init_parameters():
         net = DiffusionWrapper(UNetModel(**arch))
         names = inject_lora(net, rank=4)

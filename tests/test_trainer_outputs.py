@@ -19,7 +19,7 @@ def test_adapter_file_holds_only_lora_and_header(tmp_path):
     assert params and all(".lora_" in p.name for p in params)
     assert sum(p.requires_grad for p in model.get_parameters()) == len(params)
     path = tmp_path / "lora.safetensors"
-    save_weights(model, params, path, opts, config)
+    save_weights(model, params, path, opts)
     state = read_state_dict(path)
     assert set(state) == {p.name for p in params}
     header = json.loads(read_metadata(path)["ldm_lora"])

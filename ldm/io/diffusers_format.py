@@ -188,7 +188,6 @@ def config_from_diffusers(folder: str | Path) -> dict:
     vae_params, scale_factor = _vae_params(vae_cfg, folder / "vae" / "config.json")
     family, text_params = _text_params(text_cfg, folder / "text_encoder" / "config.json")
     unet_params = _unet_params(unet_cfg, folder / "unet" / "config.json")
-    downsample = 2 ** (len(vae_params["ddconfig"]["ch_mult"]) - 1)
     return {
         "model": {
             "target": "ldm.models.diffusion.LatentDiffusion",
@@ -204,7 +203,6 @@ def config_from_diffusers(folder: str | Path) -> dict:
                 "unet_config": {"target": "ldm.models.unet.UNetModel", "params": unet_params},
                 "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": vae_params},
                 "cond_stage_config": {"target": CLIP_TARGETS[family], "params": text_params},
-                **({} if downsample == 8 else {}),
             },
         }
     }
@@ -375,7 +373,6 @@ def write_diffusers_folder(
     config: Any,
     folder: str | Path,
     overwrite: bool = False,
-    tokenizer_dir_writer=None,
 ) -> Path:
     """Write a diffusers SD folder (weights, component configs, model_index.json, tokenizer files).
 

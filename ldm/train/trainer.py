@@ -152,7 +152,7 @@ def build_trainable_model(opts: TrainOptions, config):
     return model, params
 
 
-def save_weights(model, params, path: Path, opts: TrainOptions, config) -> None:
+def save_weights(model, params, path: Path, opts: TrainOptions) -> None:
     """Write the trained weights atomically: the adapter (LoRA) or the UNet (full fine-tuning)."""
     if opts.use_lora:
         state = lora_state_dict(model)
@@ -337,13 +337,13 @@ def run_training(opts: TrainOptions, config) -> dict:
                 )
             boundary = done % opts.gradient_accumulation_steps == 0
             if opts.ckpt_save_interval and boundary and done % opts.ckpt_save_interval == 0 and done < micro_total:
-                _checkpoint(model, params, step, noise, ema, done, ckpt_dir, opts, config)
+                _checkpoint(model, params, step, noise, ema, done, ckpt_dir, opts)
             if opts.validation_steps and opts.validation_prompts and done % opts.validation_steps == 0:
                 _validation_images(model, opts.validation_prompts, done, out / "validation", opts.seed, opts.image_size)
     bar.close()
     summary = {"steps": done, "last_loss": last_loss}
     if dist.is_main:
-        summary["weights"] = str(_checkpoint(model, params, step, noise, ema, done, ckpt_dir, opts, config))
+        summary["weights"] = str(_checkpoint(model, params, step, noise, ema, done, ckpt_dir, opts))
         _loss_plot(losses, out / "loss.png")
         summary.update({"metrics": str(metrics_path), "loss_plot": str(out / "loss.png")})
     return summary
@@ -357,14 +357,14 @@ def _rank_rows(draws, dist) -> list:
     return [ms.Tensor(d.asnumpy()[dist.rank :: dist.world_size]) for d in draws]
 
 
-def _checkpoint(model, params, step, noise, ema, done, ckpt_dir: Path, opts: TrainOptions, config) -> Path:
+def _checkpoint(model, params, step, noise, ema, done, ckpt_dir: Path, opts: TrainOptions) -> Path:
     """Weights (EMA swapped in) + full resume state; both atomic."""
     name = ("lora" if opts.use_lora else "unet") + f"-{done:06d}.safetensors"
     path = ckpt_dir / name
     if ema is not None:
         ema.swap_in()
     try:
-        save_weights(model, params, path, opts, config)
+        save_weights(model, params, path, opts)
     finally:
         if ema is not None:
             ema.swap_out()
