@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 ONEDNN_ISA_VAR = "ONEDNN_MAX_CPU_ISA"
 DEFAULT_ONEDNN_ISA = "AVX2"
+# Set by the launchers MindSpore's init() works under: msrun (MS_ROLE), OpenMPI's mpirun, Ascend rank tables.
+LAUNCHER_VARS = ("MS_ROLE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "RANK_TABLE_FILE", "MINDSPORE_HCCL_CONFIG_PATH")
 
 
 class EnvironmentError_(RuntimeError):
@@ -67,9 +69,16 @@ def init_env(
     threads: CPU kernel threads (MindSpore's default is 25, far more than small machines have).
     compile_cache_dir: reuse compiled graphs across runs (cuts the first graph-mode step several-fold).
     distributed: initialise the collective backend (HCCL on Ascend, NCCL on GPU, mccl on CPU) under ``msrun``
-    and switch to data-parallel with mean-reduced gradients.
+    and switch to data-parallel with mean-reduced gradients; a ValueError saying how to launch when no launcher
+    started this process (MindSpore's own init() would fail with a traceback).
     """
     import mindspore as ms
+
+    if distributed and not any(os.environ.get(name) for name in LAUNCHER_VARS):
+        raise ValueError(
+            "data parallel (--use_parallel True) needs workers started by a launcher: run "
+            "`scripts/run_train_parallel.sh NPROC <training options>` or msrun (see README, Data parallel)"
+        )
 
     device_target = device_target.upper() if device_target.lower() != "ascend" else "Ascend"
     if device_target not in ("CPU", "GPU", "Ascend"):

@@ -1,0 +1,196 @@
+"""Data-parallel launch as the README documents it: ``scripts/run_train_parallel.sh`` under msrun (2 CPU workers,
+mccl), from a shell whose ``python`` is not the project's, plus the ways it must fail loudly.
+
+The README's command is taken from README.md and run verbatim by bash in a scratch folder that looks like a
+checkout after ``make demo`` (``scripts/`` and ``configs/`` link to this repository; the data set and base model it
+names are tiny stand-ins). Its adapter must equal a single process's run with the global batch (2 x per-rank batch):
+``ShardedSampler`` gives rank r the samples ``order[r::2]`` of each epoch, so step k of rank r holds
+``order[2kB + r + 2j]`` (j < B) and the two ranks together hold exactly ``order[2kB:2(k+1)B]``, the single process's
+step-k batch. The trainer draws the noise of the whole global batch from one stream on every rank and keeps rows
+``r::2``, so every sample also gets the same timestep and noise in both runs. The loss is a per-sample mean, so the
+mean of the two ranks' gradients (``DistributedGradReducer``, ``gradients_mean``) is the full-batch gradient; only
+the float summation order differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ldm.data.synthetic import make_shapes_dataset
+from ldm.env import LAUNCHER_VARS, set_seed
+from ldm.io.checkpoint import read_state_dict
+from ldm.io.model_io import save_model
+from ldm.models.diffusion import build_model_from_config
+from ldm.train.options import parse_options, resolve_model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = ROOT / "scripts/run_train_parallel.sh"
+TRAIN = ROOT / "examples/stable_diffusion_v2/train_text_to_image.py"
+VENV = ROOT / ".venv"
+NPROC = 2
+TIMEOUT = 900
+# Tolerances (relative L2 norm of the difference). The runs differ only in float summation order (batch mean inside
+# one graph vs the mean of two AllReduced per-rank means): the logged gradient norms agree to ~1e-7 and the AdamW
+# first moments, which are linear in the gradients, to ~1e-5 after 4 steps (bound 1e-4). The adapter itself is
+# compared more loosely: AdamW moves every element by about lr whatever the gradient's size, so an element whose
+# gradient is at rounding level in one run can step the other way in the other run. lora_up starts at zero and is
+# made of such steps only (observed 6e-4, bound 5e-3); lora_down starts from the same random init (observed 5e-6,
+# bound 1e-4).
+RTOL = {"grad_norm": 1e-5, "adam_m": 1e-4, "lora_up": 5e-3, "lora_down": 1e-4}
+
+
+def readme_command() -> str:
+    """The README's data-parallel command, exactly as written there."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(scripts/run_train_parallel\.sh .*?)```", text, flags=re.S)
+    assert len(blocks) == 1, "README.md must show one data-parallel launcher command"
+    return blocks[0]
+
+
+def _command_options(command: str) -> list[str]:
+    """The training options of a launcher command line (after ``NPROC``)."""
+    words = shlex.split(command.replace("\\\n", " "))
+    assert words[0] == "scripts/run_train_parallel.sh" and words[1] == str(NPROC), words[:2]
+    return words[2:]
+
+
+def _fresh_shell_env() -> dict:
+    """The environment of a new terminal: the project's venv is neither active nor on PATH, no launcher variables."""
+    venv_bins = {str(VENV / "bin"), str(Path(sys.prefix) / "bin")}
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p not in venv_bins)
+    drop = {"VIRTUAL_ENV", "MSRUN_LOG_DIR", "MASTER_PORT", "LDM_VENV", *LAUNCHER_VARS}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PATH": path}
+
+
+def _checkout_after_demo(folder: Path) -> None:
+    """A working folder with the repository's scripts and configs (the launcher finds the repository itself)."""
+    for name in ("scripts", "configs"):
+        (folder / name).symlink_to(ROOT / name, target_is_directory=True)
+
+
+def _make_inputs(folder: Path, options: list[str]):
+    """Tiny stand-ins for the data set and base model the command names; returns the parsed options."""
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        opts = parse_options(options)
+        config = resolve_model_config(opts)
+        set_seed(0)
+        save_model(build_model_from_config(config), Path(opts.pretrained_model_path), config=config)
+        make_shapes_dataset(opts.data_path, count=4 * NPROC * opts.train_batch_size, size=opts.image_size)
+    finally:
+        os.chdir(cwd)
+    return opts
+
+
+def _launch(command: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=cwd, env=env, timeout=TIMEOUT)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _prefixed(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@pytest.mark.skipif(not (VENV / "bin/msrun").exists(), reason=f"{VENV} not set up (make demo / make test do it)")
+def test_readme_command_matches_one_process_with_the_global_batch(tmp_path):
+    command = readme_command()
+    options = _command_options(command)
+    _checkout_after_demo(tmp_path)
+    opts = _make_inputs(tmp_path, options)
+    steps, batch = opts.max_train_steps, opts.train_batch_size
+    assert 0 < steps <= 10, "keep the README's example run short"
+
+    single = tmp_path / "single"
+    cmd = [sys.executable, str(TRAIN), *options, "--train_batch_size", str(NPROC * batch), "--output_path", str(single)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=TIMEOUT)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    run = _launch(command, tmp_path, _fresh_shell_env())
+    logs = tmp_path / "msrun_log"
+    worker_logs = {p.name: p.read_text(errors="replace") for p in sorted(logs.glob("worker_*.log"))}
+    detail = run.stdout[-2000:] + run.stderr[-2000:] + "".join(t[-2000:] for t in worker_logs.values())
+    assert run.returncode == 0, detail
+    assert set(worker_logs) == {"worker_0.log", "worker_1.log"}, detail
+    assert all(f"steps: {steps}" in text for text in worker_logs.values()), detail  # both ranks finished
+    assert "rank 1/2" in worker_logs["worker_1.log"], detail  # rank 1 read its own shard
+    assert f"steps: {steps}" in run.stdout, detail  # rank 0's log reached the terminal
+
+    # only rank 0 wrote: one metrics line per step (not two), and the output folder holds rank 0's files only
+    par = tmp_path / opts.output_path
+    written = sorted(p.relative_to(par).as_posix() for p in par.rglob("*") if p.is_file())
+    adapter = f"ckpt/lora-{steps:06d}.safetensors"
+    assert adapter in written and "ckpt/train_state.safetensors" in written, written
+    par_metrics, single_metrics = _metrics(par), _metrics(single)
+    assert [m["step"] for m in par_metrics] == list(range(1, steps + 1))
+    assert sorted(p.relative_to(single).as_posix() for p in single.rglob("*") if p.is_file()) == written
+
+    # rank 0 logs the norm of the rank-averaged gradient: it is the single process's full-batch gradient norm
+    np.testing.assert_allclose(
+        [m["grad_norm"] for m in par_metrics], [m["grad_norm"] for m in single_metrics], rtol=RTOL["grad_norm"]
+    )
+    ours, ref = read_state_dict(par / adapter), read_state_dict(single / adapter)
+    assert ours.keys() == ref.keys()
+    ours_m = _prefixed(read_state_dict(par / "ckpt/train_state.safetensors"), "adam_m.")
+    ref_m = _prefixed(read_state_dict(single / "ckpt/train_state.safetensors"), "adam_m.")
+    assert ours_m.keys() == ref_m.keys() == ref.keys()
+    for kind, a, b in [("adam_m", ours_m, ref_m), ("lora_up", ours, ref), ("lora_down", ours, ref)]:
+        keys = [k for k in b if kind == "adam_m" or f".{kind}." in k]
+        diff = np.sqrt(sum(float(np.sum((a[k] - b[k]) ** 2)) for k in keys))
+        size = np.sqrt(sum(float(np.sum(b[k] ** 2)) for k in keys))
+        print(f"{kind}: relative difference {diff / size:.2g} over {len(keys)} tensors (bound {RTOL[kind]:g})")
+        assert keys and size > 0 and diff <= RTOL[kind] * size, kind
+
+
+@pytest.mark.skipif(not (VENV / "bin/msrun").exists(), reason=f"{VENV} not set up (make demo / make test do it)")
+def test_failing_workers_make_the_launcher_fail_with_their_error(tmp_path):
+    """The README's command before its inputs exist: every worker stops on the missing data set."""
+    command = readme_command()
+    opts = parse_options(_command_options(command))
+    _checkout_after_demo(tmp_path)
+    run = _launch(command, tmp_path, _fresh_shell_env())
+    assert run.returncode != 0, run.stdout[-2000:] + run.stderr[-2000:]
+    worker_error = f"error: data_path {opts.data_path}: no such folder"
+    assert "error: worker 1 failed" in run.stderr and worker_error in run.stderr, run.stderr[-3000:]
+    assert run.stderr.rstrip().splitlines()[-1].startswith("error: data-parallel training failed"), run.stderr
+    assert not (tmp_path / opts.output_path).exists()
+
+
+@pytest.mark.parametrize(
+    "args, env, needle",
+    [
+        ([], {}, "NPROC must be a positive number"),
+        (["two", "--data_path", "d"], {}, "got 'two'"),
+        (["2", "--data_path", "d"], {"LDM_VENV": "/nonexistent/venv"}, "run 'make demo'"),
+    ],
+)
+def test_launcher_usage_errors(tmp_path, args, env, needle):
+    run = subprocess.run(
+        ["bash", str(LAUNCHER), *args], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env}
+    )
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], run
+    assert not (tmp_path / "msrun_log").exists()
+
+
+def test_use_parallel_without_a_launcher_is_a_one_line_error(tmp_path):
+    data = make_shapes_dataset(tmp_path / "data", count=2, size=32)
+    cmd = [sys.executable, str(TRAIN), "--train_config", str(ROOT / "configs/train/train_config_lora_tiny.yaml")]
+    cmd += ["--data_path", str(data), "--output_path", str(tmp_path / "out"), "--use_parallel", "True"]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_fresh_shell_env(), timeout=TIMEOUT)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "scripts/run_train_parallel.sh" in lines[0], lines
+    assert not (tmp_path / "out").exists()
