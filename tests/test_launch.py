@@ -85,7 +85,9 @@ def _make_inputs(folder: Path, options: list[str]):
         opts = parse_options(options)
         config = resolve_model_config(opts)
         set_seed(0)
-        save_model(build_model_from_config(config), Path(opts.pretrained_model_path), config=config)
+        base = Path(opts.pretrained_model_path)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        save_model(build_model_from_config(config), base, config=config)
         make_shapes_dataset(opts.data_path, count=4 * NPROC * opts.train_batch_size, size=opts.image_size)
     finally:
         os.chdir(cwd)
