@@ -60,13 +60,20 @@ class InputError(ValueError):
 
 
 def read_prompts(path: str) -> list[str]:
+    """Line i is the prompt of image i; trailing blank lines are dropped, a blank line before them is an error."""
+    from ldm.util import read_text_utf8
+
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = read_text_utf8(path).splitlines()
     except OSError as exc:
         raise InputError(f"{path}: cannot read prompts ({exc.strerror})") from exc
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     while lines and not lines[-1].strip():
         lines.pop()
+    blank = [i for i, line in enumerate(lines, 1) if not line.strip()]
+    if blank:
+        raise InputError(f"{path}:{blank[0]}: blank prompt line (line i is the prompt of image i)")
     return lines
 
 
