@@ -35,6 +35,7 @@ from ldm.train.losses import DiffusionLoss, NoiseSampler
 from ldm.train.lr_schedules import lr_table
 from ldm.train.state import load_train_state, save_train_state
 from ldm.train.step import TrainStep
+from ldm.util import check_output_folder
 
 LOGGER = logging.getLogger("ldm.train")
 LORA_TARGET_PRESETS = {"attention": UNET_ATTENTION_TARGETS, "extended": UNET_EXTENDED_TARGETS}
@@ -128,11 +129,7 @@ def _check_paths(opts: TrainOptions) -> None:
     from ldm.data import read_index
 
     read_index(opts.data_path)  # a malformed index fails now, not after the model is built
-    existing = Path(opts.output_path).absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(f"output_path {opts.output_path}: {existing} is a file, not a folder")
+    check_output_folder(opts.output_path, "output_path")
 
 
 def build_trainable_model(opts: TrainOptions, config):

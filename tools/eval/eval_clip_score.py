@@ -137,11 +137,14 @@ def main(argv=None) -> int:
     apply_process_defaults()  # before mindspore is imported, even if `ldm` resolved as a namespace package
     from ldm.io.checkpoint import CheckpointError
     from ldm.metrics.fid import FIDError
+    from ldm.util import ConfigError, check_output_folder
 
     args = parse_args(argv)
     try:
+        if args.output_json:
+            check_output_folder(os.path.dirname(os.path.abspath(args.output_json)), "--output_json")
         result = run(args)
-    except (InputError, FIDError, CheckpointError, FileNotFoundError) as exc:
+    except (InputError, FIDError, CheckpointError, FileNotFoundError, ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"CLIP score ({result['clip_mode']} clipping, {result['num_pairs']} pairs): {result['clip_score']:.4f}")
