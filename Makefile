@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FID_CACHE ?= $(or $(LDM_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ldm)/fid
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 
-.PHONY: venv test test-slow lint demo bench clean
+.PHONY: venv test test-slow lint demo bench soak clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_samplers.py
 	$(BIN)/python benchmarks/bench_models.py
 	$(BIN)/python benchmarks/bench_train.py
+
+soak: $(STAMP)
+	$(BIN)/python tests/reliability/soak.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -21,12 +21,17 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 _ZIP_MAGIC = b"PK\x03\x04"
 SAFETENSORS_ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8,
 }  # fmt: skip
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable, unsafe or does not match the model; the message names the file and key."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, folder missing or read-only); the previous file is unchanged.
+    Also an ``OSError``, so callers handling I/O errors keep catching it."""
 
 
 def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -49,11 +54,11 @@ def _is_torch_pickle(path: Path) -> bool:
     return head == _ZIP_MAGIC or head[:1] == b"\x80"
 
 
-def read_state_dict(path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+def read_state_dict(path, allow_pickle: bool = False, check_finite: bool = True) -> dict[str, np.ndarray]:
     """Arrays of a ``.safetensors``, MindSpore ``.ckpt`` or (with ``allow_pickle``) PyTorch checkpoint file.
 
-    A floating-point tensor holding NaN or infinity is refused by key: such weights (a diverged run, a bad
-    conversion, a corrupted download) would only make every output NaN much later.
+    With ``check_finite`` (the default) a floating-point tensor holding NaN or infinity is refused by key: such
+    weights (a diverged run, a bad conversion, a damaged download) would only make every output NaN much later.
     """
     path = Path(path)
     if not path.is_file():
@@ -73,11 +78,12 @@ def read_state_dict(path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
         raise CheckpointError(
             f"{path}: unknown checkpoint format {suffix!r} (use .safetensors, .ckpt, .pt, .pth or .bin)"
         )
-    check_finite(state, path)
+    if check_finite:
+        check_all_finite(state, path)
     return state
 
 
-def check_finite(state_dict: dict[str, np.ndarray], path) -> None:
+def check_all_finite(state_dict: dict[str, np.ndarray], path) -> None:
     """Raise ``CheckpointError`` naming the first floating-point tensor of ``path`` that holds NaN or infinity."""
     for key, value in state_dict.items():
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
@@ -197,7 +203,7 @@ def write_state_dict(path, state_dict: dict, metadata: dict[str, str] | None = N
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot write into {path.parent} ({e.strerror})") from e
+        raise CheckpointWriteError(f"{path}: cannot write into {path.parent} ({e.strerror})") from e
     os.close(fd)
     try:
         if suffix == ".safetensors":
@@ -216,5 +222,7 @@ def write_state_dict(path, state_dict: dict, metadata: dict[str, str] | None = N
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise CheckpointError(f"{path}: write failed ({e.strerror or e}); any previous file is unchanged") from e
+            raise CheckpointWriteError(
+                f"{path}: write failed ({e.strerror or e}); any previous file is unchanged"
+            ) from e
         raise

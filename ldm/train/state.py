@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ldm.io.checkpoint import CheckpointError
+from ldm.io.checkpoint import CheckpointWriteError
 from ldm.train.losses import NoiseSampler
 from ldm.train.step import TrainStep
 
@@ -69,7 +69,7 @@ def save_train_state(
     try:
         fd, tmp = tempfile.mkstemp(prefix=".train_state.", suffix=".tmp", dir=folder)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot write into {folder} ({e.strerror})") from e
+        raise CheckpointWriteError(f"{path}: cannot write into {folder} ({e.strerror})") from e
     os.close(fd)
     try:
         save_file(arrays, tmp, metadata={META_KEY: json.dumps(meta)})
@@ -80,7 +80,9 @@ def save_train_state(
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise CheckpointError(f"{path}: write failed ({e.strerror or e}); the previous state is unchanged") from e
+            raise CheckpointWriteError(
+                f"{path}: write failed ({e.strerror or e}); the previous state is unchanged"
+            ) from e
         raise
 
 

@@ -9,11 +9,11 @@ run of its own:
   ``save_file``, after each ``fsync`` and ``rename`` (13 points with the metrics line and the loss plot). A fork
   costs milliseconds. After each kill the folder must hold only complete files under final names, the train state
   must name a complete weights file of its own step, and the previous checkpoint must be intact (bytes lost = 0).
-* Training-run kills: one uninterrupted CLI run and one run SIGKILLed half-way through writing a checkpoint's
-  weights file, then ``--resume True``; the final adapter and every logged loss must equal the uninterrupted run's
-  bit for bit. Both runs also get a NaN batch at step 3 (the update is skipped and training recovers, identically
-  after the resume). A third run gets NaN losses from step 2 on and must stop with one ``error:`` line naming the
-  last checkpoint, writing nothing after it.
+* Training runs (three processes): one uninterrupted CLI run and one run SIGKILLed half-way through writing a
+  checkpoint's weights file, then ``--resume True``; every later checkpoint and every logged loss must equal the
+  uninterrupted run's bit for bit. Both runs get a NaN batch at step 3 (the update is skipped, training recovers)
+  and NaN batches at steps 7-11, after which the run must stop with one ``error:`` line naming the last
+  checkpoint, identically after the resume.
 """
 
 from __future__ import annotations
@@ -230,7 +230,10 @@ def test_disk_full_while_writing_checkpoint(tmp_path, monkeypatch, target):
 
 
 # ----------------------------------------------------------------------------------------------- training runs
-STEPS, INTERVAL = 6, 2
+# Both runs get NaN images at step 3 (one skipped update, then recovery) and at steps 7-11 (five in a row: the run
+# stops at step 11 with exit status 2). Checkpoints every 2 steps; the killed run dies writing lora-000004.
+STEPS, INTERVAL, NAN_STEPS, STOP = 12, 2, "3,7,8,9,10,11", 11
+CHECKPOINTS = [f"lora-{s:06d}.safetensors" for s in range(INTERVAL, STOP, INTERVAL)]
 
 
 @pytest.fixture(scope="module")
@@ -247,62 +250,69 @@ def _train(setup, out: Path, *args: str, env: dict):
     cmd = [sys.executable, str(DRIVER), str(SCRIPT), "--train_config", str(TINY), "--data_path", str(setup["data"])]
     cmd += ["--output_path", str(out), "--pretrained_model_path", str(setup["base"]), "--train_batch_size", "2"]
     cmd += ["--max_train_steps", str(STEPS), "--ckpt_save_interval", str(INTERVAL), "--seed", "7", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=900)
+    env = {**os.environ, "LDM_REL_NAN_STEPS": NAN_STEPS, **env}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
 
 
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _assert_diverged(run, out: Path) -> None:
+    assert run.returncode == 2, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"loss is NaN or infinite at steps 7..{STOP}" in errors[0], run.stderr[-3000:]
+    assert str(out / "ckpt" / "train_state.safetensors") in errors[0] and "Traceback" not in run.stderr
+
+
 @pytest.fixture(scope="module")
 def straight(setup):
     out = setup["root"] / "straight"
-    run = _train(setup, out, env={"LDM_REL_NAN_STEPS": "3"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    return out
+    return out, _train(setup, out, env={})
 
 
 def test_nan_loss_is_skipped_and_training_recovers(straight):
-    """A NaN batch at step 3: that update is skipped (weights unchanged), later losses are finite, the run ends."""
-    metrics = _metrics(straight)
-    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    """A NaN batch at step 3: that update is skipped (weights unchanged), the next losses are finite again."""
+    out, _ = straight
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, STOP + 1))
     assert np.isnan(metrics[2]["loss"]) and metrics[2]["overflow"]
-    assert all(np.isfinite(m["loss"]) and not m["overflow"] for i, m in enumerate(metrics) if i != 2)
-    adapter = read_state_dict(straight / "ckpt" / f"lora-{STEPS:06d}.safetensors")  # refuses NaN weights
-    assert adapter
+    assert all(np.isfinite(m["loss"]) and not m["overflow"] for m in metrics[3:6])
+    four, six = (read_state_dict(out / "ckpt" / f"lora-{s:06d}.safetensors") for s in (4, 6))
+    assert any(not np.array_equal(four[k], six[k]) for k in four)  # training went on after the skipped step
+
+
+def test_persistent_nan_loss_stops_training_keeping_last_checkpoint(straight):
+    """NaN losses at steps 7-11: the run stops at 11 with one error line naming the last checkpoint, and writes
+    nothing after it; the checkpoints written during the NaN steps hold the unchanged (finite) weights."""
+    out, run = straight
+    _assert_diverged(run, out)
+    assert _final_files(out / "ckpt") == [*CHECKPOINTS, "train_state.safetensors"]
+    assert read_train_state_meta(str(out / "ckpt" / "train_state.safetensors"))["data_position"]["batches_done"] == 10
+    six, ten = (read_state_dict(out / "ckpt" / f"lora-{s:06d}.safetensors") for s in (6, 10))
+    assert all(np.array_equal(six[k], ten[k]) for k in six)  # every update from 7 on was skipped
 
 
 def test_sigkill_mid_adapter_write_then_resume_equals_uninterrupted_run(setup, straight):
-    """SIGKILL half-way through writing lora-000004, then --resume True: same final adapter and losses, bit for bit."""
+    """SIGKILL half-way through writing lora-000004, then --resume True: every later checkpoint and every logged
+    loss equal the uninterrupted run's bit for bit, and the resumed run stops at the same NaN step."""
+    ref, _ = straight
     out = setup["root"] / "killed"
-    env = {"LDM_REL_NAN_STEPS": "3"}
-    first = _train(setup, out, env={**env, "LDM_REL_KILL_WRITING": "lora-000004.safetensors"})
+    first = _train(setup, out, env={"LDM_REL_KILL_WRITING": "lora-000004.safetensors"})
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     ckpt = out / "ckpt"
     assert _final_files(ckpt) == ["lora-000002.safetensors", "train_state.safetensors"]  # no torn file
     assert read_train_state_meta(str(ckpt / "train_state.safetensors"))["data_position"] == {"batches_done": 2}
     assert len(_metrics(out)) == 4  # steps 3 and 4 were logged before the kill; resume drops them
 
-    second = _train(setup, out, "--resume", "True", env=env)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert [(m["step"], m["loss"]) for m in _metrics(out)] == [(m["step"], m["loss"]) for m in _metrics(straight)]
-    name = f"lora-{STEPS:06d}.safetensors"
-    resumed, reference = read_state_dict(ckpt / name), read_state_dict(straight / "ckpt" / name)
-    assert resumed.keys() == reference.keys()
-    assert all(np.array_equal(resumed[k], reference[k]) for k in reference)
-    leftovers = [p.name for p in ckpt.iterdir() if p.name.startswith(".")]
-    assert len(leftovers) <= 1  # the killed run's temp file (hidden, never read)
-
-
-def test_persistent_nan_loss_stops_training_keeping_last_checkpoint(setup):
-    """NaN losses from step 2 on: the run stops after 5 of them with one error line naming the last checkpoint."""
-    out = setup["root"] / "diverged"
-    run = _train(setup, out, env={"LDM_REL_NAN_STEPS": "2,3,4,5,6"})
-    assert run.returncode == 2, run.stderr[-3000:]
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "loss is NaN or infinite at steps 2..6" in errors[0], run.stderr[-3000:]
-    assert str(out / "ckpt" / "train_state.safetensors") in errors[0]
-    assert "Traceback" not in run.stderr
-    assert not (out / "ckpt" / f"lora-{STEPS:06d}.safetensors").exists()
-    for name in ("lora-000002.safetensors", "lora-000004.safetensors", "train_state.safetensors"):
-        read_state_dict(out / "ckpt" / name)  # complete and finite (skipped updates left the weights unchanged)
+    second = _train(setup, out, "--resume", "True", env={})
+    _assert_diverged(second, out)
+    got, want = _metrics(out), _metrics(ref)
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    assert np.array_equal([m["loss"] for m in got], [m["loss"] for m in want], equal_nan=True)
+    assert _final_files(ckpt) == _final_files(ref / "ckpt")
+    for name in CHECKPOINTS:
+        resumed, reference = read_state_dict(ckpt / name), read_state_dict(ref / "ckpt" / name)
+        assert resumed.keys() == reference.keys()
+        assert all(np.array_equal(resumed[k], reference[k]) for k in reference), name
+    assert len([p for p in ckpt.iterdir() if p.name.startswith(".")]) <= 1  # the killed run's hidden temp file
