@@ -73,26 +73,17 @@ def _read_json(path: Path) -> dict:
 
 # Allow-lists of the config.json keys each converter understands. A key maps to the values our network implements
 # (a tuple), or to READ when the converter turns it into our config; IGNORED keys do not change the network's output
-# (bookkeeping, initialisation, dropout at inference, precision hints). Keys starting with "_" are metadata. Any other
+# (bookkeeping, initialisation, precision hints). Keys starting with "_" are metadata. Any other
 # key, or another value, is refused by name: converting it would silently give a different network.
 READ, IGNORED = "read", "ignored"
 
 UNET_KEYS = {
     **dict.fromkeys(
         (
-            "sample_size",
-            "in_channels",
-            "out_channels",
-            "down_block_types",
-            "up_block_types",
-            "block_out_channels",
-            "layers_per_block",
-            "attention_head_dim",
-            "num_attention_heads",
-            "cross_attention_dim",
-            "use_linear_projection",
-            "transformer_layers_per_block",
-        ),
+            "sample_size in_channels out_channels down_block_types up_block_types block_out_channels "
+            "layers_per_block attention_head_dim num_attention_heads cross_attention_dim use_linear_projection "
+            "transformer_layers_per_block"
+        ).split(),
         READ,
     ),
     "center_input_sample": (False,),
@@ -135,16 +126,9 @@ UNET_KEYS = {
 VAE_KEYS = {
     **dict.fromkeys(
         (
-            "in_channels",
-            "out_channels",
-            "down_block_types",
-            "up_block_types",
-            "block_out_channels",
-            "layers_per_block",
-            "latent_channels",
-            "sample_size",
-            "scaling_factor",
-        ),
+            "in_channels out_channels down_block_types up_block_types block_out_channels layers_per_block "
+            "latent_channels sample_size scaling_factor"
+        ).split(),
         READ,
     ),
     "act_fn": ("silu",),
@@ -160,13 +144,8 @@ VAE_KEYS = {
 TEXT_KEYS = {
     **dict.fromkeys(
         (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "max_position_embeddings",
-        ),
+            "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads max_position_embeddings"
+        ).split(),
         READ,
     ),
     "hidden_act": ("quick_gelu", "gelu"),
@@ -181,63 +160,17 @@ TEXT_KEYS = {
     # unused projection head and the text-generation defaults older transformers wrote into every config
     **dict.fromkeys(
         (
-            "transformers_version",
-            "torch_dtype",
-            "dtype",
-            "initializer_range",
-            "initializer_factor",
-            "bos_token_id",
-            "eos_token_id",
-            "pad_token_id",
-            "sep_token_id",
-            "decoder_start_token_id",
-            "projection_dim",
-            "output_hidden_states",
-            "output_attentions",
-            "return_dict",
-            "torchscript",
-            "use_bfloat16",
-            "tf_legacy_loss",
-            "is_encoder_decoder",
-            "is_decoder",
-            "add_cross_attention",
-            "cross_attention_hidden_size",
-            "tie_encoder_decoder",
-            "tie_word_embeddings",
-            "id2label",
-            "label2id",
-            "problem_type",
-            "finetuning_task",
-            "tokenizer_class",
-            "prefix",
-            "task_specific_params",
-            "max_length",
-            "min_length",
-            "do_sample",
-            "early_stopping",
-            "num_beams",
-            "num_beam_groups",
-            "diversity_penalty",
-            "temperature",
-            "top_k",
-            "top_p",
-            "typical_p",
-            "repetition_penalty",
-            "length_penalty",
-            "no_repeat_ngram_size",
-            "encoder_no_repeat_ngram_size",
-            "bad_words_ids",
-            "num_return_sequences",
-            "output_scores",
-            "return_dict_in_generate",
-            "forced_bos_token_id",
-            "forced_eos_token_id",
-            "remove_invalid_values",
-            "exponential_decay_length_penalty",
-            "suppress_tokens",
-            "begin_suppress_tokens",
-            "chunk_size_feed_forward_default",
-        ),
+            "transformers_version torch_dtype dtype initializer_range initializer_factor bos_token_id "
+            "eos_token_id pad_token_id sep_token_id decoder_start_token_id projection_dim output_hidden_states "
+            "output_attentions return_dict torchscript use_bfloat16 tf_legacy_loss is_encoder_decoder is_decoder "
+            "add_cross_attention cross_attention_hidden_size tie_encoder_decoder tie_word_embeddings id2label "
+            "label2id problem_type finetuning_task tokenizer_class prefix task_specific_params max_length "
+            "min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty temperature top_k "
+            "top_p typical_p repetition_penalty length_penalty no_repeat_ngram_size encoder_no_repeat_ngram_size "
+            "bad_words_ids num_return_sequences output_scores return_dict_in_generate forced_bos_token_id "
+            "forced_eos_token_id remove_invalid_values exponential_decay_length_penalty suppress_tokens "
+            "begin_suppress_tokens"
+        ).split(),
         IGNORED,
     ),
 }
