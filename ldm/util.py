@@ -18,6 +18,37 @@ class ConfigError(ValueError):
     """A config file cannot be read or does not describe a buildable object."""
 
 
+def check_output_folder(path, option: str) -> None:
+    """Fail before any work, naming ``option``, if folder ``path`` cannot be created or written: a file is in the
+    way or the nearest existing folder is not writable (the CLIs would otherwise fail only when saving results)."""
+    import os
+
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: folder {existing} is not writable")
+
+
+def read_text_utf8(path) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark is dropped); other bytes are a ``ValueError`` naming the
+    file, line and column, where Python's own message names neither."""
+    with open(path, "rb") as f:
+        data = f.read()
+    data = data.removeprefix(b"\xef\xbb\xbf")  # as Excel and Notepad write
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(
+            f"{path}:{line}: byte 0x{data[err.start]:02x} at column {column} is not UTF-8; "
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def load_config(path: str | Path) -> DictConfig:
     """Read a YAML config; parse errors and non-mapping files raise ``ConfigError`` naming the file."""
     path = Path(path)

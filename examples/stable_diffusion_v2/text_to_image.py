@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 import ldm  # noqa: E402, F401  (CPU defaults before mindspore)
 from ldm.generate import SAMPLERS, GenerationError, GenerationJob, generate, read_prompts, validate_job  # noqa: E402
 from ldm.io.checkpoint import CheckpointError  # noqa: E402
-from ldm.util import VERSIONS, ConfigError  # noqa: E402
+from ldm.util import VERSIONS, ConfigError, check_output_folder  # noqa: E402
 
 
 def _str2bool(value: str) -> bool:
@@ -99,11 +99,12 @@ def main(argv=None) -> int:
     try:
         job = job_from_args(args)
         validate_job(job)  # fail fast, before MindSpore is imported
+        check_output_folder(job.output_path, "--output_path")
         from ldm.env import init_env
 
         init_env(args.device_target, mode=args.mode, seed=args.seed)
         generate(job)
-    except (GenerationError, CheckpointError, ConfigError, ValueError) as exc:
+    except (GenerationError, CheckpointError, ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     try:
         opts = parse_options(argv)
         summary = run_training(opts, resolve_model_config(opts))
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, KeyError) as exc:
+    except (ConfigError, CheckpointError, ValueError, OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for key, value in summary.items():

@@ -22,6 +22,7 @@ world size).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from ldm.data.transforms import ImageTransform, load_rgb
+from ldm.util import read_text_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class Record:
 
 
 def _read_csv(path: str, root: str) -> list[Record]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(read_text_utf8(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or not any(cell.strip() for cell in header):
@@ -75,7 +77,7 @@ def _read_csv(path: str, root: str) -> list[Record]:
 
 def _read_jsonl(path: str, root: str) -> list[Record]:
     records = []
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(read_text_utf8(path)) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -23,10 +23,34 @@ INTERPOLATIONS = {
 
 
 def load_rgb(path) -> Image.Image:
-    """Decode an image file as RGB, applying its EXIF orientation (alpha is dropped, palette/gray expanded)."""
+    """Decode an image file as 8-bit RGB, applying its EXIF orientation (see :func:`to_rgb8`)."""
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
+        return to_rgb8(ImageOps.exif_transpose(img))
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, scaling high-bit-depth pixels instead of letting PIL clip them to 255.
+
+    ``I;16*`` and ``I`` (16-bit PNG/TIFF/PGM) are read as 0..65535 and ``F`` as 0..1 (values outside are clipped);
+    other values are an error. Alpha (``RGBA``, ``LA``, ``PA``, ``P`` with transparency) is dropped as diffusers'
+    and kohya's training scripts do; ``1``, ``L``, ``P``, ``CMYK``, ``YCbCr`` convert with PIL's own formulas.
+    """
+    mode = img.mode
+    if mode == "I" or mode.startswith("I;16"):
+        wide = np.asarray(img).astype(np.int64)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise ValueError(f"mode {mode} pixel values {wide.min()}..{wide.max()} are outside 0..65535")
+        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if mode == "F":
+        real = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(real).all():
+            raise ValueError("mode F image has NaN or infinite pixel values")
+        gray = np.rint(np.clip(real, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+    return img.convert("RGB")
 
 
 def resize_shorter_side(img: Image.Image, size: int, interpolation: str = "lanczos") -> Image.Image:

@@ -9,6 +9,7 @@ renamed into place, so a failed write leaves any previous file untouched.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -18,10 +19,19 @@ import numpy as np
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 _ZIP_MAGIC = b"PK\x03\x04"
+SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable, unsafe or does not match the model; the message names the file and key."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, folder missing or read-only); the previous file is unchanged.
+    Also an ``OSError``, so callers handling I/O errors keep catching it."""
 
 
 def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -44,23 +54,54 @@ def _is_torch_pickle(path: Path) -> bool:
     return head == _ZIP_MAGIC or head[:1] == b"\x80"
 
 
-def read_state_dict(path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """Arrays of a ``.safetensors``, MindSpore ``.ckpt`` or (with ``allow_pickle``) PyTorch checkpoint file."""
+def read_state_dict(path, allow_pickle: bool = False, check_finite: bool = True) -> dict[str, np.ndarray]:
+    """Arrays of a ``.safetensors``, MindSpore ``.ckpt`` or (with ``allow_pickle``) PyTorch checkpoint file.
+
+    With ``check_finite`` (the default) a floating-point tensor holding NaN or infinity is refused by key: such
+    weights (a diverged run, a bad conversion, a damaged download) would only make every output NaN much later.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        return _read_safetensors(path)
-    if suffix in TORCH_SUFFIXES or (suffix == ".ckpt" and _is_torch_pickle(path)):
+        state = _read_safetensors(path)
+    elif suffix in TORCH_SUFFIXES or (suffix == ".ckpt" and _is_torch_pickle(path)):
         if not allow_pickle:
             raise _pickle_refused(path)
         from ldm.io.torch_pickle import load_torch_file  # imports this module for CheckpointError
 
-        return load_torch_file(path)
-    if suffix == ".ckpt":
-        return _read_mindspore(path)
-    raise CheckpointError(f"{path}: unknown checkpoint format {suffix!r} (use .safetensors, .ckpt, .pt, .pth or .bin)")
+        state = load_torch_file(path)
+    elif suffix == ".ckpt":
+        state = _read_mindspore(path)
+    else:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format {suffix!r} (use .safetensors, .ckpt, .pt, .pth or .bin)"
+        )
+    if check_finite:
+        check_all_finite(state, path)
+    return state
+
+
+def check_all_finite(state_dict: dict[str, np.ndarray], path) -> None:
+    """Raise ``CheckpointError`` naming the first floating-point tensor of ``path`` that holds NaN or infinity."""
+    for key, value in state_dict.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+            raise CheckpointError(
+                f"{path}: tensor {key!r} holds {nan} NaN and {inf} infinite values; refusing to use it (the run "
+                "that wrote it diverged or the file is damaged)"
+            )
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """JSON object hook refusing a key given twice (JSON parsers silently keep one of them)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
 
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:
@@ -74,7 +115,7 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
         if n > size - 8:
             raise CheckpointError(f"{path}: truncated safetensors header: {n} bytes declared, {size - 8} present")
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
         except ValueError as e:
             raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
     if not isinstance(header, dict):
@@ -85,8 +126,17 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
             continue
         try:
             begin, end = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            itemsize = SAFETENSORS_ITEMSIZE[info["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for key {key!r}") from None
+        if not 0 <= begin <= end or min(shape, default=0) < 0:
+            raise CheckpointError(f"{path}: corrupt safetensors header: key {key!r} has offsets {[begin, end]}")
+        if math.prod(shape) * itemsize != end - begin:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header: key {key!r} is {info['dtype']} {shape} "
+                f"({math.prod(shape) * itemsize} bytes) but spans {end - begin} bytes"
+            )
         if data_start + end > size:
             raise CheckpointError(
                 f"{path}: truncated safetensors file: key {key!r} needs bytes up to {data_start + end}, file has {size}"
@@ -150,7 +200,10 @@ def write_state_dict(path, state_dict: dict, metadata: dict[str, str] | None = N
         if not isinstance(key, str) or not isinstance(value, str):
             raise CheckpointError(f"{path}: metadata key {key!r} must map a str to a str, got {type(value).__name__}")
     arrays = {name: np.asarray(value, order="C") for name, value in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    except OSError as e:
+        raise CheckpointWriteError(f"{path}: cannot write into {path.parent} ({e.strerror})") from e
     os.close(fd)
     try:
         if suffix == ".safetensors":
@@ -165,7 +218,11 @@ def write_state_dict(path, state_dict: dict, metadata: dict[str, str] | None = N
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(
+                f"{path}: write failed ({e.strerror or e}); any previous file is unchanged"
+            ) from e
         raise

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,12 @@ WEIGHT_FILES = {
     "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
 }
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v"}
+SD2_EXCLAMATION_NOTE = (
+    "SD2 prompts containing '!' tokenise differently here and in diffusers: the SD2 tokenizer folder names '!' "
+    "(id 0) as its pad token, so transformers cuts every '!' out as id 0 ('wow!!' -> 'wow', '!', '!'), while this "
+    "project follows open_clip, the tokenizer SD2 was trained with ('wow', '!!'). Weights are unaffected; images "
+    "from such prompts differ between the two"
+)
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
@@ -64,32 +71,150 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _require(cfg: dict, key: str, expected: Any, source: Path) -> None:
-    value = cfg.get(key, expected)
-    if value != expected and not (isinstance(expected, tuple) and value in expected):
-        raise CheckpointError(f"{source}: unsupported value {key}={value!r} (supported: {expected!r})")
+# Allow-lists of the config.json keys each converter understands. A key maps to the values our network implements
+# (a tuple), or to READ when the converter turns it into our config; IGNORED keys do not change the network's output
+# (bookkeeping, initialisation, precision hints). Keys starting with "_" are metadata. Any other
+# key, or another value, is refused by name: converting it would silently give a different network.
+READ, IGNORED = "read", "ignored"
+
+UNET_KEYS = {
+    **dict.fromkeys(
+        (
+            "sample_size in_channels out_channels down_block_types up_block_types block_out_channels "
+            "layers_per_block attention_head_dim num_attention_heads cross_attention_dim use_linear_projection "
+            "transformer_layers_per_block"
+        ).split(),
+        READ,
+    ),
+    "center_input_sample": (False,),
+    "flip_sin_to_cos": (True,),
+    "freq_shift": (0,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "only_cross_attention": (False,),
+    "downsample_padding": (1,),
+    "mid_block_scale_factor": (1,),
+    "dropout": (0.0,),
+    "act_fn": ("silu",),
+    "norm_num_groups": (32,),
+    "norm_eps": (1e-5,),
+    "reverse_transformer_layers_per_block": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "dual_cross_attention": (False,),
+    "class_embed_type": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "addition_embed_type_num_heads": IGNORED,  # only read with an addition_embed_type
+    "num_class_embeds": (None,),
+    "upcast_attention": IGNORED,  # our attention scores are float32 whenever the model runs in float32
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "projection_class_embeddings_input_dim": (None,),
+    "attention_type": ("default",),
+    "class_embeddings_concat": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": (None,),
+}
+VAE_KEYS = {
+    **dict.fromkeys(
+        (
+            "in_channels out_channels down_block_types up_block_types block_out_channels layers_per_block "
+            "latent_channels sample_size scaling_factor"
+        ).split(),
+        READ,
+    ),
+    "act_fn": ("silu",),
+    "norm_num_groups": (32,),
+    "shift_factor": (None,),
+    "latents_mean": (None,),
+    "latents_std": (None,),
+    "use_quant_conv": (True,),
+    "use_post_quant_conv": (True,),
+    "mid_block_add_attention": (True,),
+    "force_upcast": IGNORED,  # a float16 inference hint
+}
+TEXT_KEYS = {
+    **dict.fromkeys(
+        (
+            "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads max_position_embeddings"
+        ).split(),
+        READ,
+    ),
+    "hidden_act": ("quick_gelu", "gelu"),
+    "layer_norm_eps": (1e-5,),
+    "model_type": ("clip_text_model",),
+    "architectures": (None, ["CLIPTextModel"]),
+    "attention_dropout": (0.0,),
+    "dropout": (0.0,),
+    "pruned_heads": ({},),
+    "chunk_size_feed_forward": (0,),
+    # bookkeeping, initialisation, token ids of the pooled output (Stable Diffusion uses the hidden states), the
+    # unused projection head and the text-generation defaults older transformers wrote into every config
+    **dict.fromkeys(
+        (
+            "transformers_version torch_dtype dtype initializer_range initializer_factor bos_token_id "
+            "eos_token_id pad_token_id sep_token_id decoder_start_token_id projection_dim output_hidden_states "
+            "output_attentions return_dict torchscript use_bfloat16 tf_legacy_loss is_encoder_decoder is_decoder "
+            "add_cross_attention cross_attention_hidden_size tie_encoder_decoder tie_word_embeddings id2label "
+            "label2id problem_type finetuning_task tokenizer_class prefix task_specific_params max_length "
+            "min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty temperature top_k "
+            "top_p typical_p repetition_penalty length_penalty no_repeat_ngram_size encoder_no_repeat_ngram_size "
+            "bad_words_ids num_return_sequences output_scores return_dict_in_generate forced_bos_token_id "
+            "forced_eos_token_id remove_invalid_values exponential_decay_length_penalty suppress_tokens "
+            "begin_suppress_tokens"
+        ).split(),
+        IGNORED,
+    ),
+}
+# Only the keys that define the training noise schedule; sampling settings (timestep spacing, clipping, solver
+# order...) are chosen at generation time, so any scheduler class's are accepted.
+SCHEDULER_KEYS = {
+    "beta_schedule": ("scaled_linear", "linear"),
+    "trained_betas": (None,),
+    "rescale_betas_zero_snr": (False,),
+}
+
+
+def _uniform(value: Any) -> Any:
+    """A per-block list whose entries are all equal (``[False, False]``) stands for that one value."""
+    if isinstance(value, list) and value and all(v == value[0] for v in value) and not isinstance(value[0], list):
+        return value[0]
+    return value
+
+
+def _check_keys(cfg: dict, allowed: dict, source: Path, strict: bool = True) -> None:
+    """Refuse, by name, any key of ``cfg`` outside ``allowed`` (when ``strict``) or with a value not implemented."""
+    for key, value in cfg.items():
+        if key.startswith("_"):
+            continue
+        rule = allowed.get(key)
+        if rule is None:
+            if strict:
+                raise CheckpointError(
+                    f"{source}: setting {key!r} is not understood by the converter, so converting could change "
+                    "the network; remove it if it is known to be harmless"
+                )
+            continue
+        if rule in (READ, IGNORED):
+            continue
+        if value not in rule and _uniform(value) not in rule:
+            supported = " or ".join(repr(v) for v in rule)
+            raise CheckpointError(
+                f"{source}: {key}={value!r} is not implemented by this model (supported: {supported})"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- configs
 def _unet_params(cfg: dict, source: Path) -> dict:
-    for key, expected in (
-        ("class_embed_type", None),
-        ("addition_embed_type", None),
-        ("encoder_hid_dim", None),
-        ("time_embedding_type", "positional"),
-        ("flip_sin_to_cos", True),
-        ("freq_shift", 0),
-        ("act_fn", "silu"),
-        ("norm_num_groups", 32),
-        ("resnet_time_scale_shift", "default"),
-        ("center_input_sample", False),
-        ("dual_cross_attention", False),
-        ("only_cross_attention", False),
-        ("mid_block_type", "UNetMidBlock2DCrossAttn"),
-        ("conv_in_kernel", 3),
-        ("conv_out_kernel", 3),
-    ):
-        _require(cfg, key, expected, source)
+    _check_keys(cfg, UNET_KEYS, source)
     channels = list(cfg["block_out_channels"])
     base = channels[0]
     if any(c % base for c in channels):
@@ -101,6 +226,9 @@ def _unet_params(cfg: dict, source: Path) -> dict:
             attention_resolutions.append(2**level)
         elif kind != "DownBlock2D":
             raise CheckpointError(f"{source}: unsupported down block type {kind!r}")
+    mirrored = ["CrossAttnUpBlock2D" if kind == "CrossAttnDownBlock2D" else "UpBlock2D" for kind in reversed(down)]
+    if list(cfg.get("up_block_types", mirrored)) != mirrored:
+        raise CheckpointError(f"{source}: up_block_types {cfg['up_block_types']} must mirror down_block_types {down}")
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
     heads = [heads] * len(channels) if isinstance(heads, int) else list(heads)
     depth = cfg.get("transformer_layers_per_block", 1)
@@ -131,13 +259,11 @@ def _unet_params(cfg: dict, source: Path) -> dict:
 
 
 def _vae_params(cfg: dict, source: Path) -> tuple[dict, float]:
-    _require(cfg, "act_fn", "silu", source)
-    _require(cfg, "norm_num_groups", 32, source)
+    _check_keys(cfg, VAE_KEYS, source)
     channels = list(cfg["block_out_channels"])
-    for kind in cfg.get("down_block_types", []):
-        _require({"down_block_types": kind}, "down_block_types", "DownEncoderBlock2D", source)
-    for kind in cfg.get("up_block_types", []):
-        _require({"up_block_types": kind}, "up_block_types", "UpDecoderBlock2D", source)
+    for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if any(block != kind for block in cfg.get(key, [])):
+            raise CheckpointError(f"{source}: {key}={cfg[key]!r} is not implemented by this model (only {kind!r})")
     z = cfg.get("latent_channels", 4)
     ddconfig = {
         "double_z": True,
@@ -160,6 +286,7 @@ def text_family(cfg: dict) -> str:
 
 
 def _text_params(cfg: dict, source: Path) -> tuple[str, dict]:
+    _check_keys(cfg, TEXT_KEYS, source)
     family = text_family(cfg)
     width = cfg["hidden_size"]
     if cfg.get("intermediate_size", 4 * width) != 4 * width:
@@ -182,6 +309,7 @@ def config_from_diffusers(folder: str | Path) -> dict:
     text_cfg = _read_json(folder / "text_encoder" / "config.json")
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched = _read_json(sched_path) if sched_path.is_file() else {}
+    _check_keys(sched, SCHEDULER_KEYS, sched_path, strict=False)
     prediction = sched.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise CheckpointError(f"{sched_path}: unsupported prediction_type {prediction!r}")
@@ -346,6 +474,8 @@ def read_diffusers_folder(folder: str | Path, allow_pickle: bool = False) -> tup
         ("vae", VAE_PREFIX, lambda sd: vae_keys.diffusers_to_ldm(sd, **_vae_layout(p["first_stage_config"]["params"]))),
         ("text_encoder", TEXT_PREFIX, lambda sd: text_encoder_keys.diffusers_to_ldm(sd, family=family)),
     )
+    if family == "sd2":
+        warnings.warn(f"{folder}: {SD2_EXCLAMATION_NOTE}", stacklevel=2)
     for component, prefix, convert in parts:
         path = _component_file(folder, component)
         try:
@@ -392,6 +522,8 @@ def write_diffusers_folder(
         "text_encoder": text_encoder_keys.ldm_to_diffusers(parts[TEXT_PREFIX], family=family),
     }
     configs = diffusers_configs(config)
+    if family == "sd2":
+        warnings.warn(f"{folder}: {SD2_EXCLAMATION_NOTE}", stacklevel=2)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

@@ -26,7 +26,9 @@ def preprocess_image(image, size: int, mean, std) -> np.ndarray:
     """PIL image (any mode) -> CHW float32 normalised pixels, as ``CLIPImageProcessor``."""
     from PIL import Image
 
-    img = image.convert("RGB")
+    from ldm.data.transforms import to_rgb8
+
+    img = to_rgb8(image)
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = size, int(size * long / short)

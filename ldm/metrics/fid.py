@@ -104,9 +104,11 @@ def load_rgb(path: str) -> np.ndarray:
     """Any PIL-readable image (any mode) -> HWC uint8 RGB; raises FIDError naming the file."""
     from PIL import Image
 
+    from ldm.data.transforms import to_rgb8
+
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return np.asarray(to_rgb8(img), dtype=np.uint8)
     except Exception as exc:  # PIL raises several unrelated types for corrupt files
         raise FIDError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from exc
 

@@ -35,10 +35,16 @@ from ldm.train.losses import DiffusionLoss, NoiseSampler
 from ldm.train.lr_schedules import lr_table
 from ldm.train.state import load_train_state, save_train_state
 from ldm.train.step import TrainStep
+from ldm.util import check_output_folder
 
 LOGGER = logging.getLogger("ldm.train")
 LORA_TARGET_PRESETS = {"attention": UNET_ATTENTION_TARGETS, "extended": UNET_EXTENDED_TARGETS}
 STATE_FILE = "train_state.safetensors"
+MAX_NONFINITE_STEPS = 5  # consecutive non-finite losses after which a run is stopped as diverged
+
+
+class TrainingDiverged(ValueError):
+    """The loss stayed NaN/infinite; the message names the steps and the last checkpoint to resume from."""
 
 
 @dataclass
@@ -120,6 +126,10 @@ def _check_paths(opts: TrainOptions) -> None:
         raise FileNotFoundError(f"pretrained_model_path {opts.pretrained_model_path}: no such file or folder")
     if opts.resume and opts.resume not in ("True", "true") and not Path(opts.resume).is_file():
         raise FileNotFoundError(f"resume {opts.resume}: no such train-state file")
+    from ldm.data import read_index
+
+    read_index(opts.data_path)  # a malformed index fails now, not after the model is built
+    check_output_folder(opts.output_path, "output_path")
 
 
 def build_trainable_model(opts: TrainOptions, config):
@@ -194,7 +204,7 @@ def _loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
         draw.text((pad, h - pad + 5), f"step {int(steps.min())}..{int(steps.max())}", fill="black")
         draw.text((pad + 4, pad // 2 + 4), f"loss {hi:.4f}", fill="black")
         draw.text((pad + 4, h - pad - 14), f"loss {lo:.4f}", fill="black")
-    tmp = path.with_suffix(".tmp.png")
+    tmp = path.with_name(f".{path.stem}.tmp.png")
     img.save(tmp)
     os.replace(tmp, path)
 
@@ -208,7 +218,10 @@ def _validation_images(model, prompts, step: int, folder: Path, seed: int, image
     settings = GenerationSettings(steps=20, scale=7.5, height=image_size, width=image_size)
     images = pipe(list(prompts), settings=settings, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(make_grid(images)).save(folder / f"step-{step:06d}.png")
+    path = folder / f"step-{step:06d}.png"
+    tmp = folder / f".{path.name}.tmp.png"
+    Image.fromarray(make_grid(images)).save(tmp)
+    os.replace(tmp, path)
 
 
 def run_training(opts: TrainOptions, config) -> dict:
@@ -293,10 +306,13 @@ def run_training(opts: TrainOptions, config) -> dict:
     if dist.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
+    if dist.is_main and opts.resume:
+        _trim_metrics(metrics_path, done)
     losses: list[tuple[int, float]] = []
     shape = (opts.train_batch_size * dist.world_size, model.channels, latent, latent)
     bar = tqdm(total=micro_total, initial=done, disable=not dist.is_main, desc="train", unit="step")
     last_loss = float("nan")
+    nonfinite: list[int] = []
     t_prev = time.perf_counter()
     for images, tokens in data.create_tuple_iterator(num_epochs=1, output_numpy=True):
         if done >= micro_total:
@@ -308,6 +324,7 @@ def run_training(opts: TrainOptions, config) -> dict:
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now
         last_loss = result.loss
+        nonfinite = [*nonfinite, done] if not np.isfinite(last_loss) else []
         update = step.step
         lr = float(lrs[min(max(update - 1, 0), len(lrs) - 1)])
         if dist.is_main:
@@ -319,27 +336,36 @@ def run_training(opts: TrainOptions, config) -> dict:
                 img_s=f"{opts.train_batch_size * dist.world_size / dt:.1f}",
             )
             bar.update(1)
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "step": done,
-                            "update": update,
-                            "loss": last_loss,
-                            "lr": lr,
-                            "overflow": bool(result.overflow),
-                            "loss_scale": result.scale,
-                            "grad_norm": result.grad_norm,
-                            "step_time_s": dt,
-                        }
-                    )
-                    + "\n"
-                )
+            _append_metrics(
+                metrics_path,
+                {
+                    "step": done,
+                    "update": update,
+                    "loss": last_loss,
+                    "lr": lr,
+                    "overflow": bool(result.overflow),
+                    "loss_scale": result.scale,
+                    "grad_norm": result.grad_norm,
+                    "step_time_s": dt,
+                },
+            )
             boundary = done % opts.gradient_accumulation_steps == 0
             if opts.ckpt_save_interval and boundary and done % opts.ckpt_save_interval == 0 and done < micro_total:
                 _checkpoint(model, params, step, noise, ema, done, ckpt_dir, opts)
             if opts.validation_steps and opts.validation_prompts and done % opts.validation_steps == 0:
                 _validation_images(model, opts.validation_prompts, done, out / "validation", opts.seed, opts.image_size)
+        if nonfinite:
+            LOGGER.warning("step %d: loss is %s; the update is skipped (weights unchanged)", done, last_loss)
+        if len(nonfinite) >= MAX_NONFINITE_STEPS:
+            bar.close()
+            state = ckpt_dir / STATE_FILE
+            resume = (
+                f"the last checkpoint is {state}, resume with --resume True" if state.is_file() else "no checkpoint"
+            )
+            raise TrainingDiverged(
+                f"loss is NaN or infinite at steps {nonfinite[0]}..{nonfinite[-1]}; training stopped without "
+                f"saving ({resume}); check the data, the base weights and the learning rate"
+            )
     bar.close()
     summary = {"steps": done, "last_loss": last_loss}
     if dist.is_main:
@@ -347,6 +373,29 @@ def run_training(opts: TrainOptions, config) -> dict:
         _loss_plot(losses, out / "loss.png")
         summary.update({"metrics": str(metrics_path), "loss_plot": str(out / "loss.png")})
     return summary
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    """Append one JSON line to ``metrics.jsonl`` (a kill can tear the last line; resume drops it)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(path: Path, done: int) -> None:
+    """Keep the metrics of steps ``<= done`` (a resumed run logs later steps again) and drop a line torn by a kill."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", done + 1) <= done:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _rank_rows(draws, dist) -> list:

@@ -60,13 +60,20 @@ class InputError(ValueError):
 
 
 def read_prompts(path: str) -> list[str]:
+    """Line i is the prompt of image i; trailing blank lines are dropped, a blank line before them is an error."""
+    from ldm.util import read_text_utf8
+
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = read_text_utf8(path).splitlines()
     except OSError as exc:
         raise InputError(f"{path}: cannot read prompts ({exc.strerror})") from exc
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     while lines and not lines[-1].strip():
         lines.pop()
+    blank = [i for i, line in enumerate(lines, 1) if not line.strip()]
+    if blank:
+        raise InputError(f"{path}:{blank[0]}: blank prompt line (line i is the prompt of image i)")
     return lines
 
 
@@ -130,11 +137,14 @@ def main(argv=None) -> int:
     apply_process_defaults()  # before mindspore is imported, even if `ldm` resolved as a namespace package
     from ldm.io.checkpoint import CheckpointError
     from ldm.metrics.fid import FIDError
+    from ldm.util import ConfigError, check_output_folder
 
     args = parse_args(argv)
     try:
+        if args.output_json:
+            check_output_folder(os.path.dirname(os.path.abspath(args.output_json)), "--output_json")
         result = run(args)
-    except (InputError, FIDError, CheckpointError, FileNotFoundError) as exc:
+    except (InputError, FIDError, CheckpointError, FileNotFoundError, ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"CLIP score ({result['clip_mode']} clipping, {result['num_pairs']} pairs): {result['clip_score']:.4f}")

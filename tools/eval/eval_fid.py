@@ -103,11 +103,14 @@ def main(argv=None) -> int:
     from ldm.io.checkpoint import CheckpointError
     from ldm.metrics.fid import FIDError
     from ldm.metrics.fid_weights import MissingWeightsError
+    from ldm.util import ConfigError, check_output_folder
 
     args = parse_args(argv)
     try:
+        if args.output_json:
+            check_output_folder(os.path.dirname(os.path.abspath(args.output_json)), "--output_json")
         result = run(args)
-    except (FIDError, MissingWeightsError, CheckpointError) as exc:
+    except (FIDError, MissingWeightsError, CheckpointError, ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"FID: {result['fid']:.4f}  (real {result['num_real']}, generated {result['num_gen']})")
