@@ -12,10 +12,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
+from ldm.names import SAMPLER_NAMES
 from ldm.samplers import get_sampler
 from ldm.samplers.base import guided_model_fn
-
-SAMPLER_NAMES = ("ddim", "plms", "dpm_solver_pp", "unipc")
 
 
 class _Denoiser(nn.Cell):

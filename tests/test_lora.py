@@ -8,21 +8,20 @@ import pytest
 from mindspore import Parameter, Tensor, nn, ops
 
 import ldm  # noqa: F401  (must precede mindspore)
-from ldm.lora import (
-    TEXT_ENCODER_TARGETS,
-    UNET_ATTENTION_TARGETS,
-    UNET_EXTENDED_TARGETS,
-    LoRADense,
+from ldm.lora.adapter import Adapter, modules
+from ldm.lora.layers import LoRADense
+from ldm.lora.network import (
     count_lora_parameters,
     inject_lora,
+    load_adapter,
     load_lora_state_dict,
     lora_layers,
-    lora_metadata,
     lora_state_dict,
     merge_all,
     set_lora_scale,
     unmerge_all,
 )
+from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS, UNET_EXTENDED_TARGETS
 from ldm.models.layers import Conv2d, Linear
 
 
@@ -347,13 +346,13 @@ def test_state_dict_round_trip_and_strict_load(rng):
     sd = lora_state_dict(src)
     assert len(sd) == 16 and all(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in sd)
     assert all(v.dtype == np.float32 for v in sd.values())
-    meta = lora_metadata(src, family="sd2")
-    assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
-    assert meta["lora.family"] == "sd2" and '"alpha": 8.0' in meta["lora.modules"]
+    adapter = Adapter.from_network(src, family="sd2")
+    assert adapter.meta["family"] == "sd2" and adapter.meta["alpha"] == 8.0
+    assert {m[2] for m in modules(adapter).values()} == {8.0}
 
     dst = LatentDiffusion()
-    inject_lora(dst, rank=4)  # alpha defaults to rank; metadata restores 8
-    load_lora_state_dict(dst, sd, meta)
+    inject_lora(dst, rank=4)  # alpha defaults to rank; the adapter restores 8
+    load_adapter(dst, adapter)
     assert all(layer.scaling == 2.0 for _, layer in lora_layers(dst))
     for key, value in lora_state_dict(dst).items():
         np.testing.assert_array_equal(value, sd[key])

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mindspore as ms
@@ -21,79 +20,20 @@ from mindspore import nn, ops
 
 from ldm.io.checkpoint import write_state_dict
 from ldm.io.model_io import load_pretrained, model_family
-from ldm.lora import (
-    TEXT_ENCODER_TARGETS,
-    UNET_ATTENTION_TARGETS,
-    UNET_EXTENDED_TARGETS,
-    inject_lora,
-    lora_metadata,
-    lora_state_dict,
-)
+from ldm.lora.adapter import Adapter, write_adapter
+from ldm.lora.network import inject_lora
+from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_TARGET_PRESETS
 from ldm.models.diffusion import build_model_from_config
+from ldm.names import UNET_PREFIX
 from ldm.train.ema import EMA
 from ldm.train.losses import DiffusionLoss, NoiseSampler
 from ldm.train.lr_schedules import lr_table
+from ldm.train.options import TrainOptions, check_choices, check_paths
 from ldm.train.state import load_train_state, save_train_state
 from ldm.train.step import TrainStep
 
 LOGGER = logging.getLogger("ldm.train")
-LORA_TARGET_PRESETS = {"attention": UNET_ATTENTION_TARGETS, "extended": UNET_EXTENDED_TARGETS}
 STATE_FILE = "train_state.safetensors"
-
-
-@dataclass
-class TrainOptions:
-    """Every option of a run; the CLI fills it from defaults < YAML < command line."""
-
-    data_path: str = ""
-    output_path: str = "output"
-    model_config: str = "configs/v2-inference.yaml"
-    pretrained_model_path: str = ""
-    allow_pickle: bool = False
-    device_target: str = "CPU"
-    mode: int = 0
-    jit_level: str | None = None
-    use_parallel: bool = False
-    seed: int = 3407
-    image_size: int = 512
-    random_crop: bool = False
-    random_flip: bool = False
-    caption_dropout: float = 0.0
-    num_workers: int = 1
-    train_batch_size: int = 1
-    epochs: int = 10
-    max_train_steps: int = 0
-    gradient_accumulation_steps: int = 1
-    start_learning_rate: float = 1e-4
-    end_learning_rate: float = 0.0
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    clip_grad: bool = True
-    max_grad_norm: float = 1.0
-    loss_scaler_type: str = "none"
-    init_loss_scale: float = 65536.0
-    loss_scale_factor: int = 2
-    scale_window: int = 1000
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    ema_warmup_steps: int = 2000
-    use_lora: bool = True
-    lora_rank: int = 4
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    lora_fp16: bool = False
-    lora_targets: str = "attention"
-    lora_ft_text_encoder: bool = False
-    noise_offset: float = 0.0
-    snr_gamma: float | None = None
-    ckpt_save_interval: int = 0
-    resume: str = ""
-    validation_prompts: list = field(default_factory=list)
-    validation_steps: int = 0
-    log_interval: int = 10
 
 
 class LDMTrainLoss(nn.Cell):
@@ -111,27 +51,15 @@ class LDMTrainLoss(nn.Cell):
         return self.loss(x0, context, t, noise, offset)
 
 
-def _check_paths(opts: TrainOptions) -> None:
-    if not opts.data_path:
-        raise ValueError("data_path is required (a folder with img_txt.csv or metadata.jsonl)")
-    if not Path(opts.data_path).is_dir():
-        raise FileNotFoundError(f"data_path {opts.data_path}: no such folder")
-    if opts.pretrained_model_path and not Path(opts.pretrained_model_path).exists():
-        raise FileNotFoundError(f"pretrained_model_path {opts.pretrained_model_path}: no such file or folder")
-    if opts.resume and opts.resume not in ("True", "true") and not Path(opts.resume).is_file():
-        raise FileNotFoundError(f"resume {opts.resume}: no such train-state file")
-
-
 def build_trainable_model(opts: TrainOptions, config):
     """The LatentDiffusion with pretrained weights and LoRA injected (or the UNet unfrozen); returns (model, params)."""
+    check_choices(opts)
     model = build_model_from_config(config)
     if opts.pretrained_model_path:
         load_pretrained(model, opts.pretrained_model_path, allow_pickle=opts.allow_pickle)
     else:
         LOGGER.warning("no pretrained_model_path: training from random weights (only useful for smoke tests)")
     if opts.use_lora:
-        if opts.lora_targets not in LORA_TARGET_PRESETS:
-            raise ValueError(f"lora_targets must be one of {sorted(LORA_TARGET_PRESETS)}, got {opts.lora_targets!r}")
         kwargs = {
             "rank": opts.lora_rank,
             "alpha": opts.lora_alpha,
@@ -140,38 +68,26 @@ def build_trainable_model(opts: TrainOptions, config):
         }
         if opts.lora_ft_text_encoder:
             inject_lora(model.cond_stage_model, targets=TEXT_ENCODER_TARGETS, **kwargs)
-        inject_lora(model.model, targets=LORA_TARGET_PRESETS[opts.lora_targets], **kwargs)
+        inject_lora(model.model, targets=UNET_TARGET_PRESETS[opts.lora_targets], **kwargs)
         params = [p for p in model.get_parameters() if ".lora_down." in p.name or ".lora_up." in p.name]
         chosen = {id(p) for p in params}
         for p in model.get_parameters():
             p.requires_grad = id(p) in chosen
     else:
         for p in model.get_parameters():
-            p.requires_grad = p.name.startswith("model.diffusion_model.")
+            p.requires_grad = p.name.startswith(UNET_PREFIX)
         params = [p for p in model.get_parameters() if p.requires_grad]
     return model, params
 
 
 def save_weights(model, params, path: Path, opts: TrainOptions) -> None:
-    """Write the trained weights atomically: the adapter (LoRA) or the UNet (full fine-tuning)."""
+    """Write the trained weights atomically: the adapter (LoRA, :mod:`ldm.lora.adapter` format) or the UNet."""
+    family = model_family(model)
     if opts.use_lora:
-        state = lora_state_dict(model)
-        family = model_family(model)
-        meta = lora_metadata(model, family=family)
-        meta["ldm_lora"] = json.dumps(
-            {
-                "rank": opts.lora_rank,
-                "alpha": opts.lora_alpha or opts.lora_rank,
-                "family": family,
-                "targets": json.loads(meta["lora.targets"]),
-                "context_dim": model.context_dim,
-                "parameterization": model.parameterization,
-                "text_encoder": bool(opts.lora_ft_text_encoder),
-            }
-        )
-        write_state_dict(path, state, metadata=meta)
+        meta = {"context_dim": model.context_dim, "parameterization": model.parameterization}
+        write_adapter(path, Adapter.from_network(model, family, **meta))
     else:
-        write_state_dict(path, {p.name: p.asnumpy() for p in params}, metadata={"family": model_family(model)})
+        write_state_dict(path, {p.name: p.asnumpy() for p in params}, metadata={"family": family})
 
 
 def _loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
@@ -218,7 +134,7 @@ def run_training(opts: TrainOptions, config) -> dict:
     from ldm.data import build_dataset
     from ldm.env import init_env
 
-    _check_paths(opts)
+    check_paths(opts)
     dist = init_env(opts.device_target, opts.mode, opts.jit_level, seed=opts.seed, distributed=opts.use_parallel)
     out = Path(opts.output_path)
     ckpt_dir = out / "ckpt"
