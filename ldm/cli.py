@@ -65,6 +65,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}\n")
 
 
+def add_allow_pickle(parser, what: str = "checkpoints") -> None:
+    """The ``--allow_pickle`` flag every reader of PyTorch pickles shares."""
+    parser.add_argument(
+        "--allow_pickle",
+        action="store_true",
+        help=f"read PyTorch pickle {what} (.ckpt/.pt/.bin) with a restricted unpickler that only rebuilds tensors; "
+        "only for files you trust",
+    )
+
+
 def fail(exc: BaseException) -> int:
     """Print ``error: <message>`` for a bad-input exception (a KeyError without its quotes); returns 2."""
     text = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).strip()

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import ldm  # noqa: F401  (CPU defaults before mindspore)
-from ldm.cli import Parser, run
+from ldm.cli import Parser, add_allow_pickle, run
 from ldm.io.checkpoint import CheckpointError
 from ldm.io.model_config import resolve_model_config
 from ldm.util import VERSIONS
@@ -29,12 +29,7 @@ def build_parser() -> Parser:
     parser.add_argument("dst", help="*.safetensors / *.ckpt (our names) or a folder path (diffusers layout)")
     parser.add_argument("--config", help="model YAML config (e.g. configs/v2-inference.yaml)")
     parser.add_argument("--version", choices=sorted(VERSIONS), help="use the bundled config of this SD version")
-    parser.add_argument(
-        "--allow_pickle",
-        action="store_true",
-        help="read PyTorch pickle checkpoints (.ckpt/.pt/.bin) with a restricted unpickler that only "
-        "rebuilds tensors; only for files you trust",
-    )
+    add_allow_pickle(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument(
         "--dtype",

@@ -74,3 +74,13 @@ def assert_same_deltas(a, b, rtol=0.0):
     assert sorted(da) == sorted(db)
     for path in da:
         np.testing.assert_allclose(db[path], da[path], rtol=rtol, atol=rtol * np.abs(da[path]).max(), err_msg=path)
+
+
+def assert_same_factors(a, b):
+    """Same modules with bitwise-equal factors and equal alphas."""
+    ma, mb = modules(a), modules(b)
+    assert sorted(ma) == sorted(mb)
+    for path, (down, up, alpha) in ma.items():
+        np.testing.assert_array_equal(mb[path][0], down, err_msg=path)
+        np.testing.assert_array_equal(mb[path][1], up, err_msg=path)
+        assert mb[path][2] == alpha, path

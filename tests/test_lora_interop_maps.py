@@ -9,11 +9,19 @@ import numpy as np
 import pytest
 
 from ldm.io.checkpoint import CheckpointError, write_state_dict
-from ldm.lora.adapter import delta_weight, make_adapter, module_scale, modules
+from ldm.lora.adapter import delta_weight, make_adapter, modules
 from ldm.lora.interop import PEFT_METADATA_KEY, from_diffusers, from_kohya, to_diffusers, to_kohya
 from ldm.lora.merge import merge_into_base
 from ldm.names import UNET_PREFIX
-from tests.lora_files import LAYOUT, WIDTH, assert_same_deltas, random_adapter, te_shapes, unet_shapes
+from tests.lora_files import (
+    LAYOUT,
+    WIDTH,
+    assert_same_deltas,
+    assert_same_factors,
+    random_adapter,
+    te_shapes,
+    unet_shapes,
+)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
@@ -30,13 +38,8 @@ def test_diffusers_round_trip(family, fold, rng):
     assert conv.ndim == (4 if family == "sd1" else 2)
     back = from_diffusers(state, family, LAYOUT, metadata)
     assert_same_deltas(adapter, back, rtol=1e-6 if fold else 0.0)
-    if not fold:  # factors and alphas survive unchanged
-        for path, (d, u, a) in modules(adapter).items():
-            d2, u2, a2 = modules(back)[path]
-            if "in_proj" not in path:
-                np.testing.assert_array_equal(d2, d)
-                np.testing.assert_array_equal(u2, u)
-                assert a2 == a
+    if not fold:  # factors and alphas survive unchanged (fused in_proj included: split and joined at rank r)
+        assert_same_factors(adapter, back)
 
 
 def test_diffusers_import_variants(rng):
@@ -80,9 +83,7 @@ def test_kohya_round_trip(family, rng):
     assert "lora_te_text_model_encoder_layers_1_self_attn_k_proj.alpha" in state
     back = from_kohya(state, family, LAYOUT)
     assert_same_deltas(adapter, back)
-    for path, module in modules(adapter).items():  # per-module scale preserved
-        if "in_proj" not in path:
-            assert module_scale(*modules(back)[path][::2]) == module_scale(module[0], module[2])
+    assert_same_factors(adapter, back)  # per-module rank, alpha and factors preserved
 
 
 def test_kohya_alpha_conventions(rng):
@@ -195,3 +196,17 @@ def test_peft_loads_exported_unet_lora(family, tmp_path, rng):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_fused_round_trip_keeps_rank_and_factors(rng):
+    """Export splits a fused rank-r in_proj LoRA into q/k/v sharing one down; import joins them back at rank r with
+    the same factors bit for bit, so the result has the trainer's parameter names and shapes."""
+    name = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_lora"
+    down, up = rng.normal(size=(4, 32)).astype(np.float32), rng.normal(size=(96, 4)).astype(np.float32)
+    adapter = make_adapter({name: (down, up, 2.0)}, {"family": "sd2"})
+    state, meta = to_diffusers(adapter, LAYOUT)
+    back = modules(from_diffusers(state, "sd2", LAYOUT, meta))
+    assert list(back) == [name]
+    np.testing.assert_array_equal(back[name][0], down)
+    np.testing.assert_array_equal(back[name][1], up)
+    assert back[name][2] == 2.0

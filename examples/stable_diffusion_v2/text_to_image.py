@@ -15,7 +15,7 @@ import argparse
 import sys
 
 import ldm  # noqa: F401  (CPU defaults before mindspore)
-from ldm.cli import Parser, run, str2bool
+from ldm.cli import Parser, add_allow_pickle, run, str2bool
 from ldm.generate import GenerationError, GenerationJob, generate, read_prompts, validate_job
 from ldm.names import SAMPLER_NAMES
 from ldm.util import VERSIONS
@@ -30,7 +30,7 @@ def build_parser() -> Parser:
     p.add_argument("--config", help="model YAML config (overrides --version)")
     p.add_argument("--version", choices=list(VERSIONS), help="bundled config of this SD version (default 2.1)")
     p.add_argument("--ckpt_path", help="weights: our/Stability single file or a diffusers folder (omit: random)")
-    p.add_argument("--allow_pickle", action="store_true", help="read PyTorch pickle checkpoints (trusted files only)")
+    add_allow_pickle(p)
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpm_solver_pp")
     p.add_argument("--sampling_steps", type=int, default=20)
     p.add_argument("--scale", type=float, help="guidance scale (default: 9.0 for SD2, 7.5 for SD1)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ldm.cli import Parser, run
+from ldm.cli import Parser, add_allow_pickle, run
 from ldm.io.checkpoint import CheckpointError, read_metadata, read_state_dict, write_state_dict
 from ldm.lora.adapter import modules, read_adapter, write_adapter
 from ldm.lora.interop import UNetLayout, detect_format, from_diffusers, from_kohya, to_diffusers, to_kohya
@@ -68,17 +68,27 @@ def _check_out(path, overwrite: bool) -> Path:
     return path
 
 
+def _command(sub, name: str, summary: str, description: str, **positionals: str) -> Parser:
+    """A subcommand with its positional files (name -> help) and ``--overwrite`` for its output."""
+    p = sub.add_parser(name, help=summary, description=description)
+    for arg, text in positionals.items():
+        p.add_argument(arg, help=text)
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    return p
+
+
 def build_parser(prog: str = PROG) -> Parser:
     parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "export",
-        help="our adapter -> diffusers/PEFT or kohya file",
-        description="Write one of our LoRA adapters as a diffusers/PEFT or kohya .safetensors file.",
+        "our adapter -> diffusers/PEFT or kohya file",
+        "Write one of our LoRA adapters as a diffusers/PEFT or kohya .safetensors file.",
+        src="our adapter (.safetensors with ldm_lora metadata)",
+        dst="output .safetensors",
     )
-    p.add_argument("src", help="our adapter (.safetensors with ldm_lora metadata)")
-    p.add_argument("dst", help="output .safetensors")
     p.add_argument(
         "--format",
         choices=("diffusers", "kohya"),
@@ -92,16 +102,16 @@ def build_parser(prog: str = PROG) -> Parser:
         help="diffusers only: multiply lora_B by alpha/r and write no PEFT metadata, for loaders that "
         "ignore lora_adapter_metadata",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     _add_layout(p)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "import",
-        help="diffusers/PEFT or kohya file -> our adapter",
-        description="Convert a diffusers/PEFT or kohya LoRA .safetensors file to our adapter format.",
+        "diffusers/PEFT or kohya file -> our adapter",
+        "Convert a diffusers/PEFT or kohya LoRA .safetensors file to our adapter format.",
+        src="diffusers/PEFT or kohya LoRA .safetensors",
+        dst="output .safetensors (our format)",
     )
-    p.add_argument("src", help="diffusers/PEFT or kohya LoRA .safetensors")
-    p.add_argument("dst", help="output .safetensors (our format)")
     p.add_argument(
         "--format",
         choices=("auto", "diffusers", "kohya"),
@@ -120,33 +130,29 @@ def build_parser(prog: str = PROG) -> Parser:
         action="store_true",
         help="drop conv LoRA modules (LoCon, kernels > 1x1) with a warning instead of failing",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     _add_layout(p)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "merge",
-        help="fold an adapter into a full checkpoint",
-        description="Write BASE with W += WEIGHT * alpha/r * up @ down for every LoRA module.",
+        "fold an adapter into a full checkpoint",
+        "Write BASE with W += WEIGHT * alpha/r * up @ down for every LoRA module.",
+        base="full checkpoint in our (original-LDM) names: .safetensors or .ckpt",
+        lora="our adapter",
+        out="output checkpoint (.safetensors or MindSpore .ckpt)",
     )
-    p.add_argument("base", help="full checkpoint in our (original-LDM) names: .safetensors or .ckpt")
-    p.add_argument("lora", help="our adapter")
-    p.add_argument("out", help="output checkpoint (.safetensors or MindSpore .ckpt)")
     p.add_argument("--weight", type=float, default=1.0, help="strength multiplier (default 1.0)")
-    p.add_argument(
-        "--allow_pickle",
-        action="store_true",
-        help="read a PyTorch pickle BASE with the restricted unpickler (only files you trust)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_allow_pickle(p, "BASE checkpoints")
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "combine",
-        help="combine two adapters (svd: exact sum then truncated SVD; lpl: factor sum)",
-        description="Combine two of our adapters into one.",
+        "combine two adapters (svd: exact sum then truncated SVD; lpl: factor sum)",
+        "Combine two of our adapters into one.",
+        a="first adapter",
+        b="second adapter",
+        out="output adapter .safetensors",
     )
-    p.add_argument("a", help="first adapter")
-    p.add_argument("b", help="second adapter")
-    p.add_argument("out", help="output adapter .safetensors")
     p.add_argument(
         "--mode",
         choices=("svd", "lpl"),
@@ -157,7 +163,6 @@ def build_parser(prog: str = PROG) -> Parser:
     p.add_argument("--w1", type=float, default=1.0, help="weight of the first adapter (default 1.0)")
     p.add_argument("--w2", type=float, default=1.0, help="weight of the second adapter (default 1.0)")
     p.add_argument("--rank", type=int, help="svd: rank of the result (default rank_a + rank_b: exact)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return parser
 
 

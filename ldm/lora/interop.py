@@ -20,7 +20,8 @@ SD2's fused ``in_proj`` (OpenCLIP) against separate q/k/v LoRAs (HF CLIP names i
   by a split gives back the original ranks.
 * Import joins the q/k/v LoRAs of a layer into one fused LoRA of rank ``r_q + r_k + r_v``: downs stacked ``[3r, d]``,
   ups block-diagonal ``[3d, 3r]`` (a missing projection contributes zero rows): exact. Unequal scales are folded into
-  the up blocks (alpha = rank).
+  the up blocks (alpha = rank). Three parts with one shared down and scale (what export writes) join back at rank r,
+  so export followed by import gives the trainer's own parameter shapes.
 
 1x1-convolution LoRAs (SD1 ``proj_in``/``proj_out``: ``[r, in, 1, 1]``) are stored squeezed to 2-D and re-expanded
 on export for SD1 (and on merge, to the base weight's shape). Larger conv LoRAs (LoCon) are refused, or dropped with
@@ -142,8 +143,14 @@ def _split_fused(module: Module) -> list:
 
 
 def _join_qkv(parts: dict, source) -> Module:
-    """One fused LoRA from ``{"q"|"k"|"v": (down, up, alpha)}`` (absent ones contribute zero rows): exact."""
+    """One fused LoRA from ``{"q"|"k"|"v": (down, up, alpha)}`` (absent ones contribute zero rows): exact. When all
+    three share one down and one scale (a fused LoRA split on export), the join keeps that rank: ups stacked."""
     present = [parts[n] for n in _QKV if n in parts]
+    first = present[0]
+    if len(present) == 3 and all(
+        np.array_equal(m[0], first[0]) and module_scale(m[0], m[2]) == module_scale(first[0], first[2]) for m in present
+    ):
+        return first[0], np.concatenate([m[1] for m in present], axis=0), first[2]
     d_out = {m[1].shape[0] for m in present}
     d_in = {m[0].shape[1] for m in present}
     if len(d_out) != 1 or len(d_in) != 1:
