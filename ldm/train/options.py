@@ -180,11 +180,14 @@ def _check_yaml(cfg: dict, path: str) -> dict:
         if key not in valid:
             raise ConfigError(f"{path}: unknown option {key!r} (valid: {', '.join(sorted(valid))})")
         out[key] = _yaml_value(valid[key], value, path)
+        choices = valid[key].metadata["choices"]
+        if choices is not None and out[key] is not None and out[key] not in choices:
+            raise ConfigError(f"{path}: option {key!r} is {value!r}; choose from {', '.join(map(str, choices))}")
     return out
 
 
-def check_choices(opts: TrainOptions, source: str = "option") -> None:
-    """Every field with choices holds one of them (YAML values bypass argparse's own check)."""
+def check_choices(opts: TrainOptions, source: str = "TrainOptions") -> None:
+    """Every field with choices holds one of them (for options built in code; the parser checks its own input)."""
     for f in dataclasses.fields(TrainOptions):
         choices, value = f.metadata["choices"], getattr(opts, f.name)
         if choices is not None and value is not None and value not in choices:
@@ -210,7 +213,6 @@ def parse_options(argv=None) -> TrainOptions:
     ``model_config`` made absolute (found next to the YAML, then in ``configs/``)."""
     parser = build_parser()
     args, _ = parser.parse_known_args(argv)
-    source = "command line"
     if args.train_config:
         from omegaconf import OmegaConf
 
@@ -222,13 +224,10 @@ def parse_options(argv=None) -> TrainOptions:
             base = Path(args.train_config).parent
             values["model_config"] = str(find_config_file(values["model_config"], base))
         parser.set_defaults(**values)
-        source = f"{args.train_config} or the command line"
     explicit = _given_on_command_line(parser, argv)
     args = parser.parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k not in ("train_config", "debug")}
-    opts = TrainOptions(**values, model_config_on_command_line="model_config" in explicit)
-    check_choices(opts, source)
-    return opts
+    return TrainOptions(**values, model_config_on_command_line="model_config" in explicit)
 
 
 def _given_on_command_line(parser: Parser, argv) -> set:
