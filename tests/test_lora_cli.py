@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from ldm.io.checkpoint import read_metadata, read_state_dict, write_state_dict
 from ldm.lora.adapter import META_KEY, delta_weight, modules, read_adapter, write_adapter
@@ -197,14 +198,16 @@ def test_cli_bad_input(tmp_path, rng, capsys):
     assert out.read_bytes() == b"keep"
 
 
-def test_cli_entry_point_help_and_error(tmp_path):
-    run = [sys.executable, "-m", "ldm.lora_tools"]
+@pytest.mark.parametrize("module", ["ldm.lora", "ldm.lora_tools"])
+def test_cli_entry_point_help_and_error(tmp_path, module):
+    """``python -m ldm.lora`` and its one-release alias: help for every command, one error line (exit 2) for a
+    missing file, the traceback only with --debug; kebab spellings of the flags still work."""
+    run = [sys.executable, "-m", module]
     for command in ("export", "import", "merge", "combine"):
         res = subprocess.run([*run, command, "-h"], capture_output=True, text=True, check=True)
-        assert "--overwrite" in res.stdout
-    res = subprocess.run(
-        [*run, "merge", "nope.safetensors", "nope2.safetensors", str(tmp_path / "o.safetensors")],
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+        assert "--overwrite" in res.stdout and f"python -m {module} {command}" in res.stdout
+    missing = [*run, "merge", "nope.safetensors", "nope2.safetensors", str(tmp_path / "o.safetensors")]
+    res = subprocess.run([*missing, "--allow-pickle"], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "nope" in res.stderr, res.stderr
+    res = subprocess.run([*missing, "--debug"], capture_output=True, text=True)
+    assert res.returncode != 0 and "Traceback" in res.stderr
