@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm.io.model_config import ResolvedConfig, resolve_model_config
+from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
 from ldm.names import DEFAULT_GUIDANCE, SAMPLER_NAMES, family_of_config, model_node
 
 DEFAULT_VERSION = "2.1"
@@ -94,8 +94,8 @@ def validate_job(job: GenerationJob) -> list[float]:
             raise GenerationError(f"{flag} {value} must be a positive multiple of 8")
     if job.ckpt_path and not Path(job.ckpt_path).exists():
         raise GenerationError(f"{job.ckpt_path}: checkpoint not found")
-    if job.config and not Path(job.config).is_file():
-        raise GenerationError(f"{job.config}: config file not found")
+    if job.config:
+        find_config_file(job.config)  # ConfigError naming the places looked in
     scales = resolve_lora_scales(job.lora_ckpt_paths, job.lora_scales)
     for path in job.lora_ckpt_paths:
         if not Path(path).is_file():
