@@ -14,9 +14,9 @@ import pytest
 from ldm.io.checkpoint import write_state_dict
 from ldm.io.diffusers_format import read_diffusers_folder, write_diffusers_folder
 from ldm.io.model_io import load_pretrained, model_family
-from ldm.lora.adapter import Adapter, read_adapter, write_adapter
+from ldm.lora.adapter import read_adapter, write_adapter
 from ldm.lora.interop import UNetLayout, to_diffusers
-from ldm.lora.network import inject_lora
+from ldm.lora.network import inject_lora, to_adapter
 from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
 from ldm.models.diffusion import build_model_from_config
 
@@ -44,7 +44,7 @@ def test_exported_adapter_matches_in_diffusers(family, tmp_path):
         if ".lora_up." in p.name:
             p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.3))
     ours_file = tmp_path / "ours.safetensors"
-    write_adapter(ours_file, Adapter.from_network(model, family=model_family(model)))
+    write_adapter(ours_file, to_adapter(model, family=model_family(model)))
     lora, meta = to_diffusers(read_adapter(ours_file), LAYOUT)
     # transformers>=5 builds CLIPTextModel without the ``text_model`` level that diffusers LoRA files (and every
     # older transformers) use; diffusers 0.42 does not remap it, so drop it here for the installed reference.
@@ -98,7 +98,7 @@ def test_upl_merge_output_equals_unmerged_adapter(tmp_path):
         if ".lora_up." in p.name:
             p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.3))
     path = tmp_path / "a.safetensors"
-    write_adapter(path, Adapter.from_network(lora_model, family="sd2"))
+    write_adapter(path, to_adapter(lora_model, family="sd2"))
     merged = merge_into_base(base_state, read_adapter(path), weight=1.0)
     load_state_dict_into(base_model, merged)
 

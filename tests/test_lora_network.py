@@ -8,7 +8,7 @@ import pytest
 from mindspore import Parameter, Tensor, nn, ops
 
 import ldm  # noqa: F401  (must precede mindspore)
-from ldm.lora.adapter import Adapter, modules
+from ldm.lora.adapter import modules
 from ldm.lora.network import (
     count_lora_parameters,
     inject_lora,
@@ -18,6 +18,7 @@ from ldm.lora.network import (
     lora_state_dict,
     merge_all,
     set_lora_scale,
+    to_adapter,
     unmerge_all,
 )
 from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS, UNET_EXTENDED_TARGETS
@@ -266,7 +267,7 @@ def test_state_dict_round_trip_and_strict_load(rng):
     sd = lora_state_dict(src)
     assert len(sd) == 16 and all(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in sd)
     assert all(v.dtype == np.float32 for v in sd.values())
-    adapter = Adapter.from_network(src, family="sd2")
+    adapter = to_adapter(src, family="sd2")
     assert adapter.meta["family"] == "sd2" and adapter.meta["alpha"] == 8.0
     assert {m[2] for m in modules(adapter).values()} == {8.0}
 

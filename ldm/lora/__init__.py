@@ -5,7 +5,7 @@ Modules, in import order (each may import the ones before it):
 - :mod:`ldm.lora.targets`: target patterns and presets (plain Python);
 - :mod:`ldm.lora.adapter`: the adapter file format, the one owner of its names and metadata (NumPy only);
 - :mod:`ldm.lora.layers`: ``LoRADense`` and the fused OpenCLIP ``in_proj`` delta, merge/unmerge on the layer;
-- :mod:`ldm.lora.network`: inject, freeze, load/save adapters, merge/scale all layers of a network;
+- :mod:`ldm.lora.network`: inject, freeze, adapters in (``load_adapter``) and out (``to_adapter``), merge/scale all;
 - :mod:`ldm.lora.interop`: diffusers/PEFT and kohya files;
 - :mod:`ldm.lora.merge`: merge into base weights, combine adapters, apply adapters for generation;
 - :mod:`ldm.lora.cli`: ``python -m ldm.lora``.
@@ -31,6 +31,7 @@ _EXPORTS = {
         "lora_state_dict",
         "merge_all",
         "set_lora_scale",
+        "to_adapter",
         "unmerge_all",
     ),
     "interop": ("UNetLayout", "detect_format", "from_diffusers", "from_kohya", "to_diffusers", "to_kohya"),

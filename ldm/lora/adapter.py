@@ -75,14 +75,6 @@ class Adapter:
     def __post_init__(self):
         self.state = {_canonical(k): v for k, v in self.state.items()}
 
-    @classmethod
-    def from_network(cls, network, family: str, **meta) -> Adapter:
-        """The adapter of an injected network (its LoRA weights and per-module alphas); ``meta`` adds e.g.
-        ``context_dim`` and ``parameterization``."""
-        from ldm.lora.network import lora_modules  # MindSpore only when a network is at hand
-
-        return make_adapter(lora_modules(network), {"family": family, **meta})
-
 
 def check_family(family, source) -> str:
     if family not in FAMILIES:

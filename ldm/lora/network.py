@@ -3,7 +3,7 @@
 ``inject_lora`` replaces every matching Dense by a :class:`~ldm.lora.layers.LoRADense` (and attaches a
 :class:`~ldm.lora.layers.LoRAFusedInProj` to OpenCLIP attention cells for an ``in_proj`` target); the LoRA parameter
 names are the module paths of the adapter file, so :func:`load_adapter` and
-:meth:`ldm.lora.adapter.Adapter.from_network` move weights between a network and a file without renaming.
+:func:`to_adapter` move weights between a network and a file without renaming.
 1x1-convolution ``proj_in``/``proj_out`` (SD1) are not adapted: :func:`inject_lora` skips them with a warning.
 """
 
@@ -16,7 +16,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 
-from ldm.lora.adapter import FUSED_IN_PROJ, Adapter, modules
+from ldm.lora.adapter import FUSED_IN_PROJ, Adapter, make_adapter, modules
 from ldm.lora.layers import LoRADense, LoRAFusedInProj, LoRALayer
 from ldm.lora.targets import UNET_ATTENTION_TARGETS
 from ldm.models.layers import assign_array
@@ -206,6 +206,12 @@ def load_lora_state_dict(network: nn.Cell, state_dict: dict, alphas: dict[str, f
         assign_array(param, values[name])
     for name, alpha in (alphas or {}).items():
         layers[name].set_alpha(float(alpha))
+
+
+def to_adapter(network: nn.Cell, family: str, **meta) -> Adapter:
+    """The adapter of an injected network (its LoRA weights and per-module alphas); ``meta`` adds e.g.
+    ``context_dim`` and ``parameterization``."""
+    return make_adapter(lora_modules(network), {"family": family, **meta})
 
 
 def load_adapter(network: nn.Cell, adapter: Adapter, source="adapter") -> None:

@@ -20,8 +20,8 @@ from mindspore import nn, ops
 
 from ldm.io.checkpoint import write_state_dict
 from ldm.io.model_io import load_pretrained, model_family
-from ldm.lora.adapter import Adapter, write_adapter
-from ldm.lora.network import inject_lora
+from ldm.lora.adapter import write_adapter
+from ldm.lora.network import inject_lora, to_adapter
 from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_TARGET_PRESETS
 from ldm.models.diffusion import build_model_from_config
 from ldm.names import UNET_PREFIX
@@ -85,7 +85,7 @@ def save_weights(model, params, path: Path, opts: TrainOptions) -> None:
     family = model_family(model)
     if opts.use_lora:
         meta = {"context_dim": model.context_dim, "parameterization": model.parameterization}
-        write_adapter(path, Adapter.from_network(model, family, **meta))
+        write_adapter(path, to_adapter(model, family, **meta))
     else:
         write_state_dict(path, {p.name: p.asnumpy() for p in params}, metadata={"family": family})
 
