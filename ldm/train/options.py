@@ -57,6 +57,7 @@ HELP = {
     "lora_fp16": "compute the LoRA branch in float16 (params stay float32)",
     "lora_targets": "attention (to_q/k/v/out.0) | extended (+ proj_in/out and feed-forward)",
     "lora_ft_text_encoder": "also train LoRA on the text encoder attention",
+    "use_recompute": "recompute each UNet block's activations in the backward pass (less memory, ~1 more forward)",
     "noise_offset": "offset noise strength (0 disables)",
     "snr_gamma": "min-SNR-gamma loss weighting (e.g. 5.0; empty disables)",
     "ckpt_save_interval": "save weights + resume state every N micro-steps (0: only at the end)",
