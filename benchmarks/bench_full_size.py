@@ -99,8 +99,9 @@ def prepare(work: Path) -> dict:
     return {"folder": folder, "weights": weights, "data": data, "convert": convert}
 
 
-def run_child(cmd: list[str], label: str) -> dict:
-    """Run ``cmd`` from the repo root; return its wall time, peak RSS (GiB) and stdout; a failure is fatal."""
+def run_child(cmd: list[str], label: str, must_succeed: bool = True) -> dict:
+    """Run ``cmd`` from the repo root; return its wall time, peak RSS (GiB), exit code and stdout. A failure is
+    fatal unless ``must_succeed`` is False (a training run killed for memory is a result: its peak is reported)."""
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -108,8 +109,10 @@ def run_child(cmd: list[str], label: str) -> dict:
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss in KiB)
     proc.returncode = os.waitstatus_to_exitcode(status)
     peak = usage.ru_maxrss / 2**20
-    if proc.returncode:
+    if proc.returncode and must_succeed:
         raise SystemExit(f"error: {label} failed (exit {proc.returncode}):\n{out[-3000:]}")
+    if proc.returncode:
+        label += f" [exit {proc.returncode}]"
     return {"label": label, "wall_s": time.perf_counter() - start, "peak_rss_gib": peak, "stdout": out}
 
 
@@ -144,10 +147,11 @@ def ours_train(paths: dict, work: Path, args, recompute: bool) -> dict:
         "--use_recompute",
         str(recompute),
     ]
-    result = run_child(cmd, f"ours train (recompute {'on' if recompute else 'off'})")
-    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
+    result = run_child(cmd, f"ours train (recompute {'on' if recompute else 'off'})", must_succeed=False)
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     times = [s["step_time_s"] for s in steps]
-    result.update(first_s=times[0], steady_s=_mean(times[1:]), step_peaks=[s["peak_rss_gib"] for s in steps])
+    if times:
+        result.update(first_s=times[0], steady_s=_mean(times[1:]))
     return result
 
 
@@ -287,9 +291,10 @@ def main() -> None:
                 else [ours_generate(paths, work, args)]
             )
             for run in runs:
-                if ref:
-                    key = "steady_s" if job == "train" else "sample_s"
+                key = "steady_s" if job == "train" else "sample_s"
+                if ref and key in run:
                     run["time_ratio"] = run[key] / ref[key]
+                if ref:
                     run["rss_ratio"] = run["peak_rss_gib"] / ref["peak_rss_gib"]
                 rows.append(run)
     print(f"\nSD2-base 512px, batch {args.batch}, {args.steps} train steps, {args.gen_steps} sampling steps")
