@@ -58,6 +58,7 @@ HELP = {
     "lora_targets": "attention (to_q/k/v/out.0) | extended (+ proj_in/out and feed-forward)",
     "lora_ft_text_encoder": "also train LoRA on the text encoder attention",
     "use_recompute": "recompute each UNet block's activations in the backward pass (less memory, ~1 more forward)",
+    "attention_slice_size": "UNet attention over this many batch x head rows at a time (0: all; same result)",
     "noise_offset": "offset noise strength (0 disables)",
     "snr_gamma": "min-SNR-gamma loss weighting (e.g. 5.0; empty disables)",
     "ckpt_save_interval": "save weights + resume state every N micro-steps (0: only at the end)",

@@ -88,6 +88,7 @@ class TrainOptions:
     lora_targets: str = "attention"
     lora_ft_text_encoder: bool = False
     use_recompute: bool = False
+    attention_slice_size: int = 0
     noise_offset: float = 0.0
     snr_gamma: float | None = None
     ckpt_save_interval: int = 0
@@ -242,6 +243,7 @@ def run_training(opts: TrainOptions, config) -> dict:
     model, params = build_trainable_model(opts, config)
     if opts.use_recompute:
         model.model.diffusion_model.enable_recompute()
+    model.model.diffusion_model.set_attention_slice_size(opts.attention_slice_size)
     latent = opts.image_size // model.latent_factor
     if opts.image_size % (model.latent_factor * model.unet_factor):
         step_px = model.latent_factor * model.unet_factor
