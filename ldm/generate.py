@@ -52,6 +52,9 @@ class GenerationJob:
     lora_scales: list[float] | None = None
     lora_ft_text_encoder: bool = False
     output_path: str = "output/"
+    attention_slice_size: int = 0
+    vae_slicing: bool = False
+    vae_tile_latent_size: int = 0
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -92,6 +95,10 @@ def validate_job(job: GenerationJob) -> list[float]:
     for flag, value in (("--H", job.height), ("--W", job.width)):
         if value is not None and (value <= 0 or value % 8):
             raise GenerationError(f"{flag} {value} must be a positive multiple of 8")
+    if job.attention_slice_size < 0:
+        raise GenerationError(f"--attention_slice_size {job.attention_slice_size} must be >= 0 (0: no slicing)")
+    if job.vae_tile_latent_size < 0 or job.vae_tile_latent_size == 1:
+        raise GenerationError(f"--vae_tile_latent_size {job.vae_tile_latent_size} must be 0 (off) or >= 2")
     if job.ckpt_path and not Path(job.ckpt_path).exists():
         raise GenerationError(f"{job.ckpt_path}: checkpoint not found")
     if job.config:
@@ -155,6 +162,7 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
         sampler=job.sampler, steps=job.sampling_steps, scale=scale, height=height, width=width, eta=job.ddim_eta
     )
     pipe = Text2ImagePipeline(model, job.sampler)
+    pipe.set_memory_options(job.attention_slice_size, job.vae_slicing, job.vae_tile_latent_size)
     out = Path(job.output_path)
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)

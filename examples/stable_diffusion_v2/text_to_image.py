@@ -49,6 +49,16 @@ def build_parser() -> Parser:
     p.add_argument("--output_path", default="output/")
     p.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default="CPU")
     p.add_argument("--mode", type=int, choices=(0, 1), default=0, help="0 graph (default), 1 pynative")
+    p.add_argument(
+        "--attention_slice_size",
+        type=int,
+        default=0,
+        help="attention over this many batch x head rows at a time (0: all)",
+    )
+    p.add_argument("--vae_slicing", type=_str2bool, default=False, help="decode one image of a batch at a time")
+    p.add_argument(
+        "--vae_tile_latent_size", type=int, default=0, help="decode in overlapping tiles of this many latents (0: off)"
+    )
     return p
 
 
@@ -81,6 +91,9 @@ def job_from_args(args: argparse.Namespace) -> GenerationJob:
         lora_scales=args.lora_scale if adapters else None,
         lora_ft_text_encoder=args.lora_ft_text_encoder,
         output_path=args.output_path,
+        attention_slice_size=args.attention_slice_size,
+        vae_slicing=args.vae_slicing,
+        vae_tile_latent_size=args.vae_tile_latent_size,
     )
 
 

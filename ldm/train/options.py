@@ -102,6 +102,12 @@ class TrainOptions:
         choices=tuple(UNET_TARGET_PRESETS),
     )
     lora_ft_text_encoder: bool = _option(False, "also train LoRA on the text encoder attention")
+    use_recompute: bool = _option(
+        False, "recompute each UNet block's activations in the backward pass (less memory, ~1 more forward)"
+    )
+    attention_slice_size: int = _option(
+        0, "UNet attention over this many batch x head rows at a time (0: all; same result)"
+    )
     noise_offset: float = _option(0.0, "offset noise strength (0 disables)")
     snr_gamma: float | None = _option(
         None, "min-SNR-gamma loss weighting (e.g. 5.0; empty disables)", parse=_optional_float

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
+from mindspore import nn
 
 from ldm.io.checkpoint import write_state_dict
 from ldm.io.model_io import load_pretrained, model_family
@@ -36,18 +36,34 @@ LOGGER = logging.getLogger("ldm.train")
 STATE_FILE = "train_state.safetensors"
 
 
-class LDMTrainLoss(nn.Cell):
-    """Frozen VAE encode + text encode, then the diffusion loss of the (LoRA-)UNet; no gradient to the frozen parts."""
+class LatentEncoder(nn.Cell):
+    """The frozen VAE encode of a batch (a posterior sample, scaled), run before and outside the training step.
 
-    def __init__(self, ldm, snr_gamma, noise_offset):
+    The step differentiates only the UNet (and the text encoder when it trains), so the VAE's activations are never
+    kept for a backward pass that would not use them.
+    """
+
+    def __init__(self, ldm):
         super().__init__(auto_prefix=False)
         self.ldm = ldm
+
+    def construct(self, images, post_noise):
+        mean, logvar = self.ldm.encode_first_stage(images)
+        return self.ldm.get_first_stage_encoding(mean, logvar, post_noise)
+
+
+class LDMTrainLoss(nn.Cell):
+    """Diffusion loss of the (LoRA-)UNet on VAE latents ``x0``; ``text`` is the text context, or the token ids
+    when the text encoder trains (``encode_text``) and so must run inside the differentiated step."""
+
+    def __init__(self, ldm, snr_gamma, noise_offset, encode_text: bool = False):
+        super().__init__(auto_prefix=False)
+        self.ldm = ldm
+        self.encode_text = encode_text
         self.loss = DiffusionLoss(ldm.model, ldm.alphas_cumprod, ldm.parameterization, snr_gamma, noise_offset)
 
-    def construct(self, images, token_ids, post_noise, t, noise, offset):
-        mean, logvar = self.ldm.encode_first_stage(images)
-        x0 = ops.stop_gradient(self.ldm.get_first_stage_encoding(mean, logvar, post_noise))
-        context = self.ldm.get_learned_conditioning(token_ids)
+    def construct(self, x0, text, t, noise, offset):
+        context = self.ldm.get_learned_conditioning(text) if self.encode_text else text
         return self.loss(x0, context, t, noise, offset)
 
 
@@ -139,6 +155,9 @@ def run_training(opts: TrainOptions, config) -> dict:
     out = Path(opts.output_path)
     ckpt_dir = out / "ckpt"
     model, params = build_trainable_model(opts, config)
+    if opts.use_recompute:
+        model.model.diffusion_model.enable_recompute()
+    model.model.diffusion_model.set_attention_slice_size(opts.attention_slice_size)
     latent = opts.image_size // model.latent_factor
     if opts.image_size % (model.latent_factor * model.unet_factor):
         step_px = model.latent_factor * model.unet_factor
@@ -163,7 +182,8 @@ def run_training(opts: TrainOptions, config) -> dict:
     lrs = lr_table(opts.scheduler, opts.start_learning_rate, updates_total, opts.warmup_steps, opts.end_learning_rate)
 
     ema = EMA(params, opts.ema_decay, opts.ema_warmup_steps) if opts.use_ema else None
-    loss_net = LDMTrainLoss(model, opts.snr_gamma, opts.noise_offset)
+    encode_latents = LatentEncoder(model)
+    loss_net = LDMTrainLoss(model, opts.snr_gamma, opts.noise_offset, encode_text=opts.lora_ft_text_encoder)
     step = TrainStep(
         loss_net,
         params,
@@ -178,6 +198,7 @@ def run_training(opts: TrainOptions, config) -> dict:
         scale_factor=opts.loss_scale_factor,
         scale_window=opts.scale_window,
         ema=ema,
+        jit=opts.mode == 0,
     )
     # One noise stream for all ranks: each draws the global batch's noise and keeps its rows (see _rank_rows), so
     # N ranks x B reproduce 1 rank x N*B, and every rank can resume from rank 0's saved sampler state.
@@ -219,7 +240,9 @@ def run_training(opts: TrainOptions, config) -> dict:
             break
         t, eps, offset = _rank_rows(noise.draw(shape), dist)
         (post_noise,) = _rank_rows([noise.normal(shape)], dist)
-        result = step(ms.Tensor(images), ms.Tensor(tokens), post_noise, t, eps, offset)
+        x0 = encode_latents(ms.Tensor(images), post_noise)
+        text = ms.Tensor(tokens) if opts.lora_ft_text_encoder else model.get_learned_conditioning(ms.Tensor(tokens))
+        result = step(x0, text, t, eps, offset)
         done += 1
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now
@@ -247,6 +270,7 @@ def run_training(opts: TrainOptions, config) -> dict:
                             "loss_scale": result.scale,
                             "grad_norm": result.grad_norm,
                             "step_time_s": dt,
+                            "peak_rss_gib": _peak_rss_gib(),
                         }
                     )
                     + "\n"
@@ -263,6 +287,13 @@ def run_training(opts: TrainOptions, config) -> dict:
         _loss_plot(losses, out / "loss.png")
         summary.update({"metrics": str(metrics_path), "loss_plot": str(out / "loss.png")})
     return summary
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory so far (GiB; ``ru_maxrss`` is in KiB on Linux)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 def _rank_rows(draws, dist) -> list:
