@@ -55,7 +55,7 @@ def build_parser() -> Parser:
         default=0,
         help="attention over this many batch x head rows at a time (0: all)",
     )
-    p.add_argument("--vae_slicing", type=_str2bool, default=False, help="decode one image of a batch at a time")
+    p.add_argument("--vae_slicing", type=str2bool, default=False, help="decode one image of a batch at a time")
     p.add_argument(
         "--vae_tile_latent_size", type=int, default=0, help="decode in overlapping tiles of this many latents (0: off)"
     )
