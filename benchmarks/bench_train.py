@@ -24,13 +24,13 @@ from bench_models import SIZES, TEXT_LENGTH, build_reference, convert, load_aver
 from ldm.env import init_env
 from ldm.io import unet_keys
 from ldm.lora import UNET_ATTENTION_TARGETS, inject_lora, lora_layers
+from ldm.names import UNET_PREFIX
 from ldm.train.losses import DiffusionLoss
 from ldm.train.step import TrainStep
 
 RANK = 4
 LR = 1e-4
 WEIGHT_DECAY = 1e-2
-UNET_PREFIX = "model.diffusion_model."
 
 
 def torch_trainer(unet, alphas_cumprod: np.ndarray, batch):

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm.io.checkpoint import CheckpointError
-from ldm.util import VERSIONS, config_for_version, load_config, read_text_utf8
+from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
+from ldm.names import DEFAULT_GUIDANCE, SAMPLER_NAMES, family_of_config, model_node
+from ldm.util import read_text_utf8
 
 DEFAULT_VERSION = "2.1"
-SAMPLERS = ("ddim", "plms", "dpm_solver_pp", "unipc")  # = ldm.pipeline.SAMPLER_NAMES, without importing MindSpore
 _NUMBERED = re.compile(r"(\d{5})\.(?:png|json)")
 _GRID = re.compile(r"grid-(\d+)\.png")
 
@@ -53,6 +53,9 @@ class GenerationJob:
     lora_scales: list[float] | None = None
     lora_ft_text_encoder: bool = False
     output_path: str = "output/"
+    attention_slice_size: int = 0
+    vae_slicing: bool = False
+    vae_tile_latent_size: int = 0
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -66,23 +69,10 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def resolve_config(job: GenerationJob):
-    """(config, label): ``--config`` wins, then ``--version``, then a config embedded in / beside the checkpoint,
+def resolve_config(job: GenerationJob) -> ResolvedConfig:
+    """``--config`` wins, then ``--version``, then the config a diffusers folder carries or our checkpoint embeds,
     then the default version."""
-    if job.config:
-        return load_config(job.config), str(job.config)
-    if job.version:
-        return load_config(config_for_version(job.version)), job.version
-    if job.ckpt_path:
-        from ldm.io.diffusers_format import config_from_diffusers, is_diffusers_folder
-        from ldm.io.model_io import config_from_checkpoint
-
-        if is_diffusers_folder(job.ckpt_path):
-            return config_from_diffusers(job.ckpt_path), f"{job.ckpt_path} (diffusers config)"
-        embedded = config_from_checkpoint(job.ckpt_path)
-        if embedded is not None:
-            return embedded, f"{job.ckpt_path} (embedded config)"
-    return load_config(config_for_version(DEFAULT_VERSION)), DEFAULT_VERSION
+    return resolve_model_config(job.config, job.version, checkpoint=job.ckpt_path, fallback_version=DEFAULT_VERSION)
 
 
 def resolve_lora_scales(paths: list[str], scales: list[float] | None) -> list[float]:
@@ -95,59 +85,25 @@ def resolve_lora_scales(paths: list[str], scales: list[float] | None) -> list[fl
     return [float(s) for s in scales]
 
 
-def apply_adapters(model, paths: list[str], scales: list[float], text_encoder: bool = True, log=print) -> None:
-    """Merge each adapter (``weight = scale``) into ``model``'s weights; checks existence, family and shapes first.
-    With ``text_encoder=False`` text-encoder modules are dropped (with a note)."""
-    from ldm.io.loading import cell_state_dict, load_state_dict_into
-    from ldm.io.model_io import model_family
-    from ldm.lora_tools import TE_PREFIX, Adapter, merge_into_base, read_adapter
-
-    family = model_family(model)
-    adapters = []
-    for path, scale in zip(paths, scales):
-        if not Path(path).is_file():
-            raise GenerationError(f"{path}: LoRA adapter file not found")
-        adapter = read_adapter(path)
-        if adapter.meta.get("family") != family:
-            raise GenerationError(
-                f"{path}: adapter family {adapter.meta.get('family')!r} does not match the base model family {family!r}"
-            )
-        if not text_encoder:
-            kept = {k: v for k, v in adapter.state.items() if not k.startswith(TE_PREFIX)}
-            dropped = len(adapter.state) - len(kept)
-            if dropped:
-                log(f"note: {path}: ignoring {dropped} text-encoder LoRA tensors (--lora_ft_text_encoder is off)")
-                if not kept:
-                    log(f"note: {path}: nothing left to merge")
-                    continue
-                adapter = Adapter(kept, adapter.meta)
-        adapters.append((path, adapter, scale))
-    if not adapters:
-        return
-    state = cell_state_dict(model)
-    for path, adapter, scale in adapters:
-        try:
-            state = merge_into_base(state, adapter, weight=scale)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
-    load_state_dict_into(model, state, source="merged LoRA weights")
-
-
 def validate_job(job: GenerationJob) -> list[float]:
     """Checks that need no model (cheap, MindSpore-free: the CLI runs them before start-up); returns the scales."""
     if not job.prompts or not all(p.strip() for p in job.prompts):
         raise GenerationError("empty prompt")
-    if job.sampler not in SAMPLERS:
-        raise GenerationError(f"unknown sampler {job.sampler!r}; choose from {', '.join(SAMPLERS)}")
+    if job.sampler not in SAMPLER_NAMES:
+        raise GenerationError(f"unknown sampler {job.sampler!r}; choose from {', '.join(SAMPLER_NAMES)}")
     if job.sampling_steps < 1 or job.n_samples < 1 or job.n_iter < 1:
         raise GenerationError("--sampling_steps, --n_samples and --n_iter must be at least 1")
     for flag, value in (("--H", job.height), ("--W", job.width)):
         if value is not None and (value <= 0 or value % 8):
             raise GenerationError(f"{flag} {value} must be a positive multiple of 8")
+    if job.attention_slice_size < 0:
+        raise GenerationError(f"--attention_slice_size {job.attention_slice_size} must be >= 0 (0: no slicing)")
+    if job.vae_tile_latent_size < 0 or job.vae_tile_latent_size == 1:
+        raise GenerationError(f"--vae_tile_latent_size {job.vae_tile_latent_size} must be 0 (off) or >= 2")
     if job.ckpt_path and not Path(job.ckpt_path).exists():
         raise GenerationError(f"{job.ckpt_path}: checkpoint not found")
-    if job.config and not Path(job.config).is_file():
-        raise GenerationError(f"{job.config}: config file not found")
+    if job.config:
+        find_config_file(job.config)  # ConfigError naming the places looked in
     scales = resolve_lora_scales(job.lora_ckpt_paths, job.lora_scales)
     for path in job.lora_ckpt_paths:
         if not Path(path).is_file():
@@ -166,33 +122,32 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     Image.fromarray(image).save(path)
 
 
-def _defaults(job: GenerationJob, model, family: str) -> tuple[int, int, float]:
-    version = job.version or (None if job.config else DEFAULT_VERSION)
-    if version in VERSIONS and not job.config:
-        native, scale = VERSIONS[version][1], VERSIONS[version][2]
-    else:
-        native = model.image_size * model.latent_factor
-        scale = 7.5 if family == "sd1" else 9.0
-    return job.height or native, job.width or native, scale if job.scale is None else job.scale
+def default_settings(config) -> tuple[int, int, float]:
+    """(height, width, guidance scale) a model config implies: its latent size times the VAE's downsampling factor
+    (``2 ** (len(ch_mult) - 1)``) and the family's guidance scale, whatever the config's source."""
+    params = model_node(config)["params"]
+    vae_factor = 2 ** (len(params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
+    native = int(params.get("image_size", 64)) * vae_factor
+    return native, native, DEFAULT_GUIDANCE[family_of_config(config)]
 
 
 def generate(job: GenerationJob, log=print, warn=None) -> dict:
     """Run ``job``; returns a summary (written files, images, seconds, images/s)."""
     from tqdm import tqdm
 
-    from ldm.io.model_io import load_pretrained, model_family
+    from ldm.io.model_io import load_pretrained
+    from ldm.lora.merge import apply_adapters
     from ldm.models.diffusion import build_model_from_config
-    from ldm.pipeline import SAMPLER_NAMES, GenerationSettings, Text2ImagePipeline, check_size, make_grid
+    from ldm.pipeline import GenerationSettings, Text2ImagePipeline, check_size, make_grid
 
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     scales = validate_job(job)
-    if SAMPLERS != SAMPLER_NAMES:  # the light copy used by the CLI must follow the pipeline's list
-        raise RuntimeError(f"ldm.generate.SAMPLERS {SAMPLERS} differs from ldm.pipeline.SAMPLER_NAMES")
-
-    config, config_label = resolve_config(job)
+    resolved = resolve_config(job)
+    config, config_label = resolved.config, resolved.label
+    native_h, native_w, default_scale = default_settings(config)
+    height, width = job.height or native_h, job.width or native_w
+    scale = default_scale if job.scale is None else job.scale
     model = build_model_from_config(config)
-    family = model_family(model)
-    height, width, scale = _defaults(job, model, family)
     check_size(model, height, width)
     if job.ckpt_path:
         report = load_pretrained(model, job.ckpt_path, allow_pickle=job.allow_pickle)
@@ -200,13 +155,15 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
     else:
         warn("WARNING: no --ckpt_path given: the model has RANDOM weights; the images are noise (smoke tests only)")
     if job.lora_ckpt_paths:
-        apply_adapters(model, job.lora_ckpt_paths, scales, text_encoder=job.lora_ft_text_encoder, log=log)
+        adapters = list(zip(job.lora_ckpt_paths, scales))
+        apply_adapters(model, adapters, text_encoder=job.lora_ft_text_encoder, log=log)
         log("merged LoRA: " + ", ".join(f"{p} x {s:g}" for p, s in zip(job.lora_ckpt_paths, scales)))
 
     settings = GenerationSettings(
         sampler=job.sampler, steps=job.sampling_steps, scale=scale, height=height, width=width, eta=job.ddim_eta
     )
     pipe = Text2ImagePipeline(model, job.sampler)
+    pipe.set_memory_options(job.attention_slice_size, job.vae_slicing, job.vae_tile_latent_size)
     out = Path(job.output_path)
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
@@ -273,7 +230,7 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
 __all__ = [
     "GenerationError",
     "GenerationJob",
-    "apply_adapters",
+    "default_settings",
     "generate",
     "read_prompts",
     "resolve_config",

@@ -1,21 +1,22 @@
 """Text-to-image generation: prompts -> text contexts -> guided sampling in latent space -> decoded uint8 images.
 
-The UNet call is wrapped once in a graph-compiled Cell (``GRAPH_MODE``) or ``ms.jit`` (PyNative) and reused at every
-sampler step: the latent batch, timestep and context shapes are fixed for a run, so it compiles once.
+In ``GRAPH_MODE`` the UNet call is one compiled Cell reused at every sampler step (the latent batch, timestep and
+context shapes are fixed for a run, so it compiles once). In PyNative the UNet, the text encoder and the VAE run op
+by op: a compiled CPU graph keeps every intermediate tensor alive (MindSpore 2.10; measured at full size in
+``benchmarks/README.md``), while eager execution frees each one after its last use, so PyNative is what lets a
+full-size model generate within a few GiB on CPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
+from ldm.names import SAMPLER_NAMES
 from ldm.samplers import get_sampler
 from ldm.samplers.base import guided_model_fn
-
-SAMPLER_NAMES = ("ddim", "plms", "dpm_solver_pp", "unipc")
 
 
 class _Denoiser(nn.Cell):
@@ -58,8 +59,16 @@ class Text2ImagePipeline:
         self.sampler = get_sampler(
             sampler, prediction_type=model.parameterization, alphas_cumprod=model.alphas_cumprod, **sampler_options
         )
-        denoiser = _Denoiser(model)
-        self.denoise = denoiser if ms.get_context("mode") == ms.GRAPH_MODE else ms.jit(denoiser.construct)
+        self.denoise = _Denoiser(model)
+
+    def set_memory_options(
+        self, attention_slice_size: int = 0, vae_slicing: bool = False, vae_tile_latent_size: int = 0
+    ) -> None:
+        """Workspace savers, all off by default: attention over ``attention_slice_size`` (batch x head) rows at a
+        time and one-image-at-a-time VAE decode leave the images unchanged (float32 rounding); VAE decode in
+        overlapping tiles of ``vae_tile_latent_size`` latent pixels changes them slightly (``autoencoder.py``)."""
+        self.model.model.diffusion_model.set_attention_slice_size(attention_slice_size)
+        self.model.first_stage_model.set_decode_memory_options(vae_slicing, vae_tile_latent_size)
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         return self.model.get_learned_conditioning(Tensor(self.model.tokenize(list(prompts))))

@@ -112,17 +112,17 @@ def instantiate_from_config(config: Any, **overrides: Any) -> Any:
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# --version shortcuts shared by the CLIs: (model config, native image size, default guidance scale)
+# --version shortcuts shared by the CLIs -> bundled model config (image size and family come from the config)
 VERSIONS = {
-    "1.5": ("v1-inference.yaml", 512, 7.5),
-    "2.0": ("v2-inference.yaml", 512, 9.0),
-    "2.1": ("v2-inference.yaml", 512, 9.0),
-    "2.0-v": ("v2-inference-v.yaml", 768, 9.0),
-    "2.1-v": ("v2-inference-v.yaml", 768, 9.0),
+    "1.5": "v1-inference.yaml",
+    "2.0": "v2-inference.yaml",
+    "2.1": "v2-inference.yaml",
+    "2.0-v": "v2-inference-v.yaml",
+    "2.1-v": "v2-inference-v.yaml",
 }
 
 
 def config_for_version(version: str) -> Path:
     if version not in VERSIONS:
         raise ConfigError(f"unknown --version {version!r} (choose from {', '.join(VERSIONS)})")
-    return CONFIG_DIR / VERSIONS[version][0]
+    return CONFIG_DIR / VERSIONS[version]

@@ -123,7 +123,7 @@ def _torch_state():
 @pytest.mark.parametrize("name", ["model.ckpt", "model.pt", "model.bin"])
 def test_torch_pickle_refused_without_allow_pickle(tmp_path, name):
     torch.save({"w": torch.ones(2)}, tmp_path / name)
-    with pytest.raises(CheckpointError, match=rf"{name}: .*--allow-pickle"):
+    with pytest.raises(CheckpointError, match=rf"{name}: .*--allow_pickle"):
         read_state_dict(tmp_path / name)
 
 

@@ -171,7 +171,7 @@ def test_cli_refuses_pickle_without_flag(tmp_path):
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": {"x": torch.zeros(2)}}, path)
     run = _cli(str(path), str(tmp_path / "o.safetensors"), "--config", TINY)
-    _one_line_error(run, "model.ckpt", "--allow-pickle")
+    _one_line_error(run, "model.ckpt", "--allow_pickle")
 
 
 def test_cli_unknown_config_key(tiny_single, tmp_path):

@@ -14,8 +14,10 @@ import pytest
 from ldm.io.checkpoint import write_state_dict
 from ldm.io.diffusers_format import read_diffusers_folder, write_diffusers_folder
 from ldm.io.model_io import load_pretrained, model_family
-from ldm.lora import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS, inject_lora, lora_metadata, lora_state_dict
-from ldm.lora_tools import UNetLayout, read_adapter, to_diffusers
+from ldm.lora.adapter import read_adapter, write_adapter
+from ldm.lora.interop import UNetLayout, to_diffusers
+from ldm.lora.network import inject_lora, to_adapter
+from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
 from ldm.models.diffusion import build_model_from_config
 
 torch = pytest.importorskip("torch")
@@ -42,7 +44,7 @@ def test_exported_adapter_matches_in_diffusers(family, tmp_path):
         if ".lora_up." in p.name:
             p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.3))
     ours_file = tmp_path / "ours.safetensors"
-    write_state_dict(ours_file, lora_state_dict(model), metadata=lora_metadata(model, family=model_family(model)))
+    write_adapter(ours_file, to_adapter(model, family=model_family(model)))
     lora, meta = to_diffusers(read_adapter(ours_file), LAYOUT)
     # transformers>=5 builds CLIPTextModel without the ``text_model`` level that diffusers LoRA files (and every
     # older transformers) use; diffusers 0.42 does not remap it, so drop it here for the installed reference.
@@ -80,7 +82,7 @@ def test_upl_merge_output_equals_unmerged_adapter(tmp_path):
     computes W x + s*up(down(x)) in fp32; the two roundings differ and compound through the UNet's ~30 projections
     (measured 1.4e-5 on one random draw). A wrong or missing scale moves the output by > 1e-3 (checked below)."""
     from ldm.io.loading import cell_state_dict, load_state_dict_into
-    from ldm.lora_tools import merge_into_base
+    from ldm.lora.merge import merge_into_base
     from ldm.util import CONFIG_DIR, load_config
 
     ms.set_seed(0)
@@ -96,7 +98,7 @@ def test_upl_merge_output_equals_unmerged_adapter(tmp_path):
         if ".lora_up." in p.name:
             p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.3))
     path = tmp_path / "a.safetensors"
-    write_state_dict(path, lora_state_dict(lora_model), metadata=lora_metadata(lora_model, family="sd2"))
+    write_adapter(path, to_adapter(lora_model, family="sd2"))
     merged = merge_into_base(base_state, read_adapter(path), weight=1.0)
     load_state_dict_into(base_model, merged)
 

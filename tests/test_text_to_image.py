@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm import lora_tools as lt
 from ldm.io.loading import cell_state_dict
 from ldm.io.model_io import save_model
+from ldm.lora.adapter import Adapter, make_adapter, write_adapter
 from ldm.models.diffusion import build_model_from_config
 from ldm.util import load_config
 
@@ -73,7 +73,7 @@ def finish(proc: subprocess.Popen) -> tuple:
     return proc.returncode, stdout, stderr
 
 
-def _random_adapter(state: dict, family: str, rng, with_text_encoder: bool = False) -> lt.Adapter:
+def _random_adapter(state: dict, family: str, rng, with_text_encoder: bool = False) -> Adapter:
     mods = {}
     for key, value in state.items():
         if key.endswith(("attn1.to_q.weight", "attn2.to_v.weight")) and value.ndim == 2:
@@ -90,7 +90,7 @@ def _random_adapter(state: dict, family: str, rng, with_text_encoder: bool = Fal
             2.0,
         )
     assert mods
-    return lt.make_adapter(mods, {"family": family})
+    return make_adapter(mods, {"family": family})
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +102,10 @@ def files(work):
     weights = work / "tiny.safetensors"
     save_model(model, weights, config=config)
     lora = work / "lora_sd2.safetensors"
-    lt.write_adapter(lora, _random_adapter(cell_state_dict(model), "sd2", rng, with_text_encoder=True))
+    write_adapter(lora, _random_adapter(cell_state_dict(model), "sd2", rng, with_text_encoder=True))
     sd1_state = cell_state_dict(build_model_from_config(load_config(SD1_CONFIG)))
     lora_sd1 = work / "lora_sd1.safetensors"
-    lt.write_adapter(lora_sd1, _random_adapter(sd1_state, "sd1", rng))
+    write_adapter(lora_sd1, _random_adapter(sd1_state, "sd1", rng))
     empty = work / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
     return {"weights": weights, "lora": lora, "lora_sd1": lora_sd1, "empty": empty}

@@ -75,3 +75,22 @@ def test_bundled_train_configs_parse(name):
     opts = parse_options(["--train_config", str(ROOT / f"configs/train/train_config_{name}.yaml")])
     assert (ROOT / opts.model_config).is_file()
     assert opts.use_lora == (name != "vanilla_v2")
+
+
+def test_bad_choice_fails_before_mindspore(tmp_path):
+    """A value outside an option's choices (YAML or command line) is one line naming the source and the option,
+    before MindSpore starts or any weights load; ``-h`` needs no MindSpore either."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora_targets: everything\n")
+    with pytest.raises(ConfigError, match="bad.yaml: option 'lora_targets' is 'everything'; choose from attention"):
+        parse_options(["--train_config", str(bad)])
+    probe = (
+        "import sys, runpy; sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as e:\n    print('mindspore' in sys.modules, e.code)\n"
+    )
+    for args, code in ((["--scheduler", "sometimes"], "2"), (["-h"], "0")):
+        run = subprocess.run([sys.executable, "-c", probe, str(SCRIPT), *args], capture_output=True, text=True)
+        assert run.stdout.strip().splitlines()[-1] == f"False {code}", run.stdout[-500:] + run.stderr[-2000:]
+    run = _run("--scheduler", "sometimes")
+    assert run.returncode == 2 and run.stderr.count("error:") == 1 and "--scheduler" in run.stderr

@@ -27,7 +27,8 @@ from ldm.data.synthetic import make_shapes_dataset
 from ldm.env import set_seed
 from ldm.io.checkpoint import read_metadata, read_state_dict
 from ldm.io.model_io import save_model
-from ldm.lora import load_lora_state_dict
+from ldm.lora.adapter import read_adapter
+from ldm.lora.network import load_adapter
 from ldm.models.diffusion import build_model_from_config
 from ldm.train.state import read_train_state_meta
 from ldm.train.trainer import TrainOptions, build_trainable_model
@@ -158,7 +159,7 @@ def test_loss_falls_and_only_lora_changes(setup, straight):
 
     adapter = out / "ckpt" / f"lora-{STEPS:06d}.safetensors"
     state = read_state_dict(adapter)
-    assert state and all(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in state)
+    assert state and all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in state)
     assert adapter.stat().st_size < 1_000_000
     header = json.loads(read_metadata(adapter)["ldm_lora"])
     assert header["family"] == "sd2" and header["rank"] == 4
@@ -181,7 +182,8 @@ def test_loss_falls_and_only_lora_changes(setup, straight):
     config = load_config(CONFIG_DIR / "tiny/sd2-tiny.yaml")
     opts = TrainOptions(use_lora=True, lora_rank=4, pretrained_model_path=str(setup["base"]))
     model, _ = build_trainable_model(opts, config)  # loads the base, then injects LoRA
-    load_lora_state_dict(model, state, read_metadata(adapter))
+    load_adapter(model, read_adapter(adapter))
+    state = {k: v for k, v in state.items() if not k.endswith(".alpha")}  # alphas are layer settings, not params
     params = {p.name: p.asnumpy() for p in model.get_parameters()}
     assert set(params) >= set(base) | set(state)
     assert all(k.endswith(".lora_mult") for k in set(params) - set(base) - set(state))

@@ -21,7 +21,8 @@ def test_adapter_file_holds_only_lora_and_header(tmp_path):
     path = tmp_path / "lora.safetensors"
     save_weights(model, params, path, opts)
     state = read_state_dict(path)
-    assert set(state) == {p.name for p in params}
+    assert {k for k in state if not k.endswith(".alpha")} == {p.name for p in params}
+    assert {float(v) for k, v in state.items() if k.endswith(".alpha")} == {4.0}
     header = json.loads(read_metadata(path)["ldm_lora"])
     assert header["family"] == "sd2" and header["rank"] == 2 and header["alpha"] == 4.0
     assert header["parameterization"] == "eps" and header["context_dim"] == 32

@@ -13,7 +13,7 @@ from ldm.data.synthetic import make_shapes_dataset
 from ldm.env import init_env
 from ldm.io.model_io import save_model
 from ldm.models.diffusion import build_model_from_config
-from ldm.train.options import parse_options, resolve_model_config
+from ldm.train.options import parse_options, resolve_train_config
 from ldm.train.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,8 +43,7 @@ def main() -> int:
             str(args.max_train_steps),
         ]
     )
-    opts.model_config = str(ROOT / opts.model_config)
-    config = resolve_model_config(opts)
+    config = resolve_train_config(opts).config
     if not base.exists():
         save_model(build_model_from_config(config), base, config=config)
     summary = run_training(opts, config)

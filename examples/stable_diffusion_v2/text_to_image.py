@@ -4,35 +4,25 @@
         [--use_lora True --lora_ckpt_path a.safetensors --lora_scale 0.8] [--sampler dpm_solver_pp]
 
 Writes ``<output_path>/samples/NNNNN.png`` (+ ``NNNNN.json`` with the settings and per-image seed) and one
-``<output_path>/grid-<k>.png`` per prompt. Errors are one ``error: ...`` line on stderr with exit status 2.
+``<output_path>/grid-<k>.png`` per prompt. Without ``--H``/``--W``/``--scale`` the model config decides (its image
+size times the VAE factor; guidance 7.5 for SD1, 9.0 for SD2). Errors are one ``error: ...`` line on stderr with exit
+status 2 (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import ldm  # noqa: E402, F401  (CPU defaults before mindspore)
-from ldm.generate import SAMPLERS, GenerationError, GenerationJob, generate, read_prompts, validate_job  # noqa: E402
-from ldm.io.checkpoint import CheckpointError  # noqa: E402
-from ldm.util import VERSIONS, ConfigError, check_output_folder  # noqa: E402
+import ldm  # noqa: F401  (CPU defaults before mindspore)
+from ldm.cli import Parser, add_allow_pickle, run, str2bool
+from ldm.generate import GenerationError, GenerationJob, generate, read_prompts, validate_job
+from ldm.names import SAMPLER_NAMES
+from ldm.util import VERSIONS, check_output_folder
 
 
-def _str2bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes"):
-        return True
-    if value.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--data_path", help="text file with one prompt per line")
@@ -40,25 +30,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="model YAML config (overrides --version)")
     p.add_argument("--version", choices=list(VERSIONS), help="bundled config of this SD version (default 2.1)")
     p.add_argument("--ckpt_path", help="weights: our/Stability single file or a diffusers folder (omit: random)")
-    p.add_argument("--allow_pickle", action="store_true", help="read PyTorch pickle checkpoints (trusted files only)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="dpm_solver_pp")
+    add_allow_pickle(p)
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpm_solver_pp")
     p.add_argument("--sampling_steps", type=int, default=20)
-    p.add_argument("--scale", type=float, help="guidance scale (default: 9.0 for 2.x, 7.5 for 1.5)")
+    p.add_argument("--scale", type=float, help="guidance scale (default: 9.0 for SD2, 7.5 for SD1)")
     p.add_argument("--ddim_eta", type=float, default=0.0)
     p.add_argument("--n_samples", type=int, default=1, help="batch size per prompt")
     p.add_argument("--n_iter", type=int, default=2, help="batches per prompt; iteration i uses seed + i")
-    p.add_argument("--H", type=int, help="image height (default: the version's native size)")
-    p.add_argument("--W", type=int, help="image width (default: the version's native size)")
+    p.add_argument("--H", type=int, help="image height (default: the model config's native size)")
+    p.add_argument("--W", type=int, help="image width (default: the model config's native size)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--use_lora", type=_str2bool, default=False, help="merge the --lora_ckpt_path adapters (True)")
+    p.add_argument("--use_lora", type=str2bool, default=False, help="merge the --lora_ckpt_path adapters (True)")
     p.add_argument("--lora_ckpt_path", action="append", default=[], help="LoRA adapter file (repeatable)")
     p.add_argument("--lora_scale", type=float, action="append", help="scale per adapter (repeatable; default 1.0)")
     p.add_argument(
-        "--lora_ft_text_encoder", type=_str2bool, default=False, help="also merge the adapters' text-encoder modules"
+        "--lora_ft_text_encoder", type=str2bool, default=False, help="also merge the adapters' text-encoder modules"
     )
     p.add_argument("--output_path", default="output/")
     p.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default="CPU")
     p.add_argument("--mode", type=int, choices=(0, 1), default=0, help="0 graph (default), 1 pynative")
+    p.add_argument(
+        "--attention_slice_size",
+        type=int,
+        default=0,
+        help="attention over this many batch x head rows at a time (0: all)",
+    )
+    p.add_argument("--vae_slicing", type=str2bool, default=False, help="decode one image of a batch at a time")
+    p.add_argument(
+        "--vae_tile_latent_size", type=int, default=0, help="decode in overlapping tiles of this many latents (0: off)"
+    )
     return p
 
 
@@ -91,23 +91,25 @@ def job_from_args(args: argparse.Namespace) -> GenerationJob:
         lora_scales=args.lora_scale if adapters else None,
         lora_ft_text_encoder=args.lora_ft_text_encoder,
         output_path=args.output_path,
+        attention_slice_size=args.attention_slice_size,
+        vae_slicing=args.vae_slicing,
+        vae_tile_latent_size=args.vae_tile_latent_size,
     )
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        job = job_from_args(args)
-        validate_job(job)  # fail fast, before MindSpore is imported
-        check_output_folder(job.output_path, "--output_path")
-        from ldm.env import init_env
+def _generate(args: argparse.Namespace) -> int:
+    job = job_from_args(args)
+    validate_job(job)  # fail fast, before MindSpore is imported
+    check_output_folder(job.output_path, "--output_path")
+    from ldm.env import init_env
 
-        init_env(args.device_target, mode=args.mode, seed=args.seed)
-        generate(job)
-    except (GenerationError, CheckpointError, ConfigError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    init_env(args.device_target, mode=args.mode, seed=args.seed)
+    generate(job)
     return 0
+
+
+def main(argv=None) -> int:
+    return run(build_parser(), _generate, argv)
 
 
 if __name__ == "__main__":

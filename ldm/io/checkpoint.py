@@ -17,6 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm.io.errors import CheckpointError, CheckpointWriteError, bfloat16_bits_to_float32
+from ldm.io.torch_pickle import load_torch_file
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointWriteError",
+    "bfloat16_bits_to_float32",
+    "check_all_finite",
+    "read_metadata",
+    "read_state_dict",
+    "write_state_dict",
+]
+
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 _ZIP_MAGIC = b"PK\x03\x04"
 SAFETENSORS_ITEMSIZE = {
@@ -25,24 +38,10 @@ SAFETENSORS_ITEMSIZE = {
 }  # fmt: skip
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is unreadable, unsafe or does not match the model; the message names the file and key."""
-
-
-class CheckpointWriteError(CheckpointError, OSError):
-    """A checkpoint could not be written (disk full, folder missing or read-only); the previous file is unchanged.
-    Also an ``OSError``, so callers handling I/O errors keep catching it."""
-
-
-def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """Widen raw bfloat16 bit patterns (uint16) to float32, exactly."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 def _pickle_refused(path: Path) -> CheckpointError:
     return CheckpointError(
         f"{path}: is a PyTorch pickle checkpoint; pickle files can run arbitrary code when loaded, so they are read "
-        "only with --allow-pickle (allow_pickle=True; tensors are rebuilt by a restricted unpickler). Prefer a "
+        "only with --allow_pickle (allow_pickle=True; tensors are rebuilt by a restricted unpickler). Prefer a "
         ".safetensors copy, and only allow pickles from sources you trust"
     )
 
@@ -69,8 +68,6 @@ def read_state_dict(path, allow_pickle: bool = False, check_finite: bool = True)
     elif suffix in TORCH_SUFFIXES or (suffix == ".ckpt" and _is_torch_pickle(path)):
         if not allow_pickle:
             raise _pickle_refused(path)
-        from ldm.io.torch_pickle import load_torch_file  # imports this module for CheckpointError
-
         state = load_torch_file(path)
     elif suffix == ".ckpt":
         state = _read_mindspore(path)

@@ -21,14 +21,8 @@ import numpy as np
 
 from ldm.io import text_encoder_keys, unet_keys, vae_keys
 from ldm.io.checkpoint import CheckpointError, read_state_dict, write_state_dict
+from ldm.names import TEXT_ENCODER_TARGETS, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, family_of_config, model_node
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model."
-CLIP_TARGETS = {
-    "sd1": "ldm.models.text_encoders.FrozenCLIPEmbedder",
-    "sd2": "ldm.models.text_encoders.FrozenOpenCLIPEmbedder",
-}
 WEIGHT_FILES = {
     "unet": (
         "diffusion_pytorch_model.safetensors",
@@ -330,27 +324,10 @@ def config_from_diffusers(folder: str | Path) -> dict:
                 "channels": unet_params["in_channels"],
                 "unet_config": {"target": "ldm.models.unet.UNetModel", "params": unet_params},
                 "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": vae_params},
-                "cond_stage_config": {"target": CLIP_TARGETS[family], "params": text_params},
+                "cond_stage_config": {"target": TEXT_ENCODER_TARGETS[family], "params": text_params},
             },
         }
     }
-
-
-def _model_node(config: Any) -> dict:
-    node = config["model"] if "model" in config else config
-    if hasattr(node, "keys") and not isinstance(node, dict):
-        from omegaconf import OmegaConf
-
-        node = OmegaConf.to_container(node, resolve=True)
-    return node
-
-
-def family_of_config(config: Any) -> str:
-    target = _model_node(config)["params"]["cond_stage_config"]["target"]
-    for family, name in CLIP_TARGETS.items():
-        if target == name:
-            return family
-    raise CheckpointError(f"unknown text encoder target {target!r} (expected one of {sorted(CLIP_TARGETS.values())})")
 
 
 def _unet_layout(unet_params: dict) -> dict:
@@ -369,7 +346,7 @@ def _vae_layout(vae_params: dict) -> dict:
 def diffusers_configs(config: Any) -> dict[str, dict]:
     """diffusers ``config.json`` contents for each component of our model config (inverse of
     :func:`config_from_diffusers` for the settings both sides have)."""
-    p = _model_node(config)["params"]
+    p = model_node(config)["params"]
     unet = p["unet_config"]["params"]
     vae = p["first_stage_config"]["params"]
     text = p["cond_stage_config"]["params"]
@@ -512,7 +489,7 @@ def write_diffusers_folder(
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise CheckpointError(f"{folder}: already exists (pass overwrite to replace it)")
-    node = _model_node(config)
+    node = model_node(config)
     p = node["params"]
     family = family_of_config(config)
     parts = _split_prefixes(state_dict)

@@ -17,20 +17,35 @@ from typing import Any
 import numpy as np
 
 from ldm.io import text_encoder_keys
-from ldm.io.checkpoint import CheckpointError, read_metadata, read_state_dict, write_state_dict
-from ldm.io.diffusers_format import TEXT_PREFIX, family_of_config, is_diffusers_folder, read_diffusers_folder
+from ldm.io.checkpoint import CheckpointError, read_state_dict, write_state_dict
+from ldm.io.diffusers_format import is_diffusers_folder, read_diffusers_folder
 from ldm.io.loading import LoadReport, cell_state_dict, load_state_dict_into
 from ldm.io.mindone_keys import is_mindone_state_dict, mindone_to_ldm
+from ldm.io.model_config import CONFIG_METADATA_KEY
+from ldm.names import TEXT_PREFIX, check_family, family_of_config
 
-CONFIG_METADATA_KEY = "ldm_config"
 EMA_PREFIX = "model_ema."
+# Buffers of the original LDM ``DDPM`` class found in Stability checkpoints; our model recomputes them.
+SCHEDULE_BUFFER_KEYS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "logvar",
+)
 
 
 def model_family(model) -> str:
-    """``sd1`` (CLIP ViT-L text encoder) or ``sd2`` (OpenCLIP ViT-H) for a built LatentDiffusion."""
-    from ldm.models.text_encoders import FrozenOpenCLIPEmbedder
-
-    return "sd2" if isinstance(model.cond_stage_model, FrozenOpenCLIPEmbedder) else "sd1"
+    """``sd1``/``sd2`` of a built LatentDiffusion: the ``family`` its text encoder declares."""
+    return check_family(model.cond_stage_model.family)
 
 
 def _check_schedule(raw: dict[str, np.ndarray], model, path: Path) -> None:
@@ -46,8 +61,6 @@ def read_ldm_file(path: str | Path, model, allow_pickle: bool = False) -> dict[s
     path = Path(path)
     raw = read_state_dict(path, allow_pickle=allow_pickle)
     _check_schedule(raw, model, path)
-    from ldm.models.diffusion import SCHEDULE_BUFFER_KEYS
-
     family = model_family(model)
     if is_mindone_state_dict(raw):
         try:
@@ -90,20 +103,6 @@ def read_any(path: str | Path, model, allow_pickle: bool = False) -> dict[str, n
 def load_pretrained(model, path: str | Path, allow_pickle: bool = False) -> LoadReport:
     """Strictly load a checkpoint into ``model``: any missing, unexpected or mis-shaped key is an error."""
     return load_state_dict_into(model, read_any(path, model, allow_pickle=allow_pickle), source=str(path))
-
-
-def config_from_checkpoint(path: str | Path) -> dict | None:
-    """The model config embedded in one of our ``.safetensors`` files, or None."""
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors" or not path.is_file():
-        return None
-    text = read_metadata(path).get(CONFIG_METADATA_KEY)
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise CheckpointError(f"{path}: metadata key {CONFIG_METADATA_KEY!r} is not valid JSON") from None
 
 
 def save_model(model, path: str | Path, config: Any = None, dtype: str = "float32") -> None:

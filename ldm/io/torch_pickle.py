@@ -16,7 +16,7 @@ import zipfile
 
 import numpy as np
 
-from ldm.io.checkpoint import CheckpointError, bfloat16_bits_to_float32
+from ldm.io.errors import CheckpointError, bfloat16_bits_to_float32
 
 # torch storage class -> numpy dtype of one element; bfloat16 is read as its raw 16 bits and widened to float32.
 _STORAGE_DTYPES = {

@@ -46,7 +46,7 @@ _PARAM_LEAF = re.compile(r"weight|bias")
 _LAYER, _RESNET, _TRANSFORMER = "layer", "resnet", "transformer"
 
 
-def _block_table(
+def block_table(
     num_res_blocks: int, channel_mult: Sequence[int], attention_resolutions: Sequence[int]
 ) -> List[Tuple[str, str, str]]:
     """(diffusers prefix, LDM prefix, kind) for every block of the UNet described by the arguments."""
@@ -132,7 +132,7 @@ def diffusers_to_ldm(
     The layout arguments mean what they mean for ``UNetModel`` (defaults: SD 1.x and 2.x, which share one layout).
     Raises KeyError naming the first key that does not belong to that layout.
     """
-    table = _block_table(num_res_blocks, channel_mult, attention_resolutions)
+    table = block_table(num_res_blocks, channel_mult, attention_resolutions)
     return _convert(state_dict, {d: (m, kind) for d, m, kind in table}, _RESNET_NAMES, "diffusers")
 
 
@@ -143,5 +143,5 @@ def ldm_to_diffusers(
     attention_resolutions: Sequence[int] = (4, 2, 1),
 ) -> Dict[str, np.ndarray]:
     """Inverse of :func:`diffusers_to_ldm`: LDM ``UNetModel`` keys to diffusers ``UNet2DConditionModel`` keys."""
-    table = _block_table(num_res_blocks, channel_mult, attention_resolutions)
+    table = block_table(num_res_blocks, channel_mult, attention_resolutions)
     return _convert(state_dict, {m: (d, kind) for d, m, kind in table}, _RESNET_NAMES_INV, "LDM")

@@ -3,6 +3,10 @@
 Names follow CompVis/Stability ``ldm/modules/attention.py`` (``attn1.to_q``, ``attn2.to_out.0``, ``ff.net.0.proj``,
 ``ff.net.2``, ``proj_in``/``proj_out``) so checkpoints load without renaming. Attention runs as batched matmuls with
 the softmax in float32; on Ascend an optional fused flash-attention kernel can replace that path.
+``attention_slice_size`` computes the scores for that many (batch x head) rows at a time, as diffusers'
+``enable_attention_slicing`` does: at 64x64 latents one head's scores are 4096x4096 floats (64 MiB), so slicing caps
+the attention workspace of inference at a few slices instead of all batch x heads at once. Each row is computed by
+the same operations either way, so the output is unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class CrossAttention(nn.Cell):
         dim_head: int = 64,
         dropout: float = 0.0,
         enable_flash_attention: bool = False,
+        attention_slice_size: int = 0,
     ):
         super().__init__()
         if heads < 1 or dim_head < 1:
@@ -46,6 +51,9 @@ class CrossAttention(nn.Cell):
         self.to_out = nn.SequentialCell([Linear(inner_dim, query_dim), nn.Dropout(p=dropout)])
         self.use_flash = use_flash_attention(enable_flash_attention)
         self.fa_pad = (-dim_head) % _FA_HEAD_ALIGN
+        if attention_slice_size < 0:
+            raise ValueError(f"attention_slice_size must be >= 0 (0: no slicing), got {attention_slice_size}")
+        self.slice_size = int(attention_slice_size)
 
     def _split_heads(self, x):
         """(B, S, H*D) -> (B, H, S, D)."""
@@ -59,9 +67,21 @@ class CrossAttention(nn.Cell):
         q = (q * self.scale).reshape(b * h, n, d)
         k = k.reshape(b * h, m, d)
         v = v.reshape(b * h, m, d)
+        rows = b * h
+        if not self.slice_size or self.slice_size >= rows:
+            return self._scores_times_values(q, k, v).reshape(b, h, n, d)
+        step = self.slice_size
+        parts = [
+            self._scores_times_values(q[i : i + step], k[i : i + step], v[i : i + step]) for i in range(0, rows, step)
+        ]
+        return ops.cat(parts, axis=0).reshape(b, h, n, d)
+
+    @staticmethod
+    def _scores_times_values(q, k, v):
+        """softmax(q k^T) v for (rows, S, D) tensors, the softmax in float32."""
         sim = ops.bmm(q, k.transpose(0, 2, 1))
         attn = ops.softmax(sim.astype(ms.float32), axis=-1).astype(v.dtype)
-        return ops.bmm(attn, v).reshape(b, h, n, d)
+        return ops.bmm(attn, v)
 
     def _flash_attention(self, q, k, v):
         """Ascend fused kernel (fp16 inputs, head size padded to a multiple of 16; zero padding changes nothing)."""
@@ -123,11 +143,13 @@ class BasicTransformerBlock(nn.Cell):
         dropout: float = 0.0,
         context_dim: int | None = None,
         enable_flash_attention: bool = False,
+        attention_slice_size: int = 0,
     ):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, n_heads, d_head, dropout, enable_flash_attention)
+        attn = (dropout, enable_flash_attention, attention_slice_size)
+        self.attn1 = CrossAttention(dim, None, n_heads, d_head, *attn)
         self.ff = FeedForward(dim, dropout=dropout)
-        self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, dropout, enable_flash_attention)
+        self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, *attn)
         self.norm1 = LayerNorm(dim)
         self.norm2 = LayerNorm(dim)
         self.norm3 = LayerNorm(dim)
@@ -155,6 +177,7 @@ class SpatialTransformer(nn.Cell):
         context_dim: int | None = None,
         use_linear: bool = False,
         enable_flash_attention: bool = False,
+        attention_slice_size: int = 0,
     ):
         super().__init__()
         if depth < 1:
@@ -170,7 +193,9 @@ class SpatialTransformer(nn.Cell):
             self.proj_out = Conv2d(inner_dim, in_channels, 1)
         self.transformer_blocks = nn.CellList(
             [
-                BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim, enable_flash_attention)
+                BasicTransformerBlock(
+                    inner_dim, n_heads, d_head, dropout, context_dim, enable_flash_attention, attention_slice_size
+                )
                 for _ in range(depth)
             ]
         )

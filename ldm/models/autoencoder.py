@@ -4,11 +4,18 @@ Module layout and names follow CompVis/Stability (``encoder.down.{i}.block.{j}``
 ``decoder.up.{i}.upsample.conv``, ``quant_conv``...), so a Stability checkpoint's ``first_stage_model.*`` tensors
 load without renaming; :mod:`ldm.io.vae_keys` maps diffusers names onto these. Norms and the attention softmax
 compute in float32 whatever ``dtype`` the convolutions use.
+
+Two memory options of ``decode`` mirror diffusers' ``enable_vae_slicing``/``enable_vae_tiling``: slicing decodes a
+batch one latent at a time (the same image, one image's activations at a time); tiling decodes overlapping latent
+tiles and blends their overlaps linearly. Tiling changes the image: the decoder's GroupNorm statistics and its
+mid-block attention then see one tile instead of the whole latent, so tiles can differ slightly in tone and seams
+are smoothed, not avoided. Both are off by default.
 """
 
 from __future__ import annotations
 
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ldm.models.layers import Conv2d, GroupNorm
@@ -26,6 +33,7 @@ DDCONFIG_REQUIRED = (
 )
 DDCONFIG_OPTIONAL = {"double_z": True, "dropout": 0.0}
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour, as diffusers' tile_overlap_factor
 
 
 def Normalize(channels: int) -> GroupNorm:
@@ -252,6 +260,20 @@ class Decoder(nn.Cell):
         return self.conv_out(ops.silu(self.norm_out(h)))
 
 
+def _blend_rows(above: np.ndarray, below: np.ndarray, extent: int) -> np.ndarray:
+    """Fade the first ``extent`` rows of ``below`` in from the last rows of ``above`` (linear weights)."""
+    extent = min(extent, above.shape[2], below.shape[2])
+    w = (np.arange(extent, dtype=np.float32) / extent).reshape(1, 1, -1, 1)
+    out = below.copy()
+    out[:, :, :extent] = above[:, :, above.shape[2] - extent :] * (1.0 - w) + below[:, :, :extent] * w
+    return out
+
+
+def _blend_cols(left: np.ndarray, right: np.ndarray, extent: int) -> np.ndarray:
+    """Fade the first ``extent`` columns of ``right`` in from the last columns of ``left``."""
+    return _blend_rows(left.transpose(0, 1, 3, 2), right.transpose(0, 1, 3, 2), extent).transpose(0, 1, 3, 2)
+
+
 def check_ddconfig(ddconfig: dict) -> dict:
     """Return ``ddconfig`` with LDM's defaults filled in; unknown or missing keys raise ValueError naming them."""
     valid = set(DDCONFIG_REQUIRED) | set(DDCONFIG_OPTIONAL)
@@ -303,6 +325,9 @@ class AutoencoderKL(nn.Cell):
         self.post_quant_conv = Conv2d(embed_dim, cfg["z_channels"], 1)
         self.embed_dim = int(embed_dim)
         self.dtype = dtype
+        self.latent_factor = 2 ** (len(cfg["ch_mult"]) - 1)
+        self.slice_decode = False
+        self.tile_latent_size = 0
         if dtype != ms.float32:
             for _, cell in self.cells_and_names():
                 if isinstance(cell, nn.Conv2d):
@@ -314,9 +339,60 @@ class AutoencoderKL(nn.Cell):
         mean, logvar = ops.split(moments, self.embed_dim, axis=1)
         return mean, ops.clamp(logvar, LOGVAR_MIN, LOGVAR_MAX)
 
+    def set_decode_memory_options(self, slicing: bool = False, tile_latent_size: int = 0) -> None:
+        """slicing: decode one latent of a batch at a time (exact). tile_latent_size > 0: decode latents larger than
+        this in overlapping tiles of this many latent pixels (approximate, see the module docstring). Both act
+        when ``decode`` runs eagerly (PyNative); a decode compiled into a graph ignores them."""
+        if tile_latent_size < 0 or tile_latent_size == 1:
+            raise ValueError(f"tile_latent_size must be 0 (off) or >= 2, got {tile_latent_size}")
+        self.slice_decode = bool(slicing)
+        self.tile_latent_size = int(tile_latent_size)
+
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latent -> float32 image (roughly [-1, 1])."""
+        tile = self.tile_latent_size
+        if tile and (z.shape[2] > tile or z.shape[3] > tile):
+            return self._tiled_decode(z)
+        if self.slice_decode and z.shape[0] > 1:
+            return ops.cat([self._decode(z[i : i + 1]) for i in range(z.shape[0])], axis=0)
+        return self._decode(z)
+
+    def _decode(self, z: Tensor) -> Tensor:
         return self.decoder(self.post_quant_conv(z.astype(self.dtype))).astype(ms.float32)
+
+    def _tiled_decode(self, z: Tensor) -> Tensor:
+        """Decode overlapping tiles (stride 3/4 of a tile), blend each into its upper and left neighbours over the
+        overlap with linear weights, keep each tile's first ``stride * factor`` pixels (all of the last tile of a
+        row or column) and stitch them."""
+        tile, f = self.tile_latent_size, self.latent_factor
+        stride = max(int(tile * (1.0 - TILE_OVERLAP)), 1)
+        blend = tile * f - stride * f
+        height, width = z.shape[2], z.shape[3]
+        rows = []
+        for top in range(0, height, stride):
+            row = []
+            for left in range(0, width, stride):
+                part = self._decode_tile(z[:, :, top : top + tile, left : left + tile])
+                if rows:
+                    part = _blend_rows(rows[-1][len(row)], part, blend)
+                if row:
+                    part = _blend_cols(row[-1], part, blend)
+                row.append(part)
+                if left + tile >= width:
+                    break
+            rows.append(row)
+            if top + tile >= height:
+                break
+        keep = stride * f  # each tile but the last of a row/column gives way to the next one after this
+        stitched = [np.concatenate([p[..., :keep] for p in row[:-1]] + [row[-1]], axis=3) for row in rows]
+        image = np.concatenate([r[:, :, :keep] for r in stitched[:-1]] + [stitched[-1]], axis=2)
+        return Tensor(image)
+
+    def _decode_tile(self, z: Tensor) -> np.ndarray:
+        """One tile as a numpy array, one latent of the batch at a time when slicing is on."""
+        if self.slice_decode and z.shape[0] > 1:
+            return np.concatenate([self._decode(z[i : i + 1]).asnumpy() for i in range(z.shape[0])], axis=0)
+        return self._decode(z).asnumpy()
 
     def construct(self, x, noise):
         """LDM's forward with a sampled posterior: returns (reconstruction, mean, logvar)."""

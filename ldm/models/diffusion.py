@@ -2,7 +2,7 @@
 
 Children are named as in CompVis/Stability checkpoints: ``model.diffusion_model`` (UNet), ``first_stage_model``
 (KL-VAE), ``cond_stage_model`` (CLIP/OpenCLIP text encoder). The DDPM schedule is held as constant tensors, not
-parameters, so it never appears in a state dict; ``SCHEDULE_BUFFER_KEYS`` names the buffers Stability files carry.
+parameters, so it never appears in a state dict (``ldm.io.model_io`` drops the schedule buffers Stability files carry).
 """
 
 from __future__ import annotations
@@ -17,23 +17,6 @@ from ldm.schedule import SD_LINEAR_END, SD_LINEAR_START, SD_TIMESTEPS, alphas_cu
 from ldm.util import instantiate_from_config
 
 PARAMETERIZATIONS = {"eps": "eps", "v": "v", "velocity": "v"}
-
-# Buffers of the original LDM ``DDPM`` class found in Stability checkpoints; recomputed here from the config.
-SCHEDULE_BUFFER_KEYS = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-    "logvar",
-)
 
 
 class DiffusionWrapper(nn.Cell):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, nn, ops
+from mindspore import Parameter, mint, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 
@@ -37,16 +37,13 @@ class GroupNorm(nn.Cell):
             self.bias = _zeros(num_channels)
 
     def construct(self, x):
-        dtype = x.dtype
-        shape = x.shape
-        h = x.astype(ms.float32).reshape(shape[0], self.num_groups, -1)
-        mean = h.mean(axis=-1, keep_dims=True)
-        var = ops.square(h - mean).mean(axis=-1, keep_dims=True)
-        h = ((h - mean) * ops.rsqrt(var + self.eps)).reshape(shape)
-        if self.affine:
-            bshape = (1, self.num_channels) + (1,) * (len(shape) - 2)
-            h = h * self.weight.reshape(bshape) + self.bias.reshape(bshape)
-        return h.astype(dtype)
+        """MindSpore's fused GroupNorm kernel in float32: the same statistics as spelling the norm out with
+        mean/square/rsqrt (to ~1e-7 relative), without that spelling's half-dozen full-size temporaries (measured
+        13x the input's size at 128 channels x 256x256, which dominated eager VAE memory at 512px)."""
+        weight = self.weight if self.affine else None
+        bias = self.bias if self.affine else None
+        h = mint.nn.functional.group_norm(x.astype(ms.float32), self.num_groups, weight, bias, self.eps)
+        return h.astype(x.dtype)
 
 
 class LayerNorm(nn.Cell):

@@ -27,7 +27,6 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from ldm.io.text_encoder_keys import checkpoint_ignored_keys
 from ldm.models.layers import Embedding, LayerNorm, Linear
 from ldm.models.unet import resolve_dtype
 from ldm.tokenizer import EOT_ID, CLIPTokenizer
@@ -369,10 +368,6 @@ class FrozenOpenCLIPEmbedder(nn.Cell):
             eps=eps,
             dtype=dtype,
         )
-
-    def checkpoint_ignored_keys(self) -> tuple[str, ...]:
-        """Stability checkpoint keys (relative to ``cond_stage_model``) that this embedder does not use."""
-        return checkpoint_ignored_keys(self.family, self.layers)
 
     def tokenize(self, texts) -> np.ndarray:
         """int32 [B, max_length] ids with this family's padding."""

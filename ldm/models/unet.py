@@ -15,7 +15,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ldm.models.attention import SpatialTransformer
+from ldm.models.attention import CrossAttention, SpatialTransformer
 from ldm.models.layers import Conv2d, GroupNorm, Linear
 
 SD1_UNET_CONFIG = dict(
@@ -141,9 +141,11 @@ class UNetModel(nn.Cell):
     Arguments follow LDM's ``openaimodel.UNetModel``. ``attention_resolutions`` are downsampling factors (1, 2, 4, ...)
     at which SpatialTransformers are inserted. Give exactly one of ``num_heads`` (SD 1.x: 8 heads everywhere) or
     ``num_head_channels`` (SD 2.x: 64 channels per head). ``legacy`` is accepted for config compatibility; it only
-    changes head sizes that do not divide the channels evenly, which are rejected here. ``use_checkpoint`` recomputes
-    each block in the backward pass (``Cell.recompute``) to save activation memory. ``dtype`` is the compute dtype of
-    Dense/Conv layers; parameters stay float32. ``enable_flash_attention`` takes effect on Ascend only.
+    changes head sizes that do not divide the channels evenly, which are rejected here. ``use_checkpoint`` (LDM's
+    name; mindone's training option is ``use_recompute``) recomputes each block in the backward pass to save
+    activation memory, see ``enable_recompute``. ``dtype`` is the compute dtype of Dense/Conv layers; parameters stay
+    float32. ``enable_flash_attention`` takes effect on Ascend only. ``attention_slice_size`` > 0 computes attention
+    scores for that many (batch x head) rows at a time (same output, smaller workspace; see ``attention.py``).
     """
 
     def __init__(
@@ -166,6 +168,7 @@ class UNetModel(nn.Cell):
         use_checkpoint: bool = False,
         dtype=ms.float32,
         enable_flash_attention: bool = False,
+        attention_slice_size: int = 0,
     ):
         super().__init__()
         channel_mult = tuple(channel_mult)
@@ -204,6 +207,7 @@ class UNetModel(nn.Cell):
                 context_dim,
                 use_linear_in_transformer,
                 enable_flash_attention,
+                attention_slice_size,
             )
 
         blocks = [TimestepEmbedSequential([Conv2d(in_channels, model_channels, 3, padding=1)])]
@@ -243,9 +247,30 @@ class UNetModel(nn.Cell):
             for _, cell in self.cells_and_names():
                 if isinstance(cell, (nn.Dense, nn.Conv2d)):
                     cell.to_float(self.compute_dtype)
+        self.recompute_enabled = False
         if use_checkpoint:
-            for block in (*self.input_blocks, self.middle_block, *self.output_blocks):
-                block.recompute()
+            self.enable_recompute()
+
+    def enable_recompute(self) -> None:
+        """Keep only each block's input for the backward pass and recompute the block's activations there.
+
+        Applies ``Cell.recompute`` to every input, middle and output block (graph mode and PyNative alike). The
+        gradients are the same computation done twice, so they are unchanged; a training step costs about one more
+        forward pass. MindSpore allows it once per Cell, so a second call does nothing.
+        """
+        if self.recompute_enabled:
+            return
+        for block in (*self.input_blocks, self.middle_block, *self.output_blocks):
+            block.recompute()
+        self.recompute_enabled = True
+
+    def set_attention_slice_size(self, slice_size: int) -> None:
+        """Set every attention's slice size (0: no slicing); takes effect before a graph is compiled, or eagerly."""
+        if slice_size < 0:
+            raise ValueError(f"attention_slice_size must be >= 0 (0: no slicing), got {slice_size}")
+        for _, cell in self.cells_and_names():
+            if isinstance(cell, CrossAttention):
+                cell.slice_size = int(slice_size)
 
     @staticmethod
     def _check_args(

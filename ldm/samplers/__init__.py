@@ -7,15 +7,15 @@
 
 from __future__ import annotations
 
+from ldm.names import SAMPLER_NAMES
 from ldm.samplers.base import Sampler, default_alphas_cumprod, guided_model_fn
 from ldm.samplers.ddim import DDIMSampler
 from ldm.samplers.dpm_solver import DPMSolverPPSampler
 from ldm.samplers.plms import PLMSSampler
 from ldm.samplers.unipc import UniPCSampler
 
-SAMPLERS: dict[str, type[Sampler]] = {
-    cls.name: cls for cls in (DDIMSampler, PLMSSampler, DPMSolverPPSampler, UniPCSampler)
-}
+_BY_NAME = {cls.name: cls for cls in (DDIMSampler, PLMSSampler, DPMSolverPPSampler, UniPCSampler)}
+SAMPLERS: dict[str, type[Sampler]] = {name: _BY_NAME[name] for name in SAMPLER_NAMES}  # ldm.names lists them
 
 
 def get_sampler(name: str, **kwargs) -> Sampler:

@@ -1,21 +1,29 @@
 """Training machinery: diffusion loss, compiled train step (loss scaling, accumulation, clipping, AdamW), EMA,
-learning-rate schedules and exact resume state."""
+learning-rate schedules and exact resume state.
 
-from ldm.train.ema import EMA
-from ldm.train.losses import DiffusionLoss, NoiseSampler, min_snr_weights
-from ldm.train.lr_schedules import lr_table
-from ldm.train.state import load_train_state, save_train_state
-from ldm.train.step import AdamW, StepOutput, TrainStep
+Names are resolved lazily, so the option parser (:mod:`ldm.train.options`) runs without starting MindSpore.
+"""
 
-__all__ = [
-    "EMA",
-    "AdamW",
-    "DiffusionLoss",
-    "NoiseSampler",
-    "StepOutput",
-    "TrainStep",
-    "load_train_state",
-    "lr_table",
-    "min_snr_weights",
-    "save_train_state",
-]
+from __future__ import annotations
+
+import importlib
+
+_OWNER = {
+    "EMA": "ema",
+    "AdamW": "step",
+    "DiffusionLoss": "losses",
+    "NoiseSampler": "losses",
+    "StepOutput": "step",
+    "TrainStep": "step",
+    "load_train_state": "state",
+    "lr_table": "lr_schedules",
+    "min_snr_weights": "losses",
+    "save_train_state": "state",
+}
+__all__ = sorted(_OWNER)
+
+
+def __getattr__(name: str):
+    if name not in _OWNER:
+        raise AttributeError(f"module 'ldm.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"ldm.train.{_OWNER[name]}"), name)

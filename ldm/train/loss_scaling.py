@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from mindspore import Tensor, amp
 
-LOSS_SCALERS = ("none", "static", "dynamic")
+from ldm.train.kinds import LOSS_SCALERS
 
 
 def make_loss_scaler(

@@ -1,139 +1,228 @@
-"""Command-line + YAML options of the training CLI: defaults < ``--train_config`` YAML < command line.
+"""Options of a training run: the schema (``TrainOptions``, with help and choices in each field's metadata), the
+parser (defaults < ``--train_config`` YAML < command line) and the checks that need no MindSpore.
 
-Every ``TrainOptions`` field is a ``--flag`` with its type and help text; a YAML key that is not an option, or a
-value of the wrong type, is an error naming the file and key.
+Every field is a ``--flag`` (kebab spelling accepted); a YAML key that is not an option, a value of the wrong type
+or outside the field's choices is an error naming the file (or flag) and key. ``model_config`` given in a YAML is
+found relative to that YAML, then in the repository's ``configs/``; on the command line, relative to the working
+directory first. :func:`resolve_train_config` picks the model config: ``--model_config`` on the command line, else
+the one ``pretrained_model_path`` carries (diffusers folder or embedded config), else the YAML's or the default.
+This module imports neither MindSpore nor the trainer, so ``-h`` and bad options answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ldm.train.trainer import TrainOptions
+from ldm.cli import Parser, str2bool
+from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
+from ldm.lora.targets import UNET_TARGET_PRESETS
+from ldm.train.kinds import DEVICE_TARGETS, JIT_LEVELS, LOSS_SCALERS
+from ldm.train.lr_schedules import SCHEDULES
 from ldm.util import ConfigError
 
-HELP = {
-    "data_path": "folder with images + img_txt.csv (dir,text) or metadata.jsonl (file_name,text)",
-    "output_path": "where checkpoints, metrics.jsonl, loss.png and validation images go",
-    "model_config": "model YAML (configs/v1-inference.yaml, v2-inference.yaml, v2-inference-v.yaml, tiny/...)",
-    "pretrained_model_path": "base weights: our/Stability single file or a diffusers folder (empty: random init)",
-    "allow_pickle": "read PyTorch pickle checkpoints with the restricted tensor-only unpickler",
-    "device_target": "CPU, GPU or Ascend",
-    "mode": "0 = GRAPH_MODE (compiled, default), 1 = PYNATIVE_MODE",
-    "jit_level": "O0/O1/O2 (default O2 on Ascend, O0 elsewhere)",
-    "use_parallel": "data parallel under msrun (gradients averaged over ranks, only rank 0 writes files)",
-    "seed": "seed of data order, augmentation, timesteps and noise",
-    "image_size": "training resolution (shorter side resized, then cropped square)",
-    "random_crop": "random instead of center crop",
-    "random_flip": "random horizontal flip",
-    "caption_dropout": "probability of replacing a caption by '' (trains the unconditional branch for CFG)",
-    "num_workers": "data loader workers",
-    "train_batch_size": "images per step per rank",
-    "epochs": "passes over the data (ignored when max_train_steps > 0)",
-    "max_train_steps": "optimizer updates to run (0: use epochs)",
-    "gradient_accumulation_steps": "micro-batches per optimizer update",
-    "start_learning_rate": "peak learning rate",
-    "end_learning_rate": "final learning rate of linear/cosine decay",
-    "scheduler": "constant | linear | cosine (all with linear warmup)",
-    "warmup_steps": "warmup updates from 0 to start_learning_rate",
-    "betas": "AdamW betas",
-    "weight_decay": "AdamW decoupled weight decay",
-    "adam_epsilon": "AdamW epsilon",
-    "clip_grad": "clip gradients to max_grad_norm (global norm)",
-    "max_grad_norm": "global-norm clipping threshold",
-    "loss_scaler_type": "none | static | dynamic (dynamic skips overflowing updates and lowers the scale)",
-    "init_loss_scale": "initial loss scale",
-    "loss_scale_factor": "dynamic scale change factor",
-    "scale_window": "finite updates before the dynamic scale grows",
-    "use_ema": "keep an EMA of the trainable weights and save it",
-    "ema_decay": "EMA decay",
-    "ema_warmup_steps": "EMA warmup: decay * (1 - exp(-updates / warmup))",
-    "use_lora": "train LoRA adapters (False: fine-tune the whole UNet)",
-    "lora_rank": "LoRA rank",
-    "lora_alpha": "LoRA alpha (scale = alpha / rank; default alpha = rank)",
-    "lora_dropout": "dropout on the LoRA input",
-    "lora_fp16": "compute the LoRA branch in float16 (params stay float32)",
-    "lora_targets": "attention (to_q/k/v/out.0) | extended (+ proj_in/out and feed-forward)",
-    "lora_ft_text_encoder": "also train LoRA on the text encoder attention",
-    "noise_offset": "offset noise strength (0 disables)",
-    "snr_gamma": "min-SNR-gamma loss weighting (e.g. 5.0; empty disables)",
-    "ckpt_save_interval": "save weights + resume state every N micro-steps (0: only at the end)",
-    "resume": "'True' (resume from <output_path>/ckpt/train_state.safetensors) or a train-state path",
-    "validation_prompts": "prompts rendered as a grid every validation_steps",
-    "validation_steps": "micro-steps between validation grids (0 disables)",
-    "log_interval": "unused by the bar (it updates every step); kept for mindone configs",
-}
+DEFAULT_MODEL_CONFIG = "configs/v2-inference.yaml"
 
 
-def _str2bool(value: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if not isinstance(value, str):
-        raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
-    if value.lower() in ("1", "true", "yes"):
-        return True
-    if value.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
-
-
-def _optional_float(value: str):
+def _optional_float(value):
     return None if value in ("", "None", "none", None) else float(value)
 
 
-def _field_type(f: dataclasses.Field):
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if isinstance(default, bool):
-        return {"type": _str2bool}
+def _option(default, help: str, choices=None, parse=None, items=None, cli: bool = True):
+    """A dataclass field whose metadata holds what the parser needs: help, choices, value parser, list item type,
+    and whether it is a flag at all (``cli=False``: set by the parser itself)."""
+    meta = {"help": help, "choices": choices, "parse": parse, "items": items, "cli": cli}
     if isinstance(default, list):
-        return {"nargs": "*", "type": float if f.name == "betas" else str}
-    if f.name in ("lora_alpha", "snr_gamma"):
-        return {"type": _optional_float}
-    if f.name == "jit_level":
-        return {"type": str, "choices": ["O0", "O1", "O2"]}
-    return {"type": type(default)}
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+@dataclass
+class TrainOptions:
+    """Every option of a run; the CLI fills it from defaults < YAML < command line."""
+
+    data_path: str = _option("", "folder with images + img_txt.csv (dir,text) or metadata.jsonl (file_name,text)")
+    output_path: str = _option("output", "where checkpoints, metrics.jsonl, loss.png and validation images go")
+    model_config: str = _option(
+        "",
+        "model YAML (configs/v1-inference.yaml, v2-inference.yaml, v2-inference-v.yaml, tiny/...); empty: the "
+        f"config pretrained_model_path carries, else {DEFAULT_MODEL_CONFIG}",
+    )
+    pretrained_model_path: str = _option(
+        "", "base weights: our/Stability single file or a diffusers folder (empty: random init)"
+    )
+    allow_pickle: bool = _option(False, "read PyTorch pickle checkpoints with the restricted tensor-only unpickler")
+    device_target: str = _option("CPU", "CPU, GPU or Ascend", choices=DEVICE_TARGETS)
+    mode: int = _option(0, "0 = GRAPH_MODE (compiled, default), 1 = PYNATIVE_MODE", choices=(0, 1))
+    jit_level: str | None = _option(None, "O0/O1/O2 (default O2 on Ascend, O0 elsewhere)", choices=JIT_LEVELS)
+    use_parallel: bool = _option(
+        False, "data parallel under msrun (gradients averaged over ranks, only rank 0 writes files)"
+    )
+    seed: int = _option(3407, "seed of data order, augmentation, timesteps and noise")
+    image_size: int = _option(512, "training resolution (shorter side resized, then cropped square)")
+    random_crop: bool = _option(False, "random instead of center crop")
+    random_flip: bool = _option(False, "random horizontal flip")
+    caption_dropout: float = _option(0.0, "probability of replacing a caption by '' (trains the unconditional branch)")
+    num_workers: int = _option(1, "data loader workers")
+    train_batch_size: int = _option(1, "images per step per rank")
+    epochs: int = _option(10, "passes over the data (ignored when max_train_steps > 0)")
+    max_train_steps: int = _option(0, "optimizer updates to run (0: use epochs)")
+    gradient_accumulation_steps: int = _option(1, "micro-batches per optimizer update")
+    start_learning_rate: float = _option(1e-4, "peak learning rate")
+    end_learning_rate: float = _option(0.0, "final learning rate of linear/cosine decay")
+    scheduler: str = _option("constant", "learning-rate schedule (all with linear warmup)", choices=SCHEDULES)
+    warmup_steps: int = _option(0, "warmup updates from 0 to start_learning_rate")
+    betas: list = _option([0.9, 0.999], "AdamW betas", items=float)
+    weight_decay: float = _option(1e-2, "AdamW decoupled weight decay")
+    adam_epsilon: float = _option(1e-8, "AdamW epsilon")
+    clip_grad: bool = _option(True, "clip gradients to max_grad_norm (global norm)")
+    max_grad_norm: float = _option(1.0, "global-norm clipping threshold")
+    loss_scaler_type: str = _option(
+        "none", "dynamic skips overflowing updates and lowers the scale", choices=LOSS_SCALERS
+    )
+    init_loss_scale: float = _option(65536.0, "initial loss scale")
+    loss_scale_factor: int = _option(2, "dynamic scale change factor")
+    scale_window: int = _option(1000, "finite updates before the dynamic scale grows")
+    use_ema: bool = _option(False, "keep an EMA of the trainable weights and save it")
+    ema_decay: float = _option(0.9999, "EMA decay")
+    ema_warmup_steps: int = _option(2000, "EMA warmup: decay * (1 - exp(-updates / warmup))")
+    use_lora: bool = _option(True, "train LoRA adapters (False: fine-tune the whole UNet)")
+    lora_rank: int = _option(4, "LoRA rank")
+    lora_alpha: float | None = _option(
+        None, "LoRA alpha (scale = alpha / rank; default alpha = rank)", parse=_optional_float
+    )
+    lora_dropout: float = _option(0.0, "dropout on the LoRA input")
+    lora_fp16: bool = _option(False, "compute the LoRA branch in float16 (params stay float32)")
+    lora_targets: str = _option(
+        "attention",
+        "attention (to_q/k/v/out.0) | extended (+ proj_in/out and feed-forward)",
+        choices=tuple(UNET_TARGET_PRESETS),
+    )
+    lora_ft_text_encoder: bool = _option(False, "also train LoRA on the text encoder attention")
+    use_recompute: bool = _option(
+        False, "recompute each UNet block's activations in the backward pass (less memory, ~1 more forward)"
+    )
+    attention_slice_size: int = _option(
+        0, "UNet attention over this many batch x head rows at a time (0: all; same result)"
+    )
+    noise_offset: float = _option(0.0, "offset noise strength (0 disables)")
+    snr_gamma: float | None = _option(
+        None, "min-SNR-gamma loss weighting (e.g. 5.0; empty disables)", parse=_optional_float
+    )
+    ckpt_save_interval: int = _option(0, "save weights + resume state every N micro-steps (0: only at the end)")
+    resume: str = _option("", "'True' (resume from <output_path>/ckpt/train_state.safetensors) or a train-state path")
+    validation_prompts: list = _option([], "prompts rendered as a grid every validation_steps", items=str)
+    validation_steps: int = _option(0, "micro-steps between validation grids (0 disables)")
+    log_interval: int = _option(10, "unused by the bar (it updates every step); kept for mindone configs")
+    model_config_on_command_line: bool = _option(
+        False, "model_config was given on the command line (it then wins over the weights' own config)", cli=False
+    )
+
+
+def _cli_fields() -> list:
+    return [f for f in dataclasses.fields(TrainOptions) if f.metadata["cli"]]
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _value_parser(f: dataclasses.Field):
+    """The function turning one command-line string into the field's value."""
+    if f.metadata["parse"] is not None:
+        return f.metadata["parse"]
+    if f.metadata["items"] is not None:
+        return f.metadata["items"]
+    default = _default(f)
+    if isinstance(default, bool):
+        return str2bool
+    return str if default is None else type(default)
+
+
+def build_parser() -> Parser:
+    parser = Parser(
         description="Fine-tune Stable Diffusion (LoRA or full UNet) on image-caption data.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--train_config", default="", help="YAML with any of the options below (CLI wins)")
-    for f in dataclasses.fields(TrainOptions):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        parser.add_argument(f"--{f.name}", default=default, help=HELP[f.name], **_field_type(f))
+    for f in _cli_fields():
+        kwargs: dict[str, Any] = {"default": _default(f), "help": f.metadata["help"], "type": _value_parser(f)}
+        if f.metadata["items"] is not None:
+            kwargs["nargs"] = "*"
+        if f.metadata["choices"] is not None:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kwargs)
     return parser
 
 
+def _yaml_value(f: dataclasses.Field, value, path) -> Any:
+    parse = _value_parser(f)
+    try:
+        if f.metadata["items"] is not None:
+            if not isinstance(value, list):
+                raise TypeError("expected a list")
+            return [parse(v) for v in value]
+        if parse is str2bool:
+            if not isinstance(value, bool):
+                raise TypeError("expected true/false")
+            return value
+        if value is None:
+            return None
+        if parse is int and isinstance(value, float) and value != int(value):
+            raise TypeError("expected an integer")
+        return parse(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+        raise ConfigError(f"{path}: option {f.name!r} has a wrong value {value!r}: {exc}") from None
+
+
 def _check_yaml(cfg: dict, path: str) -> dict:
-    valid = {f.name: f for f in dataclasses.fields(TrainOptions)}
+    valid = {f.name: f for f in _cli_fields()}
     out = {}
     for key, value in cfg.items():
         if key not in valid:
             raise ConfigError(f"{path}: unknown option {key!r} (valid: {', '.join(sorted(valid))})")
-        kind = _field_type(valid[key])
-        try:
-            if "nargs" in kind:
-                if not isinstance(value, list):
-                    raise TypeError("expected a list")
-                value = [kind["type"](v) for v in value]
-            elif kind["type"] is _str2bool:
-                if not isinstance(value, bool):
-                    raise TypeError("expected true/false")
-            elif value is not None:
-                if kind["type"] is int and isinstance(value, float) and value != int(value):
-                    raise TypeError("expected an integer")
-                value = kind["type"](value)
-        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
-            raise ConfigError(f"{path}: option {key!r} has a wrong value {cfg[key]!r}: {exc}") from None
-        out[key] = value
+        out[key] = _yaml_value(valid[key], value, path)
+        choices = valid[key].metadata["choices"]
+        if choices is not None and out[key] is not None and out[key] not in choices:
+            raise ConfigError(f"{path}: option {key!r} is {value!r}; choose from {', '.join(map(str, choices))}")
     return out
 
 
+def check_choices(opts: TrainOptions, source: str = "TrainOptions") -> None:
+    """Every field with choices holds one of them (for options built in code; the parser checks its own input)."""
+    for f in dataclasses.fields(TrainOptions):
+        choices, value = f.metadata["choices"], getattr(opts, f.name)
+        if choices is not None and value is not None and value not in choices:
+            raise ConfigError(
+                f"{source}: option {f.name!r} is {value!r}; choose from {', '.join(str(c) for c in choices)}"
+            )
+
+
+def check_paths(opts: TrainOptions) -> None:
+    """The input paths exist, the data index parses and the output folder is writable (checked before any model is
+    built or file written)."""
+    if not opts.data_path:
+        raise ValueError("data_path is required (a folder with img_txt.csv or metadata.jsonl)")
+    if not Path(opts.data_path).is_dir():
+        raise FileNotFoundError(f"data_path {opts.data_path}: no such folder")
+    if opts.pretrained_model_path and not Path(opts.pretrained_model_path).exists():
+        raise FileNotFoundError(f"pretrained_model_path {opts.pretrained_model_path}: no such file or folder")
+    if opts.resume and opts.resume not in ("True", "true") and not Path(opts.resume).is_file():
+        raise FileNotFoundError(f"resume {opts.resume}: no such train-state file")
+    from ldm.data.dataset import read_index
+    from ldm.util import check_output_folder
+
+    read_index(opts.data_path)  # a malformed index fails now, not after the model is built
+    check_output_folder(opts.output_path, "output_path")
+
+
 def parse_options(argv=None) -> TrainOptions:
+    """Options from defaults < ``--train_config`` < command line, with choices checked and a YAML's
+    ``model_config`` made absolute (found next to the YAML, then in ``configs/``)."""
     parser = build_parser()
     args, _ = parser.parse_known_args(argv)
     if args.train_config:
@@ -142,14 +231,32 @@ def parse_options(argv=None) -> TrainOptions:
         from ldm.util import load_config
 
         cfg = OmegaConf.to_container(load_config(args.train_config), resolve=True)
-        parser.set_defaults(**_check_yaml(cfg, args.train_config))
+        values = _check_yaml(cfg, args.train_config)
+        if values.get("model_config"):
+            base = Path(args.train_config).parent
+            values["model_config"] = str(find_config_file(values["model_config"], base))
+        parser.set_defaults(**values)
+    explicit = _given_on_command_line(parser, argv)
     args = parser.parse_args(argv)
-    values: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "train_config"}
-    return TrainOptions(**values)
+    values = {k: v for k, v in vars(args).items() if k not in ("train_config", "debug")}
+    return TrainOptions(**values, model_config_on_command_line="model_config" in explicit)
 
 
-def resolve_model_config(opts: TrainOptions):
-    from ldm.util import load_config
+def _given_on_command_line(parser: Parser, argv) -> set:
+    """Names of the options the command line sets explicitly (argparse skips defaults for names already present)."""
+    unset = object()
+    names = {a.dest for a in parser._actions if a.dest != "help"}
+    probe = argparse.Namespace(**dict.fromkeys(names, unset))
+    parsed, _ = parser.parse_known_args(argv, namespace=probe)
+    return {name for name in names if getattr(parsed, name) is not unset}
 
-    path = Path(opts.model_config)
-    return load_config(path)
+
+def resolve_train_config(opts: TrainOptions) -> ResolvedConfig:
+    """The model config of a run: ``--model_config`` given on the command line, else the config
+    ``pretrained_model_path`` carries (diffusers folder or embedded), else the YAML's ``model_config``, else
+    :data:`DEFAULT_MODEL_CONFIG`."""
+    return resolve_model_config(
+        config=opts.model_config if opts.model_config_on_command_line else None,
+        checkpoint=opts.pretrained_model_path or None,
+        fallback=opts.model_config or DEFAULT_MODEL_CONFIG,
+    )

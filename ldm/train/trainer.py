@@ -12,33 +12,27 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
+from mindspore import nn
 
 from ldm.io.checkpoint import write_state_dict
 from ldm.io.model_io import load_pretrained, model_family
-from ldm.lora import (
-    TEXT_ENCODER_TARGETS,
-    UNET_ATTENTION_TARGETS,
-    UNET_EXTENDED_TARGETS,
-    inject_lora,
-    lora_metadata,
-    lora_state_dict,
-)
+from ldm.lora.adapter import write_adapter
+from ldm.lora.network import inject_lora, to_adapter
+from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_TARGET_PRESETS
 from ldm.models.diffusion import build_model_from_config
+from ldm.names import UNET_PREFIX
 from ldm.train.ema import EMA
 from ldm.train.losses import DiffusionLoss, NoiseSampler
 from ldm.train.lr_schedules import lr_table
+from ldm.train.options import TrainOptions, check_choices, check_paths
 from ldm.train.state import load_train_state, save_train_state
 from ldm.train.step import TrainStep
-from ldm.util import check_output_folder
 
 LOGGER = logging.getLogger("ldm.train")
-LORA_TARGET_PRESETS = {"attention": UNET_ATTENTION_TARGETS, "extended": UNET_EXTENDED_TARGETS}
 STATE_FILE = "train_state.safetensors"
 MAX_NONFINITE_STEPS = 5  # consecutive non-finite losses after which a run is stopped as diverged
 
@@ -47,101 +41,46 @@ class TrainingDiverged(ValueError):
     """The loss stayed NaN/infinite; the message names the steps and the last checkpoint to resume from."""
 
 
-@dataclass
-class TrainOptions:
-    """Every option of a run; the CLI fills it from defaults < YAML < command line."""
+class LatentEncoder(nn.Cell):
+    """The frozen VAE encode of a batch (a posterior sample, scaled), run before and outside the training step.
 
-    data_path: str = ""
-    output_path: str = "output"
-    model_config: str = "configs/v2-inference.yaml"
-    pretrained_model_path: str = ""
-    allow_pickle: bool = False
-    device_target: str = "CPU"
-    mode: int = 0
-    jit_level: str | None = None
-    use_parallel: bool = False
-    seed: int = 3407
-    image_size: int = 512
-    random_crop: bool = False
-    random_flip: bool = False
-    caption_dropout: float = 0.0
-    num_workers: int = 1
-    train_batch_size: int = 1
-    epochs: int = 10
-    max_train_steps: int = 0
-    gradient_accumulation_steps: int = 1
-    start_learning_rate: float = 1e-4
-    end_learning_rate: float = 0.0
-    scheduler: str = "constant"
-    warmup_steps: int = 0
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    clip_grad: bool = True
-    max_grad_norm: float = 1.0
-    loss_scaler_type: str = "none"
-    init_loss_scale: float = 65536.0
-    loss_scale_factor: int = 2
-    scale_window: int = 1000
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    ema_warmup_steps: int = 2000
-    use_lora: bool = True
-    lora_rank: int = 4
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    lora_fp16: bool = False
-    lora_targets: str = "attention"
-    lora_ft_text_encoder: bool = False
-    noise_offset: float = 0.0
-    snr_gamma: float | None = None
-    ckpt_save_interval: int = 0
-    resume: str = ""
-    validation_prompts: list = field(default_factory=list)
-    validation_steps: int = 0
-    log_interval: int = 10
+    The step differentiates only the UNet (and the text encoder when it trains), so the VAE's activations are never
+    kept for a backward pass that would not use them.
+    """
+
+    def __init__(self, ldm):
+        super().__init__(auto_prefix=False)
+        self.ldm = ldm
+
+    def construct(self, images, post_noise):
+        mean, logvar = self.ldm.encode_first_stage(images)
+        return self.ldm.get_first_stage_encoding(mean, logvar, post_noise)
 
 
 class LDMTrainLoss(nn.Cell):
-    """Frozen VAE encode + text encode, then the diffusion loss of the (LoRA-)UNet; no gradient to the frozen parts."""
+    """Diffusion loss of the (LoRA-)UNet on VAE latents ``x0``; ``text`` is the text context, or the token ids
+    when the text encoder trains (``encode_text``) and so must run inside the differentiated step."""
 
-    def __init__(self, ldm, snr_gamma, noise_offset):
+    def __init__(self, ldm, snr_gamma, noise_offset, encode_text: bool = False):
         super().__init__(auto_prefix=False)
         self.ldm = ldm
+        self.encode_text = encode_text
         self.loss = DiffusionLoss(ldm.model, ldm.alphas_cumprod, ldm.parameterization, snr_gamma, noise_offset)
 
-    def construct(self, images, token_ids, post_noise, t, noise, offset):
-        mean, logvar = self.ldm.encode_first_stage(images)
-        x0 = ops.stop_gradient(self.ldm.get_first_stage_encoding(mean, logvar, post_noise))
-        context = self.ldm.get_learned_conditioning(token_ids)
+    def construct(self, x0, text, t, noise, offset):
+        context = self.ldm.get_learned_conditioning(text) if self.encode_text else text
         return self.loss(x0, context, t, noise, offset)
-
-
-def _check_paths(opts: TrainOptions) -> None:
-    if not opts.data_path:
-        raise ValueError("data_path is required (a folder with img_txt.csv or metadata.jsonl)")
-    if not Path(opts.data_path).is_dir():
-        raise FileNotFoundError(f"data_path {opts.data_path}: no such folder")
-    if opts.pretrained_model_path and not Path(opts.pretrained_model_path).exists():
-        raise FileNotFoundError(f"pretrained_model_path {opts.pretrained_model_path}: no such file or folder")
-    if opts.resume and opts.resume not in ("True", "true") and not Path(opts.resume).is_file():
-        raise FileNotFoundError(f"resume {opts.resume}: no such train-state file")
-    from ldm.data import read_index
-
-    read_index(opts.data_path)  # a malformed index fails now, not after the model is built
-    check_output_folder(opts.output_path, "output_path")
 
 
 def build_trainable_model(opts: TrainOptions, config):
     """The LatentDiffusion with pretrained weights and LoRA injected (or the UNet unfrozen); returns (model, params)."""
+    check_choices(opts)
     model = build_model_from_config(config)
     if opts.pretrained_model_path:
         load_pretrained(model, opts.pretrained_model_path, allow_pickle=opts.allow_pickle)
     else:
         LOGGER.warning("no pretrained_model_path: training from random weights (only useful for smoke tests)")
     if opts.use_lora:
-        if opts.lora_targets not in LORA_TARGET_PRESETS:
-            raise ValueError(f"lora_targets must be one of {sorted(LORA_TARGET_PRESETS)}, got {opts.lora_targets!r}")
         kwargs = {
             "rank": opts.lora_rank,
             "alpha": opts.lora_alpha,
@@ -150,38 +89,26 @@ def build_trainable_model(opts: TrainOptions, config):
         }
         if opts.lora_ft_text_encoder:
             inject_lora(model.cond_stage_model, targets=TEXT_ENCODER_TARGETS, **kwargs)
-        inject_lora(model.model, targets=LORA_TARGET_PRESETS[opts.lora_targets], **kwargs)
+        inject_lora(model.model, targets=UNET_TARGET_PRESETS[opts.lora_targets], **kwargs)
         params = [p for p in model.get_parameters() if ".lora_down." in p.name or ".lora_up." in p.name]
         chosen = {id(p) for p in params}
         for p in model.get_parameters():
             p.requires_grad = id(p) in chosen
     else:
         for p in model.get_parameters():
-            p.requires_grad = p.name.startswith("model.diffusion_model.")
+            p.requires_grad = p.name.startswith(UNET_PREFIX)
         params = [p for p in model.get_parameters() if p.requires_grad]
     return model, params
 
 
 def save_weights(model, params, path: Path, opts: TrainOptions) -> None:
-    """Write the trained weights atomically: the adapter (LoRA) or the UNet (full fine-tuning)."""
+    """Write the trained weights atomically: the adapter (LoRA, :mod:`ldm.lora.adapter` format) or the UNet."""
+    family = model_family(model)
     if opts.use_lora:
-        state = lora_state_dict(model)
-        family = model_family(model)
-        meta = lora_metadata(model, family=family)
-        meta["ldm_lora"] = json.dumps(
-            {
-                "rank": opts.lora_rank,
-                "alpha": opts.lora_alpha or opts.lora_rank,
-                "family": family,
-                "targets": json.loads(meta["lora.targets"]),
-                "context_dim": model.context_dim,
-                "parameterization": model.parameterization,
-                "text_encoder": bool(opts.lora_ft_text_encoder),
-            }
-        )
-        write_state_dict(path, state, metadata=meta)
+        meta = {"context_dim": model.context_dim, "parameterization": model.parameterization}
+        write_adapter(path, to_adapter(model, family, **meta))
     else:
-        write_state_dict(path, {p.name: p.asnumpy() for p in params}, metadata={"family": model_family(model)})
+        write_state_dict(path, {p.name: p.asnumpy() for p in params}, metadata={"family": family})
 
 
 def _loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
@@ -231,11 +158,14 @@ def run_training(opts: TrainOptions, config) -> dict:
     from ldm.data import build_dataset
     from ldm.env import init_env
 
-    _check_paths(opts)
+    check_paths(opts)
     dist = init_env(opts.device_target, opts.mode, opts.jit_level, seed=opts.seed, distributed=opts.use_parallel)
     out = Path(opts.output_path)
     ckpt_dir = out / "ckpt"
     model, params = build_trainable_model(opts, config)
+    if opts.use_recompute:
+        model.model.diffusion_model.enable_recompute()
+    model.model.diffusion_model.set_attention_slice_size(opts.attention_slice_size)
     latent = opts.image_size // model.latent_factor
     if opts.image_size % (model.latent_factor * model.unet_factor):
         step_px = model.latent_factor * model.unet_factor
@@ -260,7 +190,8 @@ def run_training(opts: TrainOptions, config) -> dict:
     lrs = lr_table(opts.scheduler, opts.start_learning_rate, updates_total, opts.warmup_steps, opts.end_learning_rate)
 
     ema = EMA(params, opts.ema_decay, opts.ema_warmup_steps) if opts.use_ema else None
-    loss_net = LDMTrainLoss(model, opts.snr_gamma, opts.noise_offset)
+    encode_latents = LatentEncoder(model)
+    loss_net = LDMTrainLoss(model, opts.snr_gamma, opts.noise_offset, encode_text=opts.lora_ft_text_encoder)
     step = TrainStep(
         loss_net,
         params,
@@ -275,6 +206,7 @@ def run_training(opts: TrainOptions, config) -> dict:
         scale_factor=opts.loss_scale_factor,
         scale_window=opts.scale_window,
         ema=ema,
+        jit=opts.mode == 0,
     )
     # One noise stream for all ranks: each draws the global batch's noise and keeps its rows (see _rank_rows), so
     # N ranks x B reproduce 1 rank x N*B, and every rank can resume from rank 0's saved sampler state.
@@ -319,7 +251,9 @@ def run_training(opts: TrainOptions, config) -> dict:
             break
         t, eps, offset = _rank_rows(noise.draw(shape), dist)
         (post_noise,) = _rank_rows([noise.normal(shape)], dist)
-        result = step(ms.Tensor(images), ms.Tensor(tokens), post_noise, t, eps, offset)
+        x0 = encode_latents(ms.Tensor(images), post_noise)
+        text = ms.Tensor(tokens) if opts.lora_ft_text_encoder else model.get_learned_conditioning(ms.Tensor(tokens))
+        result = step(x0, text, t, eps, offset)
         done += 1
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now
@@ -347,6 +281,7 @@ def run_training(opts: TrainOptions, config) -> dict:
                     "loss_scale": result.scale,
                     "grad_norm": result.grad_norm,
                     "step_time_s": dt,
+                    "peak_rss_gib": _peak_rss_gib(),
                 },
             )
             boundary = done % opts.gradient_accumulation_steps == 0
@@ -396,6 +331,13 @@ def _trim_metrics(path: Path, done: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory so far (GiB; ``ru_maxrss`` is in KiB on Linux)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 def _rank_rows(draws, dist) -> list:

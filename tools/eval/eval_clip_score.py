@@ -12,17 +12,19 @@ Errors print one line and exit 2. See tools/eval/README.md for the clipping conv
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+
+import ldm  # noqa: F401  (CPU defaults before mindspore)
+from ldm.cli import Parser, call, debug_requested
 
 
 def parse_args(argv=None):
     from ldm.metrics.clip import PRESETS
     from ldm.metrics.clip_score import CLIP_MODES
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--image_dir",
         "--image_path_or_dir",
@@ -131,22 +133,13 @@ def run(args) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    from ldm.env import apply_process_defaults
-
-    apply_process_defaults()  # before mindspore is imported, even if `ldm` resolved as a namespace package
-    from ldm.io.checkpoint import CheckpointError
-    from ldm.metrics.fid import FIDError
-    from ldm.util import ConfigError, check_output_folder
-
+def _evaluate(argv) -> int:
     args = parse_args(argv)
-    try:
-        if args.output_json:
-            check_output_folder(os.path.dirname(os.path.abspath(args.output_json)), "--output_json")
-        result = run(args)
-    except (InputError, FIDError, CheckpointError, FileNotFoundError, ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.output_json:
+        from ldm.util import check_output_folder
+
+        check_output_folder(os.path.dirname(os.path.abspath(args.output_json)), "--output_json")
+    result = run(args)
     print(f"CLIP score ({result['clip_mode']} clipping, {result['num_pairs']} pairs): {result['clip_score']:.4f}")
     if args.output_json:
         tmp = f"{args.output_json}.tmp"
@@ -154,6 +147,10 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=2)
         os.replace(tmp, args.output_json)
     return 0
+
+
+def main(argv=None) -> int:
+    return call(lambda: _evaluate(argv), debug=debug_requested(argv))
 
 
 if __name__ == "__main__":

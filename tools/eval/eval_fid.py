@@ -8,14 +8,16 @@ tools/eval/README.md); images are resized to 299 with TF1-compatible bilinear. E
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+import ldm  # noqa: F401  (CPU defaults before mindspore)
+from ldm.cli import Parser, call, debug_requested
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--real_dir", help="folder of reference images (PNG/JPG/..., any size and mode)")
     p.add_argument("--gen_dir", required=True, help="folder of generated images")
     p.add_argument(
@@ -96,23 +98,13 @@ def run(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    from ldm.env import apply_process_defaults
-
-    apply_process_defaults()  # before mindspore is imported, even if `ldm` resolved as a namespace package
-    from ldm.io.checkpoint import CheckpointError
-    from ldm.metrics.fid import FIDError
-    from ldm.metrics.fid_weights import MissingWeightsError
-    from ldm.util import ConfigError, check_output_folder
-
+def _evaluate(argv) -> int:
     args = parse_args(argv)
-    try:
-        if args.output_json:
-            check_output_folder(os.path.dirname(os.path.abspath(args.output_json)), "--output_json")
-        result = run(args)
-    except (FIDError, MissingWeightsError, CheckpointError, ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.output_json:
+        from ldm.util import check_output_folder
+
+        check_output_folder(os.path.dirname(os.path.abspath(args.output_json)), "--output_json")
+    result = run(args)
     print(f"FID: {result['fid']:.4f}  (real {result['num_real']}, generated {result['num_gen']})")
     if min(n for n in (result["num_real"], result["num_gen"]) if n) <= 2048:
         print("note: with <= 2048 images the covariance is rank-deficient; FID is biased upward, compare at equal N")
@@ -124,6 +116,10 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=2)
         os.replace(tmp, args.output_json)
     return 0
+
+
+def main(argv=None) -> int:
+    return call(lambda: _evaluate(argv), debug=debug_requested(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,309 @@
+"""Full-size SD2-base at 512px: our CLIs against diffusers (+ peft), peak memory and time, each job its own process.
+
+Jobs (each runs in a fresh child process whose peak RSS is read from ``wait4``):
+
+- ``train``: LoRA rank 4 on the UNet attention (``to_q/to_k/to_v/to_out.0``), batch ``--batch``, ``--steps`` steps,
+  VAE encode + text encode of every batch included, no EMA. Ours runs ``train_text_to_image.py`` with
+  ``configs/train/train_config_lora_v2.yaml`` as a user does (with ``--use_recompute`` False and True); diffusers
+  runs the loop of its ``train_text_to_image_lora.py`` (frozen VAE/text encoder under ``no_grad``, peft LoRA,
+  AdamW, clipping at 1.0).
+- ``generate``: one 512x512 image, DPM-Solver++ ``--gen_steps`` steps, guidance 9 (UNet batch 2), VAE decode. Ours
+  runs ``text_to_image.py``; diffusers runs the same loop as its ``StableDiffusionPipeline`` (prompt embeddings,
+  ``DPMSolverMultistepScheduler``, CFG, ``vae.decode``).
+
+Both sides use the same random weights: the diffusers models are built from the SD2-base configuration (no weights
+can be downloaded here), saved as a diffusers folder and converted with ``python -m ldm.convert`` as a user would.
+Reported: peak RSS, first-step time, mean time of the later steps, and ours/diffusers ratios from the same run.
+Slow (minutes per job) and memory-hungry (up to ~8 GiB per job); not part of CI. Run:
+
+    python benchmarks/bench_full_size.py --work /tmp/fullsize [--jobs train,generate] [--steps 3] [--gen_steps 20]
+"""
+
+import ldm  # noqa: F401, I001  (CPU defaults before mindspore)
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a watercolor painting of a red fox"
+RANK = 4
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_LENGTH = 77
+
+
+def build_diffusers_sd2(seed: int = 0):
+    """SD2-base UNet, VAE and OpenCLIP-H text encoder (23 layers, as diffusers' SD2 ``text_encoder``), random."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=(5, 10, 20, 20),
+        cross_attention_dim=1024,
+        use_linear_projection=True,
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            hidden_act="gelu",
+            projection_dim=512,
+            vocab_size=49408,
+            max_position_embeddings=TEXT_LENGTH,
+        )
+    )
+    return unet.eval(), vae.eval(), text.eval()
+
+
+def prepare(work: Path) -> dict:
+    """Diffusers folder, our converted single file and a 4-image 512px data set (each made once)."""
+    from diffusers import DDIMScheduler
+
+    folder, weights, data = work / "sd2-base-diffusers", work / "sd2-base.safetensors", work / "data512"
+    if not (folder / "unet").is_dir():
+        unet, vae, text = build_diffusers_sd2()
+        unet.save_pretrained(folder / "unet")
+        vae.save_pretrained(folder / "vae")
+        text.save_pretrained(folder / "text_encoder")
+        DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
+            folder / "scheduler"
+        )
+        del unet, vae, text
+    convert = None
+    if not weights.is_file():
+        convert = run_child([sys.executable, "-m", "ldm.convert", str(folder), str(weights)], "convert")
+    if not (data / "img_txt.csv").is_file():
+        from ldm.data.synthetic import make_shapes_dataset
+
+        make_shapes_dataset(data, count=4, size=512)
+    return {"folder": folder, "weights": weights, "data": data, "convert": convert}
+
+
+def run_child(cmd: list[str], label: str, must_succeed: bool = True) -> dict:
+    """Run ``cmd`` from the repo root; return its wall time, peak RSS (GiB), exit code and stdout. A failure is
+    fatal unless ``must_succeed`` is False (a training run killed for memory is a result: its peak is reported)."""
+    start = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss in KiB)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = usage.ru_maxrss / 2**20
+    if proc.returncode and must_succeed:
+        raise SystemExit(f"error: {label} failed (exit {proc.returncode}):\n{out[-3000:]}")
+    if proc.returncode:
+        label += f" [exit {proc.returncode}]"
+    return {"label": label, "wall_s": time.perf_counter() - start, "peak_rss_gib": peak, "stdout": out}
+
+
+def child_json(result: dict) -> dict:
+    """The last JSON line a child printed (its own timings)."""
+    lines = [line for line in result["stdout"].splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def ours_train(paths: dict, work: Path, args, recompute: bool) -> dict:
+    out = work / f"ours-train-rc{int(recompute)}"
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()
+    cmd = [
+        sys.executable,
+        "examples/stable_diffusion_v2/train_text_to_image.py",
+        "--train_config",
+        "configs/train/train_config_lora_v2.yaml",
+        "--data_path",
+        str(paths["data"]),
+        "--output_path",
+        str(out),
+        "--pretrained_model_path",
+        str(paths["weights"]),
+        "--train_batch_size",
+        str(args.batch),
+        "--max_train_steps",
+        str(args.steps),
+        "--use_ema",
+        "False",
+        "--use_recompute",
+        str(recompute),
+    ]
+    result = run_child(cmd, f"ours train (recompute {'on' if recompute else 'off'})", must_succeed=False)
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    times = [s["step_time_s"] for s in steps]
+    if times:
+        result.update(first_s=times[0], steady_s=_mean(times[1:]))
+    return result
+
+
+def ours_generate(paths: dict, work: Path, args) -> dict:
+    cmd = [
+        sys.executable,
+        "examples/stable_diffusion_v2/text_to_image.py",
+        "--version",
+        "2.0",
+        "--ckpt_path",
+        str(paths["weights"]),
+        "--prompt",
+        PROMPT,
+        "--sampling_steps",
+        str(args.gen_steps),
+        "--n_iter",
+        "1",
+        "--H",
+        "512",
+        "--W",
+        "512",
+        "--mode",
+        "1",
+        "--attention_slice_size",
+        str(args.attention_slice_size),
+        "--output_path",
+        str(work / "ours-generate"),
+    ]
+    result = run_child(cmd, "ours generate")
+    line = [x for x in result["stdout"].splitlines() if " images in " in x]
+    result["sample_s"] = float(line[-1].split(" images in ")[1].split("s")[0]) if line else float("nan")
+    return result
+
+
+def diffusers_child(job: str, args) -> None:
+    """Run one diffusers job in this (child) process and print its timings as one JSON line."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from ldm.tokenizer import CLIPTokenizer
+
+    torch.set_num_threads(args.threads)
+    folder = Path(args.work) / "sd2-base-diffusers"
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    tokenizer = CLIPTokenizer.for_family("sd2")
+    ids = torch.from_numpy(np.asarray(tokenizer([PROMPT] * args.batch), dtype=np.int64))
+    sched_kwargs = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+    times = []
+    if job == "train":
+        from peft import LoraConfig
+
+        for m in (unet, vae, text):
+            m.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
+        unet.train()
+        params = [p for p in unet.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+        noise_sched = DDPMScheduler(**sched_kwargs)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            images = torch.rand((args.batch, 3, 512, 512), generator=gen) * 2 - 1
+            with torch.no_grad():
+                latents = vae.encode(images).latent_dist.sample(generator=gen) * 0.18215
+                context = text(ids)[0]
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(0, 1000, (args.batch,), generator=gen)
+            pred = unet(noise_sched.add_noise(latents, noise, t), t, context).sample
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad()
+            times.append(time.perf_counter() - start)
+        print(json.dumps({"first_s": times[0], "steady_s": _mean(times[1:])}))
+        return
+    sampler = DPMSolverMultistepScheduler(**sched_kwargs, algorithm_type="dpmsolver++")
+    sampler.set_timesteps(args.gen_steps)
+    start = time.perf_counter()
+    with torch.no_grad():
+        cond = text(ids[:1])[0]
+        uncond = text(torch.from_numpy(np.asarray(tokenizer([""]), dtype=np.int64)))[0]
+        context = torch.cat([uncond, cond])
+        x = torch.randn((1, 4, 64, 64), generator=torch.Generator().manual_seed(0))
+        for t in sampler.timesteps:
+            step_start = time.perf_counter()
+            eps_u, eps_c = unet(torch.cat([x, x]), t, context).sample.chunk(2)
+            x = sampler.step(eps_u + 9.0 * (eps_c - eps_u), t, x).prev_sample
+            times.append(time.perf_counter() - step_start)
+        vae.decode(x / 0.18215).sample.numpy()
+    print(json.dumps({"sample_s": time.perf_counter() - start, "first_s": times[0], "steady_s": _mean(times[1:])}))
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", required=True, help="folder for the weights, data and outputs (~11 GB)")
+    parser.add_argument("--jobs", default="train,generate")
+    parser.add_argument("--frameworks", default="ours,diffusers")
+    parser.add_argument("--recompute", default="off,on", help="our training runs: off, on or off,on")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per run (the first includes set-up)")
+    parser.add_argument("--gen_steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--attention_slice_size", type=int, default=1, help="ours: text_to_image.py's option")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--child", choices=["train", "generate"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        diffusers_child(args.child, args)
+        return
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    paths = prepare(work)
+    if paths["convert"]:
+        print(f"convert: {paths['convert']['wall_s']:.0f}s, peak RSS {paths['convert']['peak_rss_gib']:.2f} GiB")
+    jobs, frameworks = args.jobs.split(","), args.frameworks.split(",")
+    rows = []
+    for job in jobs:
+        ref = None
+        if "diffusers" in frameworks:
+            cmd = [sys.executable, __file__, "--child", job, "--work", str(work)]
+            cmd += ["--steps", str(args.steps), "--gen_steps", str(args.gen_steps), "--batch", str(args.batch)]
+            ref = run_child(cmd + ["--threads", str(args.threads)], f"diffusers {job}")
+            ref.update(child_json(ref))
+            rows.append(ref)
+        if "ours" in frameworks:
+            runs = (
+                [ours_train(paths, work, args, rc == "on") for rc in args.recompute.split(",")]
+                if job == "train"
+                else [ours_generate(paths, work, args)]
+            )
+            for run in runs:
+                key = "steady_s" if job == "train" else "sample_s"
+                if ref and key in run:
+                    run["time_ratio"] = run[key] / ref[key]
+                if ref:
+                    run["rss_ratio"] = run["peak_rss_gib"] / ref["peak_rss_gib"]
+                rows.append(run)
+    print(f"\nSD2-base 512px, batch {args.batch}, {args.steps} train steps, {args.gen_steps} sampling steps")
+    print("| job | peak RSS GiB | first step s | later steps s | generation s | ours/diffusers time | RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [r.get(k, float("nan")) for k in ("first_s", "steady_s", "sample_s", "time_ratio", "rss_ratio")]
+        print(f"| {r['label']} | {r['peak_rss_gib']:.2f} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""``python -m ldm.lora {export,import,merge,combine}``: LoRA adapter files on the command line.
+
+export: our adapter -> diffusers/PEFT or kohya file; import: the reverse; merge: fold an adapter into a full
+checkpoint; combine: two adapters into one (exact SVD or cloneofsimo's lpl). ``-h`` on each command lists its options.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ldm.cli import Parser, add_allow_pickle, run
+from ldm.io.checkpoint import CheckpointError, read_metadata, read_state_dict, write_state_dict
+from ldm.lora.adapter import modules, read_adapter, write_adapter
+from ldm.lora.interop import UNetLayout, detect_format, from_diffusers, from_kohya, to_diffusers, to_kohya
+from ldm.lora.merge import combine_lpl, combine_svd, merge_into_base
+from ldm.names import FAMILIES, family_of_config
+
+PROG = "python -m ldm.lora"
+
+
+def _int_list(text: str) -> tuple:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_layout(p: Parser) -> None:
+    g = p.add_argument_group("UNet layout (for the LDM <-> diffusers block map; defaults: SD 1.x/2.x)")
+    g.add_argument(
+        "--config",
+        help="model YAML config; takes the layout (and family) from it instead of the options "
+        "below, e.g. configs/tiny/sd2-tiny.yaml",
+    )
+    g.add_argument("--num_res_blocks", type=int, default=2, help="ResBlocks per level (default 2)")
+    g.add_argument("--channel_mult", type=_int_list, default=(1, 2, 4, 4), help="channel multipliers (default 1,2,4,4)")
+    g.add_argument(
+        "--attention_resolutions",
+        type=_int_list,
+        default=(4, 2, 1),
+        help="downsampling factors with attention (default 4,2,1)",
+    )
+    g.add_argument("--transformer_depth", type=int, default=1, help="transformer blocks per attention (default 1)")
+
+
+def _layout_and_family(args) -> tuple:
+    """(UNetLayout, family or None) from --config or the layout options."""
+    if not args.config:
+        return UNetLayout(
+            args.num_res_blocks, args.channel_mult, args.attention_resolutions, args.transformer_depth
+        ), None
+    from ldm.util import load_config
+
+    cfg = load_config(args.config)
+    try:
+        return UNetLayout.from_config(cfg), family_of_config(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{args.config}: not a model config with unet_config/cond_stage_config: {e}") from None
+
+
+def _check_out(path, overwrite: bool) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: already exists (pass --overwrite to replace it)")
+    if path.suffix.lower() != ".safetensors" and path.suffix.lower() != ".ckpt":
+        raise CheckpointError(f"{path}: output must end in .safetensors (or .ckpt for merge)")
+    return path
+
+
+def _command(sub, name: str, summary: str, description: str, **positionals: str) -> Parser:
+    """A subcommand with its positional files (name -> help) and ``--overwrite`` for its output."""
+    p = sub.add_parser(name, help=summary, description=description)
+    for arg, text in positionals.items():
+        p.add_argument(arg, help=text)
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    return p
+
+
+def build_parser(prog: str = PROG) -> Parser:
+    parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = _command(
+        sub,
+        "export",
+        "our adapter -> diffusers/PEFT or kohya file",
+        "Write one of our LoRA adapters as a diffusers/PEFT or kohya .safetensors file.",
+        src="our adapter (.safetensors with ldm_lora metadata)",
+        dst="output .safetensors",
+    )
+    p.add_argument(
+        "--format",
+        choices=("diffusers", "kohya"),
+        required=True,
+        help="diffusers: unet.<path>.lora_A/lora_B (+ lora_adapter_metadata with alpha); kohya: "
+        "lora_unet_*/lora_te_* with .alpha",
+    )
+    p.add_argument(
+        "--fold_scale",
+        action="store_true",
+        help="diffusers only: multiply lora_B by alpha/r and write no PEFT metadata, for loaders that "
+        "ignore lora_adapter_metadata",
+    )
+    _add_layout(p)
+
+    p = _command(
+        sub,
+        "import",
+        "diffusers/PEFT or kohya file -> our adapter",
+        "Convert a diffusers/PEFT or kohya LoRA .safetensors file to our adapter format.",
+        src="diffusers/PEFT or kohya LoRA .safetensors",
+        dst="output .safetensors (our format)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("auto", "diffusers", "kohya"),
+        default="auto",
+        help="input format (default: detected from the key names)",
+    )
+    p.add_argument(
+        "--family",
+        choices=FAMILIES,
+        help="sd1 or sd2 (text-encoder layout); default from --config or kohya's ss_v2 metadata",
+    )
+    p.add_argument("--context_dim", type=int, help="stored in the ldm_lora metadata")
+    p.add_argument("--parameterization", choices=("eps", "v"), help="stored in the ldm_lora metadata")
+    p.add_argument(
+        "--skip_conv",
+        action="store_true",
+        help="drop conv LoRA modules (LoCon, kernels > 1x1) with a warning instead of failing",
+    )
+    _add_layout(p)
+
+    p = _command(
+        sub,
+        "merge",
+        "fold an adapter into a full checkpoint",
+        "Write BASE with W += WEIGHT * alpha/r * up @ down for every LoRA module.",
+        base="full checkpoint in our (original-LDM) names: .safetensors or .ckpt",
+        lora="our adapter",
+        out="output checkpoint (.safetensors or MindSpore .ckpt)",
+    )
+    p.add_argument("--weight", type=float, default=1.0, help="strength multiplier (default 1.0)")
+    add_allow_pickle(p, "BASE checkpoints")
+
+    p = _command(
+        sub,
+        "combine",
+        "combine two adapters (svd: exact sum then truncated SVD; lpl: factor sum)",
+        "Combine two of our adapters into one.",
+        a="first adapter",
+        b="second adapter",
+        out="output adapter .safetensors",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("svd", "lpl"),
+        default="svd",
+        help="svd: w1*dW_a + w2*dW_b truncated to --rank (error reported); lpl: cloneofsimo's weighted "
+        "sum of ups and of downs (approximate, same ranks needed). Default svd",
+    )
+    p.add_argument("--w1", type=float, default=1.0, help="weight of the first adapter (default 1.0)")
+    p.add_argument("--w2", type=float, default=1.0, help="weight of the second adapter (default 1.0)")
+    p.add_argument("--rank", type=int, help="svd: rank of the result (default rank_a + rank_b: exact)")
+    return parser
+
+
+def _run(args) -> str:
+    if args.command == "export":
+        dst = _check_out(args.dst, args.overwrite)
+        layout, family = _layout_and_family(args)
+        adapter = read_adapter(args.src)
+        if family is not None and family != adapter.meta["family"]:
+            raise CheckpointError(
+                f"{args.src}: adapter family {adapter.meta['family']!r} does not match {args.config} ({family})"
+            )
+        if args.format == "kohya":
+            state, metadata = to_kohya(adapter, layout, args.src)
+        else:
+            state, metadata = to_diffusers(adapter, layout, args.fold_scale, args.src)
+        write_state_dict(dst, state, metadata)
+        return f"wrote {dst} ({args.format}, {len(state)} tensors)"
+    if args.command == "import":
+        dst = _check_out(args.dst, args.overwrite)
+        layout, family = _layout_and_family(args)
+        state = read_state_dict(args.src)
+        metadata = read_metadata(args.src)
+        fmt = detect_format(state) if args.format == "auto" else args.format
+        if fmt == "ldm":
+            raise CheckpointError(f"{args.src}: already uses our module names; nothing to import")
+        family = args.family or family
+        if family is None and "ss_v2" in metadata:
+            family = "sd2" if metadata["ss_v2"] == "True" else "sd1"
+        if family is None:
+            raise CheckpointError(f"{args.src}: pass --family sd1|sd2 (or --config); the file does not say")
+        if fmt == "kohya":
+            adapter = from_kohya(state, family, layout, args.skip_conv, args.src)
+        else:
+            adapter = from_diffusers(state, family, layout, metadata, args.skip_conv, args.src)
+        adapter.meta.update(context_dim=args.context_dim, parameterization=args.parameterization)
+        write_adapter(dst, adapter)
+        return f"wrote {dst} ({len(modules(adapter))} modules, family {family})"
+    if args.command == "merge":
+        out = _check_out(args.out, args.overwrite)
+        adapter = read_adapter(args.lora)
+        base = read_state_dict(args.base, allow_pickle=args.allow_pickle)
+        metadata = read_metadata(args.base) if out.suffix.lower() == ".safetensors" else None
+        write_state_dict(out, merge_into_base(base, adapter, args.weight, source=args.lora), metadata or None)
+        return f"wrote {out} ({len(modules(adapter))} modules merged, weight {args.weight})"
+    out = _check_out(args.out, args.overwrite)
+    a, b = read_adapter(args.a), read_adapter(args.b)
+    if args.mode == "lpl":
+        write_adapter(out, combine_lpl(a, b, args.w1, args.w2))
+        return f"wrote {out} (lpl, w1={args.w1}, w2={args.w2}; approximate by construction)"
+    rank = args.rank or max(m[0].shape[0] for m in modules(a).values()) + max(
+        m[0].shape[0] for m in modules(b).values()
+    )
+    combined, report = combine_svd(a, b, args.w1, args.w2, rank)
+    write_adapter(out, combined)
+    worst = max(report.per_module.items(), key=lambda kv: kv[1])
+    return (
+        f"wrote {out} (svd rank {rank}); relative Frobenius error overall {report.overall:.3e}, "
+        f"worst {worst[1]:.3e} ({worst[0]})"
+    )
+
+
+def _print_result(args) -> int:
+    print(_run(args))
+    return 0
+
+
+def main(argv=None, prog: str = PROG) -> int:
+    return run(build_parser(prog), _print_result, argv)

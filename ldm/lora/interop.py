@@ -1,0 +1,451 @@
+"""LoRA adapters <-> the PyTorch world: diffusers/PEFT and kohya files, module-name maps and the fused q/k/v split.
+
+Scale conventions (``dW`` is preserved exactly, i.e. the factors are copied bit for bit):
+
+* diffusers/PEFT files carry no alpha tensors; PEFT scales by ``lora_alpha / r``. Export writes the header key
+  ``lora_adapter_metadata`` (PEFT ``LoraConfig`` fields prefixed ``unet.``/``text_encoder.``: ``r``, ``lora_alpha``,
+  ``rank_pattern``, ``alpha_pattern``, ``target_modules``), which diffusers (0.42: ``load_lora_weights`` and
+  ``load_lora_adapter`` read it from the file) turns into the ``LoraConfig`` as is. For loaders that ignore it,
+  ``fold_scale=True`` multiplies ``lora_B`` by ``alpha / r`` and writes no metadata (implied alpha = r; exact up to one
+  float32 rounding of ``B``). Import takes alpha from that metadata (PEFT's pattern matching), else from legacy
+  ``<module>.alpha`` keys, else alpha = r.
+* kohya: ``dW = alpha / r * up @ down`` with an ``.alpha`` tensor per module (kohya trains with ``--network_alpha``
+  default 1, i.e. scale 1/r, and stores it). Export always writes ``.alpha``. A module without one gets alpha = r
+  (scale 1), as kohya's own loader and diffusers do for old files.
+
+SD2's fused ``in_proj`` (OpenCLIP) against separate q/k/v LoRAs (HF CLIP names in diffusers/kohya files):
+
+* Export splits a fused rank-r LoRA (down ``[r, d]``, up ``[3d, r]``) into three rank-r LoRAs that share the down and
+  take their third of the up: exact. Columns whose up-third is zero are dropped (they add nothing), so a join followed
+  by a split gives back the original ranks.
+* Import joins the q/k/v LoRAs of a layer into one fused LoRA of rank ``r_q + r_k + r_v``: downs stacked ``[3r, d]``,
+  ups block-diagonal ``[3d, 3r]`` (a missing projection contributes zero rows): exact. Unequal scales are folded into
+  the up blocks (alpha = rank). Three parts with one shared down and scale (what export writes) join back at rank r,
+  so export followed by import gives the trainer's own parameter shapes.
+
+1x1-convolution LoRAs (SD1 ``proj_in``/``proj_out``: ``[r, in, 1, 1]``) are stored squeezed to 2-D and re-expanded
+on export for SD1 (and on merge, to the base weight's shape). Larger conv LoRAs (LoCon) are refused, or dropped with
+``skip_conv``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from ldm.io import text_encoder_keys, unet_keys
+from ldm.io.checkpoint import CheckpointError
+from ldm.lora.adapter import FUSED_IN_PROJ, Adapter, Module, check_family, make_adapter, module_scale, modules
+from ldm.names import TEXT_PREFIX, UNET_PREFIX
+
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+_FUSED = re.compile(rf"(.+\.attn)\.{FUSED_IN_PROJ}")
+_QKV = ("q", "k", "v")
+_HF_QKV = re.compile(r"(text_model\.encoder\.layers\.\d+\.self_attn)\.([qkv])_proj")
+_CONV1X1 = re.compile(r"proj_in|proj_out")
+
+
+@dataclass(frozen=True)
+class UNetLayout:
+    """The UNet arguments the LDM <-> diffusers block map depends on (defaults: SD 1.x/2.x)."""
+
+    num_res_blocks: int = 2
+    channel_mult: tuple = (1, 2, 4, 4)
+    attention_resolutions: tuple = (4, 2, 1)
+    transformer_depth: int = 1
+
+    def key_args(self) -> dict:
+        return {
+            "num_res_blocks": self.num_res_blocks,
+            "channel_mult": tuple(self.channel_mult),
+            "attention_resolutions": tuple(self.attention_resolutions),
+        }
+
+    @classmethod
+    def from_config(cls, config) -> UNetLayout:
+        """The layout of a model config's UNet."""
+        from ldm.names import model_node
+
+        unet = model_node(config)["params"]["unet_config"]["params"]
+        return cls(
+            int(unet["num_res_blocks"]),
+            tuple(unet["channel_mult"]),
+            tuple(unet["attention_resolutions"]),
+            int(unet.get("transformer_depth", 1)),
+        )
+
+
+def _err(source, message: str) -> CheckpointError:
+    return CheckpointError(f"{source}: {message}")
+
+
+def _unet_to_diffusers(path: str, layout: UNetLayout) -> str:
+    rel = path[len(UNET_PREFIX) :] + ".weight"
+    try:
+        (key,) = unet_keys.ldm_to_diffusers({rel: None}, **layout.key_args())
+    except KeyError as e:
+        raise CheckpointError(f"UNet module {path!r} is not in the UNet layout given: {e}") from None
+    return key[: -len(".weight")]
+
+
+def _unet_from_diffusers(dpath: str, layout: UNetLayout) -> str:
+    try:
+        (key,) = unet_keys.diffusers_to_ldm({dpath + ".weight": None}, **layout.key_args())
+    except KeyError as e:
+        raise CheckpointError(f"diffusers UNet module {dpath!r} is not in the UNet layout given: {e}") from None
+    return UNET_PREFIX + key[: -len(".weight")]
+
+
+def _te_to_hf(path: str, family: str) -> list:
+    """HF CLIP module paths of one of our text-encoder modules (three for a fused in_proj)."""
+    rel = path[len(TEXT_PREFIX) :]
+    fused = _FUSED.fullmatch(rel)
+    fake = {f"{fused.group(1)}.in_proj_weight": np.zeros((3, 1))} if fused else {rel + ".weight": None}
+    try:
+        keys = text_encoder_keys.ldm_to_diffusers(fake, family)
+    except KeyError as e:
+        raise CheckpointError(f"{family} text-encoder module {path!r} has no transformers name: {e}") from None
+    return [k[: -len(".weight")] for k in keys]
+
+
+def _te_from_hf(hf_path: str, family: str) -> str:
+    """Our module path of a non-q/k/v-fused HF CLIP module (SD2 q/k/v are joined by :func:`_join_qkv`)."""
+    try:
+        (key,) = text_encoder_keys.diffusers_to_ldm({hf_path + ".weight": None}, family)
+    except KeyError as e:
+        raise CheckpointError(f"{family} text-encoder module {hf_path!r} is unknown: {e}") from None
+    return TEXT_PREFIX + key[: -len(".weight")]
+
+
+def _is_conv1x1(path: str, family: str) -> bool:
+    """SD1's transformer ``proj_in``/``proj_out`` are 1x1 convolutions (SD2 uses Linear)."""
+    return family == "sd1" and path.startswith(UNET_PREFIX) and _CONV1X1.fullmatch(path.rsplit(".", 1)[-1]) is not None
+
+
+def _split_fused(module: Module) -> list:
+    """Three (down, up, alpha) LoRAs equal to a fused q/k/v one; zero up columns are dropped per part."""
+    down, up, alpha = module
+    scale = module_scale(down, alpha)
+    if up.shape[0] % 3:
+        raise CheckpointError(f"fused in_proj LoRA up has {up.shape[0]} rows, not divisible by 3")
+    parts = []
+    for third in np.split(up, 3, axis=0):
+        keep = np.flatnonzero(np.any(third != 0, axis=0))
+        if keep.size == 0:
+            keep = np.arange(down.shape[0])
+        parts.append((down[keep], third[:, keep], scale * keep.size))
+    return parts
+
+
+def _join_qkv(parts: dict, source) -> Module:
+    """One fused LoRA from ``{"q"|"k"|"v": (down, up, alpha)}`` (absent ones contribute zero rows): exact. When all
+    three share one down and one scale (a fused LoRA split on export), the join keeps that rank: ups stacked."""
+    present = [parts[n] for n in _QKV if n in parts]
+    first = present[0]
+    if len(present) == 3 and all(
+        np.array_equal(m[0], first[0]) and module_scale(m[0], m[2]) == module_scale(first[0], first[2]) for m in present
+    ):
+        return first[0], np.concatenate([m[1] for m in present], axis=0), first[2]
+    d_out = {m[1].shape[0] for m in present}
+    d_in = {m[0].shape[1] for m in present}
+    if len(d_out) != 1 or len(d_in) != 1:
+        raise _err(source, f"q/k/v LoRAs of one layer have different widths: out {d_out}, in {d_in}")
+    (width,) = d_out
+    scales = {module_scale(m[0], m[2]) for m in present}
+    common = scales.pop() if len(scales) == 1 else None
+    rank = sum(m[0].shape[0] for m in present)
+    down = np.concatenate([m[0] for m in present], axis=0)
+    up = np.zeros((3 * width, rank), dtype=np.result_type(*[m[1] for m in present]))
+    col = 0
+    for i, name in enumerate(_QKV):
+        if name not in parts:
+            continue
+        d, u, a = parts[name]
+        r = d.shape[0]
+        up[i * width : (i + 1) * width, col : col + r] = u if common is not None else u * module_scale(d, a)
+        col += r
+    return down, up, (common * rank if common is not None else float(rank))
+
+
+def _linear_pair(name: str, down: np.ndarray, up: np.ndarray, skip_conv: bool, source):
+    """2-D factors of a linear or 1x1-conv LoRA; None (module skipped) or an error for a larger conv kernel."""
+    if down.ndim == up.ndim == 2:
+        return down, up
+    if down.ndim == up.ndim == 4 and down.shape[2:] == up.shape[2:] == (1, 1):
+        return down[:, :, 0, 0], up[:, :, 0, 0]
+    if skip_conv:
+        return None
+    raise _err(
+        source,
+        f"{name}: LoRA factors down {down.shape}, up {up.shape} are not linear or 1x1 conv (conv "
+        "LoRA / LoCon is not supported; pass skip_conv / --skip_conv to drop such modules)",
+    )
+
+
+def _exported_modules(adapter: Adapter, layout: UNetLayout, source) -> list:
+    """(component, diffusers/HF module path, (down, up, alpha), is 1x1 conv) for export, fused in_proj split."""
+    family = adapter.meta["family"]
+    out = []
+    for path, module in modules(adapter, source).items():
+        if path.startswith(UNET_PREFIX):
+            out.append(("unet", _unet_to_diffusers(path, layout), module, _is_conv1x1(path, family)))
+            continue
+        hf_paths = _te_to_hf(path, family)
+        split = _split_fused(module) if len(hf_paths) == 3 else [module]
+        out.extend(("text_encoder", p, m, False) for p, m in zip(hf_paths, split))
+    return out
+
+
+def _factors(module: Module, conv: bool, fold: bool):
+    down, up, alpha = module
+    if fold:
+        up = (up.astype(np.float64) * module_scale(down, alpha)).astype(np.float32)
+    if conv:
+        down, up = down[:, :, None, None], up[:, :, None, None]
+    return np.ascontiguousarray(down), np.ascontiguousarray(up)
+
+
+def _import_modules(found: dict, family: str, layout: UNetLayout, skip_conv: bool, source, label, alpha_of):
+    """Our adapter from ``{(component, diffusers/HF module path): [down, up, alpha]}``; ``label(component, path)``
+    names a module in errors, ``alpha_of(component, path, rank)`` gives the alpha of one without an alpha tensor."""
+    mods, hf_qkv, skipped = {}, {}, []
+    for (component, path), (down, up, alpha) in sorted(found.items()):
+        name = label(component, path)
+        if down is None or up is None:
+            raise _err(source, f"{name} has no {'down' if down is None else 'up'} factor")
+        pair = _linear_pair(name, np.asarray(down), np.asarray(up), skip_conv, source)
+        if pair is None:
+            skipped.append(name)
+            continue
+        down, up = pair
+        if down.shape[0] != up.shape[1]:
+            raise _err(source, f"{name}: rank mismatch: down {down.shape}, up {up.shape}")
+        rank = down.shape[0]
+        alpha = alpha_of(component, path, rank) if alpha is None else float(np.asarray(alpha, np.float32).reshape(()))
+        module = (down, up, alpha)
+        if component == "unet":
+            mods[_unet_from_diffusers(path, layout)] = module
+        elif (qkv := _HF_QKV.fullmatch(path)) is not None:
+            hf_qkv.setdefault(qkv.group(1), {})[qkv.group(2)] = module
+        else:
+            mods[_te_from_hf(path, family)] = module
+    if skipped:
+        warnings.warn(
+            f"{source}: dropped {len(skipped)} conv LoRA modules (skip_conv), e.g. {skipped[0]}", stacklevel=3
+        )
+    for layer, parts in hf_qkv.items():
+        if family == "sd2":
+            attn = _te_from_hf(f"{layer}.out_proj", family).rsplit(".", 1)[0]
+            mods[f"{attn}.{FUSED_IN_PROJ}"] = _join_qkv(parts, source)
+        else:
+            for name, module in parts.items():
+                mods[_te_from_hf(f"{layer}.{name}_proj", family)] = module
+    if not mods:
+        raise _err(source, "holds no LoRA modules")
+    return make_adapter(mods, {"family": family})
+
+
+# -------------------------------------------------------------------------------------------------------- diffusers
+
+_DIFFUSERS_KEY = re.compile(
+    r"(unet|text_encoder)\.(.+?)\.(?:(lora_A|lora\.down|lora_linear_layer\.down)\.weight"
+    r"|(lora_B|lora\.up|lora_linear_layer\.up)\.weight|(alpha))"
+)
+
+
+def _peft_config(entries: list) -> dict:
+    """PEFT ``LoraConfig`` kwargs for ``[(module path, rank, alpha)]``: most common r/alpha plus patterns."""
+    rank = Counter(r for _, r, _ in entries).most_common(1)[0][0]
+    alpha = Counter(a for _, _, a in entries).most_common(1)[0][0]
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {f"^{re.escape(p)}": r for p, r, _ in entries if r != rank},
+        "alpha_pattern": {f"^{re.escape(p)}": a for p, _, a in entries if a != alpha},
+        "target_modules": sorted(p for p, _, _ in entries),
+    }
+
+
+def to_diffusers(
+    adapter: Adapter, layout: UNetLayout = UNetLayout(), fold_scale: bool = False, source="adapter"
+) -> tuple:
+    """``(state dict, safetensors metadata)`` in the diffusers/PEFT form ``unet.<path>.lora_A.weight`` etc."""
+    state, entries = {}, {}
+    for component, path, module, conv in _exported_modules(adapter, layout, source):
+        down, up = _factors(module, conv, fold_scale)
+        state[f"{component}.{path}.lora_A.weight"] = down
+        state[f"{component}.{path}.lora_B.weight"] = up
+        entries.setdefault(component, []).append((path, int(down.shape[0]), float(np.float32(module[2]))))
+    metadata = {"format": "pt"}
+    if not fold_scale:
+        packed = {f"{c}.{k}": v for c, items in entries.items() for k, v in _peft_config(items).items()}
+        metadata[PEFT_METADATA_KEY] = json.dumps(packed, sort_keys=True)
+    return state, metadata
+
+
+def _peft_alpha(config: dict, path: str, rank: int) -> float:
+    """alpha of ``path`` under PEFT's rules (``alpha_pattern`` keys match a dotted suffix, as a regex)."""
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return float(value)
+    return float(config.get("lora_alpha", rank))
+
+
+def from_diffusers(
+    state: dict,
+    family: str,
+    layout: UNetLayout = UNetLayout(),
+    metadata: dict | None = None,
+    skip_conv: bool = False,
+    source="diffusers LoRA",
+) -> Adapter:
+    """Our adapter from a diffusers/PEFT LoRA state dict (``lora_A``/``lora_B``, ``lora.down``/``lora.up``,
+    or ``lora_linear_layer.down``/``up``; legacy ``<module>.alpha`` keys optional)."""
+    check_family(family, source)
+    try:
+        peft_meta = json.loads((metadata or {}).get(PEFT_METADATA_KEY) or "{}")
+    except ValueError as e:
+        raise _err(source, f"metadata {PEFT_METADATA_KEY!r} is not JSON: {e}") from None
+    configs = {
+        c: {k[len(c) + 1 :]: v for k, v in peft_meta.items() if k.startswith(c + ".")} for c in ("unet", "text_encoder")
+    }
+    found: dict = {}
+    for key, value in state.items():
+        match = _DIFFUSERS_KEY.fullmatch(key)
+        if match is None:
+            raise _err(source, f"key {key!r} is not a diffusers/PEFT LoRA key (unet.* / text_encoder.*)")
+        component, path, is_down, is_up, _ = match.groups()
+        found.setdefault((component, path), [None, None, None])[0 if is_down else 1 if is_up else 2] = value
+    return _import_modules(
+        found, family, layout, skip_conv, source, lambda c, p: f"{c}.{p}", lambda c, p, r: _peft_alpha(configs[c], p, r)
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------ kohya
+
+_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+_KOHYA_KEY = re.compile(r"(lora_(?:unet|te)_\w+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+_KOHYA_TE = re.compile(r"lora_te_text_model_encoder_layers_(\d+)_(\w+)")
+_HF_LAYER_MODULES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
+_BLOCK_LEAVES = {
+    "layer": ("",),
+    "resnet": ("conv1", "conv2", "time_emb_proj", "conv_shortcut"),
+    "transformer": ("proj_in", "proj_out"),
+}
+_TRANSFORMER_BLOCK_LEAVES = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+)
+
+
+def _kohya_name(component: str, path: str) -> str:
+    return _KOHYA_PREFIX[component] + path.replace(".", "_")
+
+
+def _kohya_unet_table(layout: UNetLayout) -> dict:
+    """kohya name -> diffusers module path for every layer of the UNet layout (kohya builds it the same way, from
+    the module list, because ``_`` -> ``.`` is ambiguous)."""
+    table = {}
+    for dpath, _, kind in unet_keys.block_table(**layout.key_args()):
+        leaves = list(_BLOCK_LEAVES[kind])
+        if kind == "transformer":
+            leaves += [
+                f"transformer_blocks.{d}.{leaf}"
+                for d in range(layout.transformer_depth)
+                for leaf in _TRANSFORMER_BLOCK_LEAVES
+            ]
+        for leaf in leaves:
+            path = f"{dpath}.{leaf}" if leaf else dpath
+            table[_kohya_name("unet", path)] = path
+    return table
+
+
+def _kohya_te_path(name: str) -> str | None:
+    match = _KOHYA_TE.fullmatch(name)
+    if match is None:
+        return None
+    leaves = {m.replace(".", "_"): m for m in _HF_LAYER_MODULES}
+    leaf = leaves.get(match.group(2))
+    return None if leaf is None else f"text_model.encoder.layers.{match.group(1)}.{leaf}"
+
+
+def to_kohya(adapter: Adapter, layout: UNetLayout = UNetLayout(), source="adapter") -> tuple:
+    """``(state dict, metadata)`` in kohya sd-scripts form, with an ``.alpha`` tensor for every module."""
+    state = {}
+    for component, path, module, conv in _exported_modules(adapter, layout, source):
+        down, up = _factors(module, conv, False)
+        name = _kohya_name(component, path)
+        state[f"{name}.lora_down.weight"] = down
+        state[f"{name}.lora_up.weight"] = up
+        state[f"{name}.alpha"] = np.asarray(module[2], dtype=np.float32)
+    meta = adapter.meta
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(meta.get("rank")),
+        "ss_network_alpha": str(meta.get("alpha")),
+        "ss_v2": str(meta["family"] == "sd2"),
+    }
+    return state, metadata
+
+
+def from_kohya(
+    state: dict, family: str, layout: UNetLayout = UNetLayout(), skip_conv: bool = False, source="kohya LoRA"
+) -> Adapter:
+    """Our adapter from a kohya/A1111 LoRA (``lora_unet_*``/``lora_te_*``); names are resolved through a table of
+    the known modules, never by guessing dots."""
+    check_family(family, source)
+    unet_table = _kohya_unet_table(layout)
+    found: dict = {}
+    for key, value in state.items():
+        match = _KOHYA_KEY.fullmatch(key)
+        if match is None:
+            raise _err(
+                source,
+                f"key {key!r} is not a kohya LoRA key (lora_unet_* / lora_te_* with .lora_down.weight, "
+                ".lora_up.weight or .alpha)",
+            )
+        name, kind = match.groups()
+        if name.startswith("lora_unet_"):
+            target = ("unet", unet_table.get(name))
+        else:
+            target = ("text_encoder", _kohya_te_path(name))
+        if target[1] is None:
+            raise _err(source, f"key {key!r}: {name!r} is not a module of the {family} model/UNet layout given")
+        slot = ("lora_down.weight", "lora_up.weight", "alpha").index(kind)
+        found.setdefault(target, [None, None, None])[slot] = value
+    return _import_modules(found, family, layout, skip_conv, source, _kohya_name, lambda c, p, r: float(r))
+
+
+def detect_format(state: dict) -> str:
+    """``"kohya"``, ``"diffusers"`` or ``"ldm"`` from the key names."""
+    keys = list(state)
+    if keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+        return "kohya"
+    if keys and all(k.startswith(("unet.", "text_encoder.")) for k in keys):
+        return "diffusers"
+    if keys and all(k.startswith((UNET_PREFIX, TEXT_PREFIX)) for k in keys):
+        return "ldm"
+    raise CheckpointError(
+        f"cannot tell the LoRA format from keys such as {keys[:1]} (expected lora_unet_*/lora_te_* "
+        "(kohya), unet.*/text_encoder.* (diffusers) or model.diffusion_model.*/cond_stage_model.*)"
+    )
