@@ -53,12 +53,12 @@ def _zip_pickle(path, obj):
 
 @pytest.mark.parametrize("name", PAYLOADS)
 def test_pickle_payload_refused_by_default(tmp_path, capsys, name):
-    """A torch-zip .ckpt whose pickle runs a command is refused without --allow-pickle; the command never runs."""
+    """A torch-zip .ckpt whose pickle runs a command is refused without --allow_pickle; the command never runs."""
     marker = tmp_path / "pwned"
     src = _zip_pickle(tmp_path / "model.ckpt", _payloads(marker)[name])
     assert lora_tools.main(["merge", str(src), str(src), str(tmp_path / "out.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "--allow-pickle" in err[0], err
+    assert len(err) == 1 and err[0].startswith("error: ") and "--allow_pickle" in err[0], err
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
 
 

@@ -72,7 +72,7 @@ class _Step:
 
 def _write_checkpoint(ckpt_dir: Path, done: int) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)  # as run_training does before the first checkpoint
-    model = SimpleNamespace(cond_stage_model=None)
+    model = SimpleNamespace(cond_stage_model=SimpleNamespace(family="sd1"))
     noise = SimpleNamespace(get_state=lambda: {"seed": done})
     trainer._checkpoint(model, [_Param(done)], _Step(done), noise, None, done, ckpt_dir, OPTS)
 
