@@ -41,6 +41,15 @@ def check_numpy() -> None:
         )
 
 
+def check_launcher() -> None:
+    """Raise a ValueError saying how to launch when data parallel is asked for in a process no launcher started."""
+    if not any(os.environ.get(name) for name in LAUNCHER_VARS):
+        raise ValueError(
+            "data parallel (--use_parallel True) needs workers started by a launcher: run "
+            "`scripts/run_train_parallel.sh NPROC <training options>` or msrun (see README, Data parallel)"
+        )
+
+
 @dataclass(frozen=True)
 class DistInfo:
     """Rank layout of the current process (``rank=0, world_size=1`` when not distributed)."""
@@ -74,11 +83,8 @@ def init_env(
     """
     import mindspore as ms
 
-    if distributed and not any(os.environ.get(name) for name in LAUNCHER_VARS):
-        raise ValueError(
-            "data parallel (--use_parallel True) needs workers started by a launcher: run "
-            "`scripts/run_train_parallel.sh NPROC <training options>` or msrun (see README, Data parallel)"
-        )
+    if distributed:
+        check_launcher()
 
     device_target = device_target.upper() if device_target.lower() != "ascend" else "Ascend"
     if device_target not in ("CPU", "GPU", "Ascend"):

@@ -12,10 +12,13 @@ import sys
 
 import ldm  # noqa: F401  (CPU defaults before mindspore)
 from ldm.cli import call, debug_requested
+from ldm.env import check_launcher
 from ldm.train.options import check_paths, parse_options, resolve_train_config
 
 
 def _train(opts) -> int:
+    if opts.use_parallel:
+        check_launcher()
     check_paths(opts)
     resolved = resolve_train_config(opts)
     logging.getLogger("ldm.train").info("model config: %s", resolved.label)
