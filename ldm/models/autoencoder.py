@@ -341,8 +341,8 @@ class AutoencoderKL(nn.Cell):
 
     def set_decode_memory_options(self, slicing: bool = False, tile_latent_size: int = 0) -> None:
         """slicing: decode one latent of a batch at a time (exact). tile_latent_size > 0: decode latents larger than
-        this in overlapping tiles of this many latent pixels (approximate, see the module docstring). Both act
-        when ``decode`` runs eagerly (PyNative); a decode compiled into a graph ignores them."""
+        this in overlapping tiles of this many latent pixels (approximate, see the module docstring). Both act when
+        ``decode`` is called from Python, as the pipeline does; keep them off inside a compiled ``construct``."""
         if tile_latent_size < 0 or tile_latent_size == 1:
             raise ValueError(f"tile_latent_size must be 0 (off) or >= 2, got {tile_latent_size}")
         self.slice_decode = bool(slicing)
