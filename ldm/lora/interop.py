@@ -312,8 +312,11 @@ def peft_pattern_value(patterns: dict, path: str, default):
     """The value of the first of PEFT's ``rank_pattern``/``alpha_pattern`` keys matching ``path`` (a regex matched
     against a dotted suffix, as PEFT does), else ``default``."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", path):
+                return value
+        except re.error as e:
+            raise CheckpointError(f"LoRA pattern {pattern!r} is not a regular expression: {e}") from None
     return default
 
 

@@ -98,9 +98,37 @@ def _read_config(folder: Path) -> dict:
         if key not in _USED and key not in _INERT and not _neutral(value):
             why = _WHY.get(key, "not implemented here")
             raise _err(source, f"field {key!r} = {json.dumps(value)} is not supported ({why})")
-    if not isinstance(config.get("r"), int) or config["r"] <= 0:
-        raise _err(source, f"field 'r' must be a positive integer, got {config.get('r')!r}")
+    _check_types(config, source)
     return config
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(config: dict, source) -> None:
+    """The fields this reader uses have PEFT's types (patterns: valid regexes mapping to numbers)."""
+    if not isinstance(config.get("r"), int) or isinstance(config["r"], bool) or config["r"] <= 0:
+        raise _err(source, f"field 'r' must be a positive integer, got {json.dumps(config.get('r'))}")
+    if not _number(config.get("lora_alpha", 8)):
+        raise _err(source, f"field 'lora_alpha' must be a number, got {json.dumps(config['lora_alpha'])}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict) or not all(_number(v) for v in patterns.values()):
+            raise _err(source, f"field {field!r} must map module patterns to numbers")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise _err(source, f"field {field!r}: {pattern!r} is not a regular expression: {e}") from None
+    for field in ("target_modules", "exclude_modules"):
+        value = config.get(field)
+        if not (
+            value is None
+            or isinstance(value, str)
+            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            raise _err(source, f"field {field!r} must be a regular expression or a list of module names")
 
 
 def _targeted(config: dict, path: str) -> bool:
@@ -181,6 +209,8 @@ def write_peft_folder(folder, adapter: Adapter, layout: UNetLayout, overwrite: b
     """Write ``folder/unet`` and ``folder/text_encoder`` (those the adapter has) in the ``save_pretrained`` layout;
     the whole folder appears at once (built beside it, then renamed). Returns the subfolders written."""
     folder = Path(folder)
+    if folder.suffix.lower() in (".safetensors", ".ckpt", ".bin"):
+        raise _err(folder, "a PEFT export is a folder; give a folder name without a file extension")
     if folder.exists() and not overwrite:
         raise _err(folder, "already exists (pass --overwrite to replace it)")
     networks: dict = {}
