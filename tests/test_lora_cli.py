@@ -244,3 +244,5 @@ def test_peft_export_needs_a_folder_name(tmp_path, rng, capsys):
     argv = ["export", str(tmp_path / "a.safetensors"), str(tmp_path / "p.safetensors"), "--format", "peft"]
     assert main([*argv, *CLI_LAYOUT]) == 2
     assert "is a folder" in capsys.readouterr().err and not (tmp_path / "p.safetensors").exists()
+    assert main([*argv[:2], str(tmp_path / "p"), "--format", "peft", "--fold_scale", *CLI_LAYOUT]) == 2
+    assert "--fold_scale applies to --format diffusers only" in capsys.readouterr().err

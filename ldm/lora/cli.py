@@ -172,6 +172,8 @@ def build_parser(prog: str = PROG) -> Parser:
 
 def _run(args) -> str:
     if args.command == "export":
+        if args.fold_scale and args.format != "diffusers":
+            raise CheckpointError(f"--fold_scale applies to --format diffusers only, not {args.format}")
         dst = Path(args.dst) if args.format == "peft" else _check_out(args.dst, args.overwrite)
         layout, family = _layout_and_family(args)
         adapter = read_adapter(args.src)
