@@ -211,3 +211,38 @@ def test_cli_entry_point_help_and_error(tmp_path, module):
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "nope" in res.stderr, res.stderr
     res = subprocess.run([*missing, "--debug"], capture_output=True, text=True)
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("use_dora", True, "'use_dora' = true is not supported (DoRA"),
+        ("some_future_feature", {"on": 1}, "'some_future_feature'"),
+        ("r", "4", "field 'r' must be a positive integer"),
+        ("alpha_pattern", {"attn1.(": 2}, "is not a regular expression"),
+        ("peft_type", "LOHA", "peft_type 'LOHA' is not supported"),
+    ],
+)
+def test_peft_folder_bad_config_is_one_line(field, value, expected, tmp_path, rng, capsys):
+    from ldm.lora.peft_folder import write_peft_folder
+    from tests.lora_files import LAYOUT
+
+    write_peft_folder(tmp_path / "run", random_adapter("sd1", rng), LAYOUT)
+    config_file = tmp_path / "run" / "unet" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config[field] = value
+    config_file.write_text(json.dumps(config))
+    out = tmp_path / "o.safetensors"
+    assert main(["import", str(tmp_path / "run"), str(out), "--family", "sd1", *CLI_LAYOUT]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert str(config_file) in err and not out.exists()
+
+
+def test_peft_export_needs_a_folder_name(tmp_path, rng, capsys):
+    write_adapter(tmp_path / "a.safetensors", random_adapter("sd2", rng))
+    argv = ["export", str(tmp_path / "a.safetensors"), str(tmp_path / "p.safetensors"), "--format", "peft"]
+    assert main([*argv, *CLI_LAYOUT]) == 2
+    assert "is a folder" in capsys.readouterr().err and not (tmp_path / "p.safetensors").exists()
+    assert main([*argv[:2], str(tmp_path / "p"), "--format", "peft", "--fold_scale", *CLI_LAYOUT]) == 2
+    assert "--fold_scale applies to --format diffusers only" in capsys.readouterr().err

@@ -11,11 +11,10 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from ldm.io.checkpoint import write_state_dict
 from ldm.io.diffusers_format import read_diffusers_folder, write_diffusers_folder
 from ldm.io.model_io import load_pretrained, model_family
 from ldm.lora.adapter import read_adapter, write_adapter
-from ldm.lora.interop import UNetLayout, to_diffusers
+from ldm.lora.cli import main as lora_main
 from ldm.lora.network import inject_lora, to_adapter
 from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_ATTENTION_TARGETS
 from ldm.models.diffusion import build_model_from_config
@@ -24,7 +23,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from tiny_diffusers import save_folder  # noqa: E402
 
-LAYOUT = UNetLayout(num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(2, 1))
+CLI_LAYOUT = ["--num_res_blocks", "1", "--channel_mult", "1,2", "--attention_resolutions", "2,1"]
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
@@ -45,14 +44,9 @@ def test_exported_adapter_matches_in_diffusers(family, tmp_path):
             p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.3))
     ours_file = tmp_path / "ours.safetensors"
     write_adapter(ours_file, to_adapter(model, family=model_family(model)))
-    lora, meta = to_diffusers(read_adapter(ours_file), LAYOUT)
-    # transformers>=5 builds CLIPTextModel without the ``text_model`` level that diffusers LoRA files (and every
-    # older transformers) use; diffusers 0.42 does not remap it, so drop it here for the installed reference.
-    lora = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in lora.items()}
-    meta = {k: v.replace("text_model.", "") for k, v in meta.items()}
-    diff_file = tmp_path / "pytorch_lora_weights.safetensors"
-    write_state_dict(diff_file, lora, metadata=meta)
-    ref.load_lora_weights(str(tmp_path), weight_name=diff_file.name)
+    diff_file = tmp_path / "exported.safetensors"
+    assert lora_main(["export", str(ours_file), str(diff_file), "--format", "diffusers", *CLI_LAYOUT]) == 0
+    ref.load_lora_weights(str(diff_file))  # exactly what a user does with the exported file
 
     ids = model.tokenize(["a photo of a red fox", ""])
     ctx = model.get_learned_conditioning(ms.Tensor(ids)).asnumpy()

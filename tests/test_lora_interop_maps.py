@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from ldm.io.checkpoint import CheckpointError, write_state_dict
+from ldm.io.checkpoint import CheckpointError, read_state_dict, write_state_dict
 from ldm.lora.adapter import delta_weight, make_adapter, modules
 from ldm.lora.interop import PEFT_METADATA_KEY, from_diffusers, from_kohya, to_diffusers, to_kohya
 from ldm.lora.merge import merge_into_base
+from ldm.lora.peft_folder import read_peft_folder, write_peft_folder
 from ldm.names import UNET_PREFIX
 from tests.lora_files import (
     LAYOUT,
@@ -31,7 +32,9 @@ def test_diffusers_round_trip(family, fold, rng):
     state, metadata = to_diffusers(adapter, LAYOUT, fold_scale=fold)
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in state
     assert "unet.up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.lora_B.weight" in state
-    assert "text_encoder.text_model.encoder.layers.1.self_attn.v_proj.lora_A.weight" in state
+    # the names the installed transformers (>= 5) gives CLIP modules: no text_model. level
+    assert "text_encoder.encoder.layers.1.self_attn.v_proj.lora_A.weight" in state
+    assert not any(".text_model." in k for k in state) and "text_model." not in metadata.get(PEFT_METADATA_KEY, "")
     assert not any(k.endswith("alpha") for k in state)
     assert (PEFT_METADATA_KEY in metadata) != fold
     conv = state["unet.mid_block.attentions.0.proj_in.lora_A.weight"]
@@ -40,6 +43,20 @@ def test_diffusers_round_trip(family, fold, rng):
     assert_same_deltas(adapter, back, rtol=1e-6 if fold else 0.0)
     if not fold:  # factors and alphas survive unchanged (fused in_proj included: split and joined at rank r)
         assert_same_factors(adapter, back)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_text_encoder_names_with_and_without_text_model(family, rng):
+    """diffusers with transformers >= 5 writes ``text_encoder.encoder.layers.N...``; older transformers and
+    kohya-converted files write ``text_encoder.text_model.encoder.layers.N...``: both import to the same adapter."""
+    adapter = random_adapter(family, rng, mixed=False)
+    state, metadata = to_diffusers(adapter, LAYOUT)
+    new = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in state.items()}
+    old = {k.replace("text_encoder.encoder.", "text_encoder.text_model.encoder."): v for k, v in new.items()}
+    assert any(k.startswith("text_encoder.encoder.") for k in new)
+    assert any(k.startswith("text_encoder.text_model.encoder.") for k in old)
+    for spelling in (new, old):
+        assert_same_factors(adapter, from_diffusers(spelling, family, LAYOUT, metadata))
 
 
 def test_diffusers_import_variants(rng):
@@ -127,7 +144,7 @@ def test_fused_split_is_exact(rng):
     state, _ = to_diffusers(adapter, LAYOUT)
     parts = []
     for i, n in enumerate("qkv"):
-        prefix = f"text_encoder.text_model.encoder.layers.0.self_attn.{n}_proj"
+        prefix = f"text_encoder.encoder.layers.0.self_attn.{n}_proj"
         down, up = state[prefix + ".lora_A.weight"], state[prefix + ".lora_B.weight"]
         np.testing.assert_array_equal(down, fused[0])  # the shared down
         np.testing.assert_array_equal(up, fused[1][i * WIDTH : (i + 1) * WIDTH])  # its third of up
@@ -156,7 +173,8 @@ def test_join_separate_qkv_is_exact(rng):
     np.testing.assert_array_equal(up[64:], 0)
     # split again: zero columns are dropped, ranks 2 and 3 come back; v is an all-zero rank-5 LoRA
     state2, meta2 = to_diffusers(adapter, LAYOUT)
-    assert state2[p + "q_proj.lora_A.weight"].shape == (2, 32) and state2[p + "k_proj.lora_A.weight"].shape == (3, 32)
+    q = "text_encoder.encoder.layers.1.self_attn."  # exported in the installed transformers' spelling
+    assert state2[q + "q_proj.lora_A.weight"].shape == (2, 32) and state2[q + "k_proj.lora_A.weight"].shape == (3, 32)
     assert_same_deltas(adapter, from_diffusers(state2, "sd2", LAYOUT, meta2), rtol=1e-6)
 
 
@@ -210,3 +228,22 @@ def test_fused_round_trip_keeps_rank_and_factors(rng):
     np.testing.assert_array_equal(back[name][0], down)
     np.testing.assert_array_equal(back[name][1], up)
     assert back[name][2] == 2.0
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_peft_folder_round_trip(family, rng, tmp_path):
+    """``save_pretrained`` layout: per-network folders, PEFT keys and config; factors and alphas come back."""
+    adapter = random_adapter(family, rng)
+    assert write_peft_folder(tmp_path / "run", adapter, LAYOUT) == ["text_encoder", "unet"]
+    state = read_state_dict(tmp_path / "run" / "text_encoder" / "adapter_model.safetensors")
+    assert "base_model.model.encoder.layers.1.self_attn.v_proj.lora_A.weight" in state
+    config = json.loads((tmp_path / "run" / "unet" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["rank_pattern"] and config["alpha_pattern"]
+    assert_same_factors(adapter, read_peft_folder(tmp_path / "run", family, LAYOUT))
+    unet_only = read_peft_folder(tmp_path / "run" / "unet", family, LAYOUT)
+    assert all(k.startswith(UNET_PREFIX) for k in unet_only.state)
+    with pytest.raises(CheckpointError, match="already exists"):
+        write_peft_folder(tmp_path / "run", adapter, LAYOUT)
+    write_peft_folder(tmp_path / "run", unet_only, LAYOUT, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["unet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no build or old folder left behind

@@ -7,6 +7,7 @@ Modules, in import order (each may import the ones before it):
 - :mod:`ldm.lora.layers`: ``LoRADense`` and the fused OpenCLIP ``in_proj`` delta, merge/unmerge on the layer;
 - :mod:`ldm.lora.network`: inject, freeze, adapters in (``load_adapter``) and out (``to_adapter``), merge/scale all;
 - :mod:`ldm.lora.interop`: diffusers/PEFT and kohya files;
+- :mod:`ldm.lora.peft_folder`: PEFT ``save_pretrained`` folders;
 - :mod:`ldm.lora.merge`: merge into base weights, combine adapters, apply adapters for generation;
 - :mod:`ldm.lora.cli`: ``python -m ldm.lora``.
 
@@ -35,6 +36,7 @@ _EXPORTS = {
         "unmerge_all",
     ),
     "interop": ("UNetLayout", "detect_format", "from_diffusers", "from_kohya", "to_diffusers", "to_kohya"),
+    "peft_folder": ("read_peft_folder", "write_peft_folder"),
     "merge": ("SvdReport", "apply_adapters", "combine_lpl", "combine_svd", "merge_into_base"),
 }
 _OWNER = {name: module for module, names in _EXPORTS.items() for name in names}

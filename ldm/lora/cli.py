@@ -1,7 +1,8 @@
 """``python -m ldm.lora {export,import,merge,combine}``: LoRA adapter files on the command line.
 
-export: our adapter -> diffusers/PEFT or kohya file; import: the reverse; merge: fold an adapter into a full
-checkpoint; combine: two adapters into one (exact SVD or cloneofsimo's lpl). ``-h`` on each command lists its options.
+export: our adapter -> diffusers/PEFT or kohya file, or a PEFT folder; import: the reverse; merge: fold an adapter
+into a full checkpoint; combine: two adapters into one (exact SVD or cloneofsimo's lpl). ``-h`` on each command
+lists its options.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ldm.io.checkpoint import CheckpointError, read_metadata, read_state_dict, w
 from ldm.lora.adapter import modules, read_adapter, write_adapter
 from ldm.lora.interop import UNetLayout, detect_format, from_diffusers, from_kohya, to_diffusers, to_kohya
 from ldm.lora.merge import combine_lpl, combine_svd, merge_into_base
+from ldm.lora.peft_folder import is_peft_folder, read_peft_folder, write_peft_folder
 from ldm.names import FAMILIES, family_of_config
 
 PROG = "python -m ldm.lora"
@@ -84,17 +86,18 @@ def build_parser(prog: str = PROG) -> Parser:
     p = _command(
         sub,
         "export",
-        "our adapter -> diffusers/PEFT or kohya file",
-        "Write one of our LoRA adapters as a diffusers/PEFT or kohya .safetensors file.",
+        "our adapter -> diffusers/PEFT or kohya file, or a PEFT folder",
+        "Write one of our LoRA adapters as a diffusers/PEFT or kohya .safetensors file, or as a PEFT folder.",
         src="our adapter (.safetensors with ldm_lora metadata)",
-        dst="output .safetensors",
+        dst="output .safetensors (a folder for --format peft)",
     )
     p.add_argument(
         "--format",
-        choices=("diffusers", "kohya"),
+        choices=("diffusers", "kohya", "peft"),
         required=True,
         help="diffusers: unet.<path>.lora_A/lora_B (+ lora_adapter_metadata with alpha); kohya: "
-        "lora_unet_*/lora_te_* with .alpha",
+        "lora_unet_*/lora_te_* with .alpha; peft: folder with unet/ and text_encoder/, each "
+        "adapter_config.json + adapter_model.safetensors (PeftModel.from_pretrained)",
     )
     p.add_argument(
         "--fold_scale",
@@ -107,16 +110,17 @@ def build_parser(prog: str = PROG) -> Parser:
     p = _command(
         sub,
         "import",
-        "diffusers/PEFT or kohya file -> our adapter",
-        "Convert a diffusers/PEFT or kohya LoRA .safetensors file to our adapter format.",
-        src="diffusers/PEFT or kohya LoRA .safetensors",
+        "diffusers/PEFT or kohya file, or a PEFT folder -> our adapter",
+        "Convert a diffusers/PEFT or kohya LoRA .safetensors file, a PEFT folder (adapter_config.json + "
+        "adapter_model.safetensors) or a run folder holding unet/ and/or text_encoder/ ones to our adapter format.",
+        src="diffusers/PEFT or kohya LoRA .safetensors, or a PEFT (run) folder",
         dst="output .safetensors (our format)",
     )
     p.add_argument(
         "--format",
-        choices=("auto", "diffusers", "kohya"),
+        choices=("auto", "diffusers", "kohya", "peft"),
         default="auto",
-        help="input format (default: detected from the key names)",
+        help="input format (default: peft for a folder, else detected from the key names)",
     )
     p.add_argument(
         "--family",
@@ -168,13 +172,18 @@ def build_parser(prog: str = PROG) -> Parser:
 
 def _run(args) -> str:
     if args.command == "export":
-        dst = _check_out(args.dst, args.overwrite)
+        if args.fold_scale and args.format != "diffusers":
+            raise CheckpointError(f"--fold_scale applies to --format diffusers only, not {args.format}")
+        dst = Path(args.dst) if args.format == "peft" else _check_out(args.dst, args.overwrite)
         layout, family = _layout_and_family(args)
         adapter = read_adapter(args.src)
         if family is not None and family != adapter.meta["family"]:
             raise CheckpointError(
                 f"{args.src}: adapter family {adapter.meta['family']!r} does not match {args.config} ({family})"
             )
+        if args.format == "peft":
+            written = write_peft_folder(dst, adapter, layout, args.overwrite)
+            return f"wrote {dst} (peft: {', '.join(written)})"
         if args.format == "kohya":
             state, metadata = to_kohya(adapter, layout, args.src)
         else:
@@ -184,9 +193,14 @@ def _run(args) -> str:
     if args.command == "import":
         dst = _check_out(args.dst, args.overwrite)
         layout, family = _layout_and_family(args)
-        state = read_state_dict(args.src)
-        metadata = read_metadata(args.src)
-        fmt = detect_format(state) if args.format == "auto" else args.format
+        folder = args.format == "peft" or (args.format == "auto" and Path(args.src).is_dir())
+        if folder and not is_peft_folder(args.src):
+            raise CheckpointError(
+                f"{args.src}: not a PEFT folder (no adapter_config.json here, in unet/ or in text_encoder/)"
+            )
+        state = {} if folder else read_state_dict(args.src)
+        metadata = {} if folder else read_metadata(args.src)
+        fmt = "peft" if folder else detect_format(state) if args.format == "auto" else args.format
         if fmt == "ldm":
             raise CheckpointError(f"{args.src}: already uses our module names; nothing to import")
         family = args.family or family
@@ -194,7 +208,9 @@ def _run(args) -> str:
             family = "sd2" if metadata["ss_v2"] == "True" else "sd1"
         if family is None:
             raise CheckpointError(f"{args.src}: pass --family sd1|sd2 (or --config); the file does not say")
-        if fmt == "kohya":
+        if fmt == "peft":
+            adapter = read_peft_folder(args.src, family, layout, args.skip_conv)
+        elif fmt == "kohya":
             adapter = from_kohya(state, family, layout, args.skip_conv, args.src)
         else:
             adapter = from_diffusers(state, family, layout, metadata, args.skip_conv, args.src)

@@ -2,6 +2,10 @@
 
 Scale conventions (``dW`` is preserved exactly, i.e. the factors are copied bit for bit):
 
+* Text-encoder names: transformers >= 5 builds ``CLIPTextModel`` without its ``text_model.`` level, and the installed
+  diffusers/peft match LoRA names against the loaded model, so diffusers and PEFT exports write
+  ``text_encoder.encoder.layers.N...`` (and patterns that match either spelling). Imports accept both spellings
+  (older transformers and kohya-converted files keep ``text_model.``). kohya files always use ``lora_te_text_model_``.
 * diffusers/PEFT files carry no alpha tensors; PEFT scales by ``lora_alpha / r``. Export writes the header key
   ``lora_adapter_metadata`` (PEFT ``LoraConfig`` fields prefixed ``unet.``/``text_encoder.``: ``r``, ``lora_alpha``,
   ``rank_pattern``, ``alpha_pattern``, ``target_modules``), which diffusers (0.42: ``load_lora_weights`` and
@@ -47,6 +51,7 @@ PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_
 _FUSED = re.compile(rf"(.+\.attn)\.{FUSED_IN_PROJ}")
 _QKV = ("q", "k", "v")
 _HF_QKV = re.compile(r"(text_model\.encoder\.layers\.\d+\.self_attn)\.([qkv])_proj")
+HF_TEXT_ROOT = "text_model."  # the CLIPTextModel level that transformers >= 5 no longer has
 _CONV1X1 = re.compile(r"proj_in|proj_out")
 
 
@@ -122,6 +127,17 @@ def _te_from_hf(hf_path: str, family: str) -> str:
     return TEXT_PREFIX + key[: -len(".weight")]
 
 
+def hf_text_path(path: str) -> str:
+    """A CLIP text-encoder module path in the ``text_model.`` spelling (older transformers, kohya) whichever of the
+    two spellings it comes in (transformers >= 5 names modules ``encoder.layers.N...`` directly)."""
+    return path if path.startswith(HF_TEXT_ROOT) else HF_TEXT_ROOT + path
+
+
+def installed_text_path(path: str) -> str:
+    """The module path the installed transformers (>= 5) gives a CLIP text-encoder module: no ``text_model.``."""
+    return path[len(HF_TEXT_ROOT) :] if path.startswith(HF_TEXT_ROOT) else path
+
+
 def _is_conv1x1(path: str, family: str) -> bool:
     """SD1's transformer ``proj_in``/``proj_out`` are 1x1 convolutions (SD2 uses Linear)."""
     return family == "sd1" and path.startswith(UNET_PREFIX) and _CONV1X1.fullmatch(path.rsplit(".", 1)[-1]) is not None
@@ -187,7 +203,7 @@ def _linear_pair(name: str, down: np.ndarray, up: np.ndarray, skip_conv: bool, s
     )
 
 
-def _exported_modules(adapter: Adapter, layout: UNetLayout, source) -> list:
+def exported_modules(adapter: Adapter, layout: UNetLayout, source) -> list:
     """(component, diffusers/HF module path, (down, up, alpha), is 1x1 conv) for export, fused in_proj split."""
     family = adapter.meta["family"]
     out = []
@@ -201,7 +217,7 @@ def _exported_modules(adapter: Adapter, layout: UNetLayout, source) -> list:
     return out
 
 
-def _factors(module: Module, conv: bool, fold: bool):
+def lora_factors(module: Module, conv: bool, fold: bool):
     down, up, alpha = module
     if fold:
         up = (up.astype(np.float64) * module_scale(down, alpha)).astype(np.float32)
@@ -210,7 +226,7 @@ def _factors(module: Module, conv: bool, fold: bool):
     return np.ascontiguousarray(down), np.ascontiguousarray(up)
 
 
-def _import_modules(found: dict, family: str, layout: UNetLayout, skip_conv: bool, source, label, alpha_of):
+def import_modules(found: dict, family: str, layout: UNetLayout, skip_conv: bool, source, label, alpha_of):
     """Our adapter from ``{(component, diffusers/HF module path): [down, up, alpha]}``; ``label(component, path)``
     names a module in errors, ``alpha_of(component, path, rank)`` gives the alpha of one without an alpha tensor."""
     mods, hf_qkv, skipped = {}, {}, []
@@ -228,6 +244,8 @@ def _import_modules(found: dict, family: str, layout: UNetLayout, skip_conv: boo
         rank = down.shape[0]
         alpha = alpha_of(component, path, rank) if alpha is None else float(np.asarray(alpha, np.float32).reshape(()))
         module = (down, up, alpha)
+        if component != "unet":
+            path = hf_text_path(path)
         if component == "unet":
             mods[_unet_from_diffusers(path, layout)] = module
         elif (qkv := _HF_QKV.fullmatch(path)) is not None:
@@ -258,15 +276,16 @@ _DIFFUSERS_KEY = re.compile(
 )
 
 
-def _peft_config(entries: list) -> dict:
-    """PEFT ``LoraConfig`` kwargs for ``[(module path, rank, alpha)]``: most common r/alpha plus patterns."""
+def peft_config(entries: list) -> dict:
+    """PEFT ``LoraConfig`` kwargs for ``[(module path, rank, alpha)]``: most common r/alpha plus patterns. A pattern
+    is the escaped full path, which PEFT matches as a dotted suffix (so it also matches under a ``text_model.``)."""
     rank = Counter(r for _, r, _ in entries).most_common(1)[0][0]
     alpha = Counter(a for _, _, a in entries).most_common(1)[0][0]
     return {
         "r": rank,
         "lora_alpha": alpha,
-        "rank_pattern": {f"^{re.escape(p)}": r for p, r, _ in entries if r != rank},
-        "alpha_pattern": {f"^{re.escape(p)}": a for p, _, a in entries if a != alpha},
+        "rank_pattern": {re.escape(p): r for p, r, _ in entries if r != rank},
+        "alpha_pattern": {re.escape(p): a for p, _, a in entries if a != alpha},
         "target_modules": sorted(p for p, _, _ in entries),
     }
 
@@ -276,24 +295,34 @@ def to_diffusers(
 ) -> tuple:
     """``(state dict, safetensors metadata)`` in the diffusers/PEFT form ``unet.<path>.lora_A.weight`` etc."""
     state, entries = {}, {}
-    for component, path, module, conv in _exported_modules(adapter, layout, source):
-        down, up = _factors(module, conv, fold_scale)
+    for component, path, module, conv in exported_modules(adapter, layout, source):
+        down, up = lora_factors(module, conv, fold_scale)
+        path = installed_text_path(path) if component == "text_encoder" else path
         state[f"{component}.{path}.lora_A.weight"] = down
         state[f"{component}.{path}.lora_B.weight"] = up
         entries.setdefault(component, []).append((path, int(down.shape[0]), float(np.float32(module[2]))))
     metadata = {"format": "pt"}
     if not fold_scale:
-        packed = {f"{c}.{k}": v for c, items in entries.items() for k, v in _peft_config(items).items()}
+        packed = {f"{c}.{k}": v for c, items in entries.items() for k, v in peft_config(items).items()}
         metadata[PEFT_METADATA_KEY] = json.dumps(packed, sort_keys=True)
     return state, metadata
 
 
+def peft_pattern_value(patterns: dict, path: str, default):
+    """The value of the first of PEFT's ``rank_pattern``/``alpha_pattern`` keys matching ``path`` (a regex matched
+    against a dotted suffix, as PEFT does), else ``default``."""
+    for pattern, value in (patterns or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", path):
+                return value
+        except re.error as e:
+            raise CheckpointError(f"LoRA pattern {pattern!r} is not a regular expression: {e}") from None
+    return default
+
+
 def _peft_alpha(config: dict, path: str, rank: int) -> float:
-    """alpha of ``path`` under PEFT's rules (``alpha_pattern`` keys match a dotted suffix, as a regex)."""
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
-            return float(value)
-    return float(config.get("lora_alpha", rank))
+    """alpha of ``path`` under PEFT's rules."""
+    return float(peft_pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", rank)))
 
 
 def from_diffusers(
@@ -321,7 +350,7 @@ def from_diffusers(
             raise _err(source, f"key {key!r} is not a diffusers/PEFT LoRA key (unet.* / text_encoder.*)")
         component, path, is_down, is_up, _ = match.groups()
         found.setdefault((component, path), [None, None, None])[0 if is_down else 1 if is_up else 2] = value
-    return _import_modules(
+    return import_modules(
         found, family, layout, skip_conv, source, lambda c, p: f"{c}.{p}", lambda c, p, r: _peft_alpha(configs[c], p, r)
     )
 
@@ -392,8 +421,8 @@ def _kohya_te_path(name: str) -> str | None:
 def to_kohya(adapter: Adapter, layout: UNetLayout = UNetLayout(), source="adapter") -> tuple:
     """``(state dict, metadata)`` in kohya sd-scripts form, with an ``.alpha`` tensor for every module."""
     state = {}
-    for component, path, module, conv in _exported_modules(adapter, layout, source):
-        down, up = _factors(module, conv, False)
+    for component, path, module, conv in exported_modules(adapter, layout, source):
+        down, up = lora_factors(module, conv, False)
         name = _kohya_name(component, path)
         state[f"{name}.lora_down.weight"] = down
         state[f"{name}.lora_up.weight"] = up
@@ -433,7 +462,7 @@ def from_kohya(
             raise _err(source, f"key {key!r}: {name!r} is not a module of the {family} model/UNet layout given")
         slot = ("lora_down.weight", "lora_up.weight", "alpha").index(kind)
         found.setdefault(target, [None, None, None])[slot] = value
-    return _import_modules(found, family, layout, skip_conv, source, _kohya_name, lambda c, p, r: float(r))
+    return import_modules(found, family, layout, skip_conv, source, _kohya_name, lambda c, p, r: float(r))
 
 
 def detect_format(state: dict) -> str:

@@ -1,0 +1,257 @@
+"""LoRA adapters as PEFT folders: the ``save_pretrained`` layout that peft-based trainers write and
+``PeftModel.from_pretrained`` loads.
+
+A PEFT folder holds ``adapter_config.json`` (a ``LoraConfig``) and ``adapter_model.safetensors`` with keys
+``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` (``<module path>`` as in the diffusers UNet or the
+transformers CLIP text model). A run folder holds one per network: ``unet/`` and/or ``text_encoder/``.
+
+Scale: PEFT's ``lora_alpha / r`` per module (``rank_pattern``/``alpha_pattern`` matched as PEFT does), or
+``lora_alpha / sqrt(r)`` with ``use_rslora``, which import turns into our ``alpha = lora_alpha * sqrt(r)``. Config
+fields that change what the layers compute and that our layers do not implement (DoRA, LoRA bias, ``modules_to_save``,
+...) are refused by name; so is any field this reader does not know unless it holds its neutral value (off/empty).
+Export writes the text-encoder names the installed transformers uses (no ``text_model.``, see
+:mod:`ldm.lora.interop`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from ldm.io.checkpoint import CheckpointError, read_state_dict, write_state_dict
+from ldm.lora.adapter import Adapter
+from ldm.lora.interop import (
+    UNetLayout,
+    exported_modules,
+    import_modules,
+    installed_text_path,
+    lora_factors,
+    peft_config,
+    peft_pattern_value,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+COMPONENTS = ("unet", "text_encoder")
+_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight")
+_TEXT_ROOTS = ("text_model.", "encoder.", "embeddings.", "final_layer_norm")
+# read and used
+_USED = {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "use_rslora"}
+# no effect on what loaded weights compute (bookkeeping, training-time dropout, initialisation schemes)
+_INERT = {
+    "peft_type",
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "lora_dropout",
+    "init_lora_weights",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "megatron_core",
+    "qalora_group_size",
+}
+_WHY = {
+    "use_dora": "DoRA needs a magnitude vector the LoRA layers here do not have",
+    "lora_bias": "the LoRA layers here have no bias on lora_B",
+    "bias": "bias training changes base biases, which an adapter here cannot carry",
+    "modules_to_save": "fully trained modules are not LoRA factors",
+    "fan_in_fan_out": "transposed (Conv1D) weights do not occur in Stable Diffusion",
+}
+
+
+def _err(source, message: str) -> CheckpointError:
+    return CheckpointError(f"{source}: {message}")
+
+
+def _neutral(value) -> bool:
+    """A config value that switches nothing on: null, false, empty, or PEFT's ``bias: "none"``."""
+    return value is None or value is False or value in ("", "none") or (isinstance(value, (list, dict)) and not value)
+
+
+def is_peft_folder(path) -> bool:
+    """A PEFT folder, or a run folder holding one per network."""
+    path = Path(path)
+    return (path / CONFIG_NAME).is_file() or any((path / c / CONFIG_NAME).is_file() for c in COMPONENTS)
+
+
+def _read_config(folder: Path) -> dict:
+    source = folder / CONFIG_NAME
+    try:
+        config = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _err(source, f"unreadable: {e}") from None
+    if not isinstance(config, dict):
+        raise _err(source, "must hold a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise _err(source, f"peft_type {config['peft_type']!r} is not supported (only LORA)")
+    for key, value in config.items():
+        if key not in _USED and key not in _INERT and not _neutral(value):
+            why = _WHY.get(key, "not implemented here")
+            raise _err(source, f"field {key!r} = {json.dumps(value)} is not supported ({why})")
+    _check_types(config, source)
+    return config
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(config: dict, source) -> None:
+    """The fields this reader uses have PEFT's types (patterns: valid regexes mapping to numbers)."""
+    if not isinstance(config.get("r"), int) or isinstance(config["r"], bool) or config["r"] <= 0:
+        raise _err(source, f"field 'r' must be a positive integer, got {json.dumps(config.get('r'))}")
+    if not _number(config.get("lora_alpha", 8)):
+        raise _err(source, f"field 'lora_alpha' must be a number, got {json.dumps(config['lora_alpha'])}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict) or not all(_number(v) for v in patterns.values()):
+            raise _err(source, f"field {field!r} must map module patterns to numbers")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise _err(source, f"field {field!r}: {pattern!r} is not a regular expression: {e}") from None
+    for field in ("target_modules", "exclude_modules"):
+        value = config.get(field)
+        if not (
+            value is None
+            or isinstance(value, str)
+            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            raise _err(source, f"field {field!r} must be a regular expression or a list of module names")
+
+
+def _targeted(config: dict, path: str) -> bool:
+    """PEFT's rule: a string ``target_modules`` is a full-match regex, a list names dotted suffixes; the same for
+    ``exclude_modules``, which wins."""
+
+    def hits(spec) -> bool:
+        if isinstance(spec, str):
+            return spec == "all-linear" or re.fullmatch(spec, path) is not None
+        return any(path == t or path.endswith("." + t) for t in spec or ())
+
+    targets = config.get("target_modules")
+    return (targets is None or hits(targets)) and not hits(config.get("exclude_modules"))
+
+
+def _component_of(path: str) -> str:
+    return "text_encoder" if path.startswith(_TEXT_ROOTS) else "unet"
+
+
+def _read_network(folder: Path, found: dict, alpha_of: dict) -> None:
+    """Add one PEFT folder's modules to ``found`` (``{(component, path): [down, up, None]}``)."""
+    config = _read_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        other = "; adapter_model.bin (pickle) is not read" if (folder / "adapter_model.bin").is_file() else ""
+        raise _err(folder, f"no {WEIGHTS_NAME}{other}")
+    components = set()
+    for key, value in read_state_dict(weights).items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+            raise _err(weights, f"key {key!r} is not a LoRA factor (base_model.model.<module>.lora_A/lora_B.weight)")
+        path, factor = match.groups()
+        if not _targeted(config, path):
+            raise _err(weights, f"module {path!r} is outside target_modules/exclude_modules of {CONFIG_NAME}")
+        component = _component_of(path)
+        components.add(component)
+        found.setdefault((component, path), [None, None, None])[0 if factor == "lora_A" else 1] = value
+        alpha_of[(component, path)] = (config, folder)
+    if len(components) > 1:
+        raise _err(weights, "mixes UNet and text-encoder modules; PEFT folders hold one network each")
+    if folder.name in COMPONENTS and components and components != {folder.name}:
+        raise _err(weights, f"holds {components.pop()} modules but the folder is named {folder.name!r}")
+
+
+def _alpha(config: dict, folder: Path, path: str, rank: int) -> float:
+    """Our alpha (``scale * rank``) of one module; the file's rank must be what ``rank_pattern``/``r`` say."""
+    declared = int(peft_pattern_value(config.get("rank_pattern"), path, config["r"]))
+    if declared != rank:
+        raise _err(folder, f"module {path!r} has rank {rank} but {CONFIG_NAME} gives r = {declared}")
+    alpha = float(peft_pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8)))
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
+
+
+def read_peft_folder(folder, family: str, layout: UNetLayout, skip_conv: bool = False) -> Adapter:
+    """Our adapter from a PEFT folder or a run folder with ``unet/`` and/or ``text_encoder/``."""
+    folder = Path(folder)
+    found, alpha_of = {}, {}
+    if (folder / CONFIG_NAME).is_file():
+        _read_network(folder, found, alpha_of)
+    else:
+        subfolders = [folder / c for c in COMPONENTS if (folder / c / CONFIG_NAME).is_file()]
+        if not subfolders:
+            raise _err(folder, f"no {CONFIG_NAME} here nor in unet/ or text_encoder/ (not a PEFT folder)")
+        for sub in subfolders:
+            _read_network(sub, found, alpha_of)
+    return import_modules(
+        found,
+        family,
+        layout,
+        skip_conv,
+        folder,
+        lambda c, p: f"{c}/{p}",
+        lambda c, p, r: _alpha(*alpha_of[(c, p)], p, r),
+    )
+
+
+def write_peft_folder(folder, adapter: Adapter, layout: UNetLayout, overwrite: bool = False) -> list:
+    """Write ``folder/unet`` and ``folder/text_encoder`` (those the adapter has) in the ``save_pretrained`` layout;
+    the whole folder appears at once (built beside it, then renamed). Returns the subfolders written."""
+    folder = Path(folder)
+    if folder.suffix.lower() in (".safetensors", ".ckpt", ".bin"):
+        raise _err(folder, "a PEFT export is a folder; give a folder name without a file extension")
+    if folder.exists() and not overwrite:
+        raise _err(folder, "already exists (pass --overwrite to replace it)")
+    networks: dict = {}
+    for component, path, module, conv in exported_modules(adapter, layout, folder):
+        path = installed_text_path(path) if component == "text_encoder" else path
+        networks.setdefault(component, []).append((path, module, conv))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        for component, items in networks.items():
+            state, entries = {}, []
+            for path, module, conv in items:
+                down, up = lora_factors(module, conv, False)
+                state[f"base_model.model.{path}.lora_A.weight"] = down
+                state[f"base_model.model.{path}.lora_B.weight"] = up
+                entries.append((path, int(down.shape[0]), float(module[2])))
+            config = {
+                "peft_type": "LORA",
+                "task_type": None,
+                "base_model_name_or_path": None,
+                "inference_mode": True,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "use_rslora": False,
+                "use_dora": False,
+                "lora_bias": False,
+                "init_lora_weights": True,
+                **peft_config(entries),
+            }
+            (build / component).mkdir()
+            write_state_dict(build / component / WEIGHTS_NAME, state, {"format": "pt"})
+            (build / component / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        old = None
+        if folder.exists():
+            old = folder.parent / f"{build.name}.old"
+            os.replace(folder, old)
+        os.replace(build, folder)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if build.exists():
+            shutil.rmtree(build)
+    return sorted(networks)
