@@ -223,7 +223,9 @@ def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args,
             torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
         return loss.detach()
 
-    steps, seconds = run_stage("unet", step, opt, args.unet_lr, args.unet_seconds, args.unet_steps, args.deadline, history)
+    steps, seconds = run_stage(
+        "unet", step, opt, args.unet_lr, args.unet_seconds, args.unet_steps, args.deadline, history
+    )
     return ema, steps, seconds
 
 
