@@ -110,6 +110,23 @@ def test_short_lora_run_lowers_heldout_loss(tmp_path):
     assert after < 0.9 * before, (before, after)
 
 
+def test_loss_plot_has_ticks_series_and_lr(tmp_path):
+    """The training chart (ldm.train.plot) draws raw and smoothed loss and the learning rate, with round ticks."""
+    from PIL import Image
+
+    from ldm.train.plot import LR, SMOOTH, nice_ticks, plot_metrics
+
+    assert np.allclose(nice_ticks(0.0, 0.17), [0.0, 0.05, 0.1, 0.15])
+    assert np.allclose(nice_ticks(1, 200), [50, 100, 150, 200])
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-3 * min(1.0, s / 5)} for s in range(1, 51)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_metrics(metrics, tmp_path / "loss.png")
+    colours = {c for _, c in Image.open(tmp_path / "loss.png").convert("RGB").getcolors(1 << 20)}
+    assert SMOOTH in colours and LR in colours
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]  # no temp file left
+
+
 if __name__ == "__main__":
     import ldm  # noqa: F401  (CPU defaults before mindspore)
     from ldm.env import init_env
