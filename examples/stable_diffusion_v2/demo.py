@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,10 @@ def main() -> int:
     parser.add_argument("--max_train_steps", type=int, help="override the recipe's step count")
     args = parser.parse_args()
     out = (ROOT / args.output_path).resolve()
+    for previous in ("before", "after", "lora"):  # a rerun starts clean: sample numbering must match the prompts
+        if (out / previous).exists():
+            print(f"removing the previous demo run's {out / previous}")
+            shutil.rmtree(out / previous)
     out.mkdir(parents=True, exist_ok=True)
 
     import numpy as np
