@@ -29,6 +29,7 @@ from ldm.train.ema import EMA
 from ldm.train.losses import DiffusionLoss, NoiseSampler
 from ldm.train.lr_schedules import lr_table
 from ldm.train.options import TrainOptions, check_choices, check_paths
+from ldm.train.plot import plot_metrics
 from ldm.train.state import load_train_state, save_train_state
 from ldm.train.step import TrainStep
 
@@ -109,31 +110,6 @@ def save_weights(model, params, path: Path, opts: TrainOptions) -> None:
         write_adapter(path, to_adapter(model, family, **meta))
     else:
         write_state_dict(path, {p.name: p.asnumpy() for p in params}, metadata={"family": family})
-
-
-def _loss_plot(losses: list[tuple[int, float]], path: Path) -> None:
-    """A small PNG line chart of loss against step (PIL only, no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    w, h, pad = 640, 360, 40
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    draw.rectangle([pad, pad // 2, w - pad // 2, h - pad], outline="black")
-    if len(losses) >= 2:
-        steps = np.array([s for s, _ in losses], np.float64)
-        vals = np.array([v for _, v in losses], np.float64)
-        lo, hi = float(vals.min()), float(vals.max()) or 1.0
-        span_s = max(steps.max() - steps.min(), 1.0)
-        span_v = max(hi - lo, 1e-12)
-        xs = pad + (steps - steps.min()) / span_s * (w - 1.5 * pad)
-        ys = (h - pad) - (vals - lo) / span_v * (h - 1.5 * pad)
-        draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(30, 90, 200), width=2)
-        draw.text((pad, h - pad + 5), f"step {int(steps.min())}..{int(steps.max())}", fill="black")
-        draw.text((pad + 4, pad // 2 + 4), f"loss {hi:.4f}", fill="black")
-        draw.text((pad + 4, h - pad - 14), f"loss {lo:.4f}", fill="black")
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
 
 
 def _validation_images(model, prompts, step: int, folder: Path, seed: int, image_size: int) -> None:
@@ -305,7 +281,7 @@ def run_training(opts: TrainOptions, config) -> dict:
     summary = {"steps": done, "last_loss": last_loss}
     if dist.is_main:
         summary["weights"] = str(_checkpoint(model, params, step, noise, ema, done, ckpt_dir, opts))
-        _loss_plot(losses, out / "loss.png")
+        plot_metrics(metrics_path, out / "loss.png")
         summary.update({"metrics": str(metrics_path), "loss_plot": str(out / "loss.png")})
     return summary
 

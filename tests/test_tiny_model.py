@@ -1,0 +1,138 @@
+"""The shipped tiny SD (models/tiny_sd): every file loads strictly, a fixed-seed generation matches a committed
+reference, and a short LoRA run lowers the diffusion loss on the held-out blueprint concept.
+
+Regenerate the reference (only after retraining the model on purpose): ``python tests/test_tiny_model.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models/tiny_sd"
+REFERENCE = ROOT / "tests/data/tiny_sd_reference.npz"
+PROMPTS = ["a clip art drawing of a red apple (fruit, food)", "a blueprint drawing of reload (icons, computer)"]
+# Mean absolute difference allowed, in 0..255 pixel levels. Bit-exact output is not expected across CPUs (oneDNN
+# picks kernels by ISA and thread count, so fp32 sums round differently and 10 sampler steps carry that on); a wrong
+# weight, key or config moves the images by tens of levels (the other-seed check below shows how far).
+MEAN_TOLERANCE = 1.5
+
+
+def _model():
+    from ldm.io.model_io import config_from_checkpoint, load_pretrained
+    from ldm.models.diffusion import build_model_from_config
+
+    model = build_model_from_config(config_from_checkpoint(MODEL / "tiny_sd.safetensors"))
+    report = load_pretrained(model, MODEL / "tiny_sd.safetensors")
+    model.set_train(False)
+    return model, report
+
+
+def _generate(model, seed: int) -> np.ndarray:
+    from ldm.pipeline import GenerationSettings, Text2ImagePipeline
+
+    settings = GenerationSettings(steps=10, scale=5.0, height=64, width=64)
+    return np.asarray(Text2ImagePipeline(model, sampler="dpm_solver_pp")(PROMPTS, settings=settings, seed=seed))
+
+
+def test_shipped_files_load_strictly():
+    from ldm.io.checkpoint import read_state_dict
+    from ldm.io.loading import cell_state_dict
+    from ldm.metrics.clip import CLIPModel, load_clip_state_dict, load_config
+
+    model, _ = _model()  # load_pretrained raises on any missing, unexpected or mis-shaped key
+    assert len(cell_state_dict(model)) == len(read_state_dict(MODEL / "tiny_sd.safetensors"))
+    clip = CLIPModel(load_config(str(MODEL / "clip")))
+    load_clip_state_dict(clip, read_state_dict(MODEL / "clip/model.safetensors"), "clip")
+    rows = (MODEL / "data/blueprint_train/metadata.jsonl").read_text().splitlines()
+    assert len(rows) == 200 and all(
+        (MODEL / "data/blueprint_train" / json.loads(r)["file_name"]).is_file() for r in rows
+    )
+    assert np.load(MODEL / "data/blueprint_test_inception_features.npz")["features"].shape == (612, 2048)
+
+
+def test_fixed_seed_generation_matches_reference():
+    model, _ = _model()
+    images = _generate(model, seed=0).astype(np.float64)
+    reference = np.load(REFERENCE)["images"].astype(np.float64)
+    assert images.shape == reference.shape == (2, 64, 64, 3)
+    assert np.abs(images - reference).mean() <= MEAN_TOLERANCE
+    other_seed = _generate(model, seed=1).astype(np.float64)
+    assert np.abs(other_seed - reference).mean() > 10 * MEAN_TOLERANCE  # the comparison can tell images apart
+
+
+def _heldout_loss(model, images: np.ndarray, prompts: list[str]) -> float:
+    """Epsilon MSE at fixed timesteps and noise, so before/after differ only by the weights."""
+    import mindspore as ms
+
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(images)
+    mean, logvar = model.encode_first_stage(x)
+    z = model.get_first_stage_encoding(mean, logvar)  # posterior mean
+    t = ms.Tensor(np.linspace(50, 900, len(images)).astype(np.int32))
+    noise = ms.Tensor(rng.standard_normal(z.shape).astype(np.float32))
+    context = model.get_learned_conditioning(ms.Tensor(model.tokenize(prompts)))
+    pred = model.apply_model(model.q_sample(z, t, noise), t, context)
+    return float(((pred - noise) ** 2).mean().asnumpy())
+
+
+def test_short_lora_run_lowers_heldout_loss(tmp_path):
+    from PIL import Image
+
+    from ldm.io.checkpoint import read_metadata, read_state_dict
+    from ldm.lora import load_lora_state_dict
+    from ldm.train.options import parse_options, resolve_model_config
+    from ldm.train.trainer import build_trainable_model, run_training
+
+    data = MODEL / "data/blueprint_train"
+    rows = [json.loads(r) for r in (data / "metadata.jsonl").read_text().splitlines()][:8]
+    images = np.stack([np.asarray(Image.open(data / r["file_name"]).convert("RGB"), np.float32) for r in rows])
+    images = (images / 127.5 - 1.0).transpose(0, 3, 1, 2)
+    prompts = [r["text"] for r in rows]
+
+    base, _ = _model()
+    before = _heldout_loss(base, images, prompts)
+    argv = ["--train_config", str(ROOT / "configs/train/train_config_lora_tiny_sd_blueprint.yaml")]
+    argv += ["--data_path", str(data), "--output_path", str(tmp_path), "--max_train_steps", "40"]
+    argv += ["--pretrained_model_path", str(MODEL / "tiny_sd.safetensors"), "--validation_steps", "0"]
+    opts = parse_options(argv)
+    opts.model_config = str(ROOT / opts.model_config)
+    config = resolve_model_config(opts)
+    adapter = run_training(opts, config)["weights"]
+    tuned, _ = build_trainable_model(opts, config)
+    load_lora_state_dict(tuned, read_state_dict(adapter), read_metadata(adapter))
+    tuned.set_train(False)
+    after = _heldout_loss(tuned, images, prompts)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_loss_plot_has_ticks_series_and_lr(tmp_path):
+    """The training chart (ldm.train.plot) draws raw and smoothed loss and the learning rate, with round ticks."""
+    from PIL import Image
+
+    from ldm.train.plot import LR, SMOOTH, nice_ticks, plot_metrics
+
+    assert np.allclose(nice_ticks(0.0, 0.17), [0.0, 0.05, 0.1, 0.15])
+    assert np.allclose(nice_ticks(1, 200), [50, 100, 150, 200])
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-3 * min(1.0, s / 5)} for s in range(1, 51)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_metrics(metrics, tmp_path / "loss.png")
+    colours = {c for _, c in Image.open(tmp_path / "loss.png").convert("RGB").getcolors(1 << 20)}
+    assert SMOOTH in colours and LR in colours
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]  # no temp file left
+
+
+if __name__ == "__main__":
+    import ldm  # noqa: F401  (CPU defaults before mindspore)
+    from ldm.env import init_env
+
+    init_env("CPU", mode=1, seed=0)
+    model, _ = _model()
+    np.savez_compressed(REFERENCE, images=_generate(model, seed=0))
+    print(f"wrote {REFERENCE}")
+    sys.exit(0)

@@ -1,0 +1,309 @@
+"""Train the tiny SD family in PyTorch: tiny CLIP -> tiny KL-VAE -> tiny SD1-style UNet, one after the other.
+
+    python tools/tiny_sd/train_tiny_sd.py --data output/tiny_sd_data/base_train.npz --out output/tiny_sd_torch
+
+Reads ``base_train.npz`` from ``make_data.py`` (images + token ids made with our CLIP tokenizer, so no tokenizer
+files are needed here) and writes a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``) and a
+transformers CLIP folder (``clip/``), which ``python -m ldm.convert`` and ``tools/eval/eval_clip_score.py`` read.
+
+* CLIP (text + vision towers) is trained contrastively on the captions; 20% of the pairs are shown as blueprints
+  with their "a blueprint drawing of ..." caption, so the text encoder and CLIP score know the held-out word.
+* The KL-VAE is trained with L1 reconstruction + a small KL term, also on 20% blueprints (it is the image codec:
+  it must be able to represent the held-out colours before LoRA can learn them).
+* The UNet (epsilon prediction, SD's scaled-linear schedule, 10% caption dropout for classifier-free guidance,
+  EMA 0.999) sees only the plain clip art: the blueprint concept is held out of it.
+
+Each stage runs for a wall-clock budget: its step count is fixed after timing the first steps (and printed), and
+its cosine learning-rate schedule spans exactly that many steps; ``--*_steps`` fixes a count instead. Needs torch,
+diffusers and transformers; runs on CUDA when present (the committed weights were trained on one GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_data import blueprint  # noqa: E402
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BLUEPRINT_RATE = 0.2
+CAPTION_DROPOUT = 0.1
+TIMING_STEPS = 30
+
+TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+VISION = dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4)
+UNET = dict(
+    sample_size=16,
+    block_out_channels=(32, 64, 128),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=4,
+    cross_attention_dim=TEXT["hidden_size"],
+)
+VAE = dict(
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    latent_channels=4,
+    sample_size=64,
+)
+
+
+def log(stage: str, record: dict, history: list) -> None:
+    history.append({"stage": stage, **record})
+    print(json.dumps({"stage": stage, **record}), flush=True)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up, then cosine to 0 over ``total`` steps."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def run_stage(name, step_fn, optimizer, peak_lr, budget_s, fixed_steps, deadline, history, log_every=200):
+    """Call ``step_fn(step) -> loss`` for a budget (step count fixed after timing steps 10..40) or a fixed step
+    count; stop early, and say so, if the run's overall ``deadline`` (time.time()) passes."""
+    total = fixed_steps or 10**9
+    start = time.time()
+    losses = []
+    step = 0
+    while step < total:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, peak_lr)
+        losses.append(step_fn(step))
+        step += 1
+        if step in (10, 10 + TIMING_STEPS) and not fixed_steps:
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            if step == 10:
+                timed_from = time.time()
+            else:
+                per_step = (time.time() - timed_from) / TIMING_STEPS
+                total = max(step + 1, int((budget_s - (time.time() - start)) / per_step) + step)
+                log(name, {"planned_steps": total, "seconds_per_step": round(per_step, 5)}, history)
+        if step % log_every == 0 or step == total:
+            window = torch.stack(losses[-log_every:]).float().mean().item()
+            log(name, {"step": step, "loss": round(window, 5), "seconds": round(time.time() - start, 1)}, history)
+        if time.time() > deadline:
+            log(name, {"stopped_early_at": step, "of_planned": total}, history)
+            break
+    return step, time.time() - start
+
+
+def train_clip(data, device, args, history):
+    from transformers import CLIPConfig, CLIPModel
+
+    text_cfg = dict(TEXT, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
+    text_cfg.update(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    config = CLIPConfig(
+        text_config=text_cfg,
+        vision_config=dict(VISION, num_attention_heads=4, hidden_act="quick_gelu"),
+        projection_dim=64,
+    )
+    torch.manual_seed(args.seed)
+    model = CLIPModel(config).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    n = data["images"].shape[0]
+
+    def step(_):
+        idx = torch.randint(0, n, (args.clip_batch,), device=device, generator=gen)
+        bp = torch.rand(args.clip_batch, device=device, generator=gen) < BLUEPRINT_RATE
+        images = torch.where(bp.view(-1, 1, 1, 1), data["blueprint"][idx], data["images"][idx])
+        ids = torch.where(bp.view(-1, 1), data["blueprint_ids"][idx], data["ids"][idx])
+        pixels = (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return loss.detach()
+
+    steps, seconds = run_stage("clip", step, opt, 5e-4, args.clip_seconds, args.clip_steps, args.deadline, history)
+    return model.eval(), steps, seconds
+
+
+def train_vae(data, device, args, history):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(args.seed + 1)
+    vae = AutoencoderKL(**VAE).to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    n = data["images"].shape[0]
+
+    def step(_):
+        idx = torch.randint(0, n, (args.vae_batch,), device=device, generator=gen)
+        bp = torch.rand(args.vae_batch, device=device, generator=gen) < BLUEPRINT_RATE
+        images = torch.where(bp.view(-1, 1, 1, 1), data["blueprint"][idx], data["images"][idx])
+        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(generator=gen)).sample
+        rec = (recon.float() - x).abs().mean() + F.mse_loss(recon.float(), x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return rec.detach()
+
+    steps, seconds = run_stage("vae", step, opt, 1e-3, args.vae_seconds, args.vae_steps, args.deadline, history)
+    return vae.eval(), steps, seconds
+
+
+@torch.no_grad()
+def encode_all(vae, images, device, batch=512):
+    """Posterior mean and std of every training image (sampled per step during UNet training)."""
+    means, stds = [], []
+    for start in range(0, images.shape[0], batch):
+        x = images[start : start + batch].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        dist = vae.encode(x).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args, history):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(args.seed + 2)
+    unet = UNet2DConditionModel(**UNET).to(device).train()
+    ema = UNet2DConditionModel(**UNET).to(device).eval()
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    alphas = sched.alphas_cumprod.to(device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    n = latent_mean.shape[0]
+    with torch.no_grad():
+        contexts = torch.cat(
+            [text_encoder(ids).last_hidden_state for ids in data["ids"].split(512)]
+        )  # frozen text encoder: embed every caption once
+        empty = text_encoder(data["empty_ids"]).last_hidden_state
+
+    def step(i):
+        idx = torch.randint(0, n, (args.unet_batch,), device=device, generator=gen)
+        z = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, device=device, generator=gen)
+        z = z * scale
+        context = contexts[idx]
+        drop = torch.rand(args.unet_batch, device=device, generator=gen) < CAPTION_DROPOUT
+        context = torch.where(drop.view(-1, 1, 1), empty.expand_as(context), context)
+        t = torch.randint(0, 1000, (args.unet_batch,), device=device, generator=gen)
+        noise = torch.randn(z.shape, device=device, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = unet(noisy, t, context).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema_decay, (1 + i) / (10 + i))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
+        return loss.detach()
+
+    steps, seconds = run_stage(
+        "unet", step, opt, args.unet_lr, args.unet_seconds, args.unet_steps, args.deadline, history
+    )
+    return ema, steps, seconds
+
+
+def save_all(out: Path, clip, vae, unet, history, summary):
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTextModel
+
+    out.mkdir(parents=True, exist_ok=True)
+    clip.save_pretrained(out / "clip")
+    text = CLIPTextModel(clip.config.text_config)
+    getattr(text, "text_model", text).load_state_dict(clip.text_model.state_dict())  # nested before transformers 5.2x
+    text.save_pretrained(out / "text_encoder")
+    vae.save_pretrained(out / "vae")
+    unet.save_pretrained(out / "unet")
+    DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    ).save_pretrained(out / "scheduler")
+    (out / "train_log.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="output/tiny_sd_data/base_train.npz")
+    p.add_argument("--out", default="output/tiny_sd_torch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="use only the first N images (a quick dry run)")
+    p.add_argument("--clip_seconds", type=float, default=60)
+    p.add_argument("--vae_seconds", type=float, default=100)
+    p.add_argument("--unet_seconds", type=float, default=300)
+    p.add_argument("--clip_steps", type=int, help="fixed step count instead of --clip_seconds")
+    p.add_argument("--vae_steps", type=int, help="fixed step count instead of --vae_seconds")
+    p.add_argument("--unet_steps", type=int, help="fixed step count instead of --unet_seconds")
+    p.add_argument("--clip_batch", type=int, default=512)
+    p.add_argument("--vae_batch", type=int, default=128)
+    p.add_argument("--unet_batch", type=int, default=256)
+    p.add_argument("--unet_lr", type=float, default=3e-4)
+    p.add_argument("--kl_weight", type=float, default=1e-4)
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--max_seconds", type=float, default=1e9, help="stop any stage once the run is this old")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    raw = dict(np.load(args.data))
+    for key in ("images", "ids", "blueprint_ids"):
+        raw[key] = raw[key][: args.limit]
+    data = {k: torch.from_numpy(raw[k]).to(device) for k in ("images", "ids", "blueprint_ids", "empty_ids")}
+    data["ids"], data["blueprint_ids"], data["empty_ids"] = (
+        data[k].long() for k in ("ids", "blueprint_ids", "empty_ids")
+    )
+    data["blueprint"] = torch.from_numpy(blueprint(raw["images"])).to(device)
+    history: list = []
+    summary = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "seed": args.seed}
+    summary["images"] = int(data["images"].shape[0])
+    t0 = time.time()
+    args.deadline = t0 + args.max_seconds
+
+    clip, summary["clip_steps"], summary["clip_seconds"] = train_clip(data, device, args, history)
+    vae, summary["vae_steps"], summary["vae_seconds"] = train_vae(data, device, args, history)
+    mean, std = encode_all(vae, data["images"], device)
+    scale = float(1.0 / (mean + std * torch.randn_like(mean)).std())
+    vae.register_to_config(scaling_factor=scale)
+    summary["scaling_factor"] = scale
+    unet, summary["unet_steps"], summary["unet_seconds"] = train_unet(
+        data, clip.text_model, mean, std, scale, device, args, history
+    )
+    summary["total_seconds"] = time.time() - t0
+    summary["config"] = {"text": TEXT, "vision": VISION, "unet": UNET, "vae": VAE, "args": vars(args)}
+    print(json.dumps(summary), flush=True)
+    save_all(Path(args.out), clip, vae, unet, history, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
