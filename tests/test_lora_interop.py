@@ -72,9 +72,12 @@ def test_exported_adapter_matches_in_diffusers(family, tmp_path):
 def test_upl_merge_output_equals_unmerged_adapter(tmp_path):
     """``merge`` (cloneofsimo upl) folded into a fresh base model gives the LoRA-injected model's outputs.
 
-    Tolerance 1e-4 relative: the merged weight W + s*up@down is rounded to fp32 once per layer while the unmerged path
+    Tolerance 5e-4 relative: the merged weight W + s*up@down is rounded to fp32 once per layer while the unmerged path
     computes W x + s*up(down(x)) in fp32; the two roundings differ and compound through the UNet's ~30 projections
-    (measured 1.4e-5 on one random draw). A wrong or missing scale moves the output by > 1e-3 (checked below)."""
+    and its one-channel GroupNorm groups (measured 1.2e-5 with the norm spelled out as mean/square/rsqrt, 1.0e-4 with
+    MindSpore's fused GroupNorm kernel, which is the closer of the two to a float64 norm: 1.3e-7 against 4e-7 per
+    layer). The adapter itself moves the output by 0.96 relative (checked below to exceed 0.1), so a scale error of
+    0.1% would already exceed the bound."""
     from ldm.io.loading import cell_state_dict, load_state_dict_into
     from ldm.lora.merge import merge_into_base
     from ldm.util import CONFIG_DIR, load_config
@@ -104,8 +107,8 @@ def test_upl_merge_output_equals_unmerged_adapter(tmp_path):
         ctx = m.get_learned_conditioning(ids)
         outs.append((ctx.asnumpy(), m.apply_model(x, t, ctx).asnumpy()))
     for a, b in zip(*outs):
-        assert np.abs(a - b).max() / np.abs(b).max() < 1e-4
+        assert np.abs(a - b).max() / np.abs(b).max() < 5e-4
     unmerged = build_model_from_config(config)
     load_state_dict_into(unmerged, base_state)
     plain = unmerged.apply_model(x, t, unmerged.get_learned_conditioning(ids)).asnumpy()
-    assert np.abs(plain - outs[1][1]).max() / np.abs(outs[1][1]).max() > 1e-3  # the adapter changed something
+    assert np.abs(plain - outs[1][1]).max() / np.abs(outs[1][1]).max() > 0.1  # the adapter changes the output
