@@ -114,6 +114,8 @@ def _unet_params(cfg: dict, source: Path) -> dict:
         "transformer_depth": depth,
         "context_dim": cfg["cross_attention_dim"],
     }
+    if cfg.get("upcast_attention"):
+        params["upcast_attention"] = True
     if len(set(heads)) == 1:
         params["num_heads"] = heads[0]
     else:
