@@ -171,7 +171,7 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
             param.requires_grad = False
         store_frozen_weights_low(model, policy)  # after merging, so adapters add to the float32 weights
         log(f"precision: {policy.describe()}")
-    configure_attention(model.model.diffusion_model, job.enable_flash_attention, warn=warn)
+    configure_attention(model.model.diffusion_model, job.enable_flash_attention, warn=lambda m: warn(f"warning: {m}"))
 
     settings = GenerationSettings(
         sampler=job.sampler, steps=job.sampling_steps, scale=scale, height=height, width=width, eta=job.ddim_eta

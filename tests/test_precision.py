@@ -264,3 +264,19 @@ def test_fp16_lora_training_tracks_fp32(tmp_path):
     print("fp16 loss:", np.round(curves["fp16"], 5).tolist(), f"skipped {skipped['fp16']}/{steps}")
     assert skipped["fp32"] == 0 and skipped["fp16"] <= 2
     assert np.all(np.abs(curves["fp16"] - curves["fp32"]) <= 2e-2 * curves["fp32"] + 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--precision", "half"], "argument --precision: invalid choice: 'half'"),
+        (["--precision", "bf16", "--use_fp16", "True"], "--use_fp16 True conflicts with --precision bf16"),
+    ],
+)
+def test_generation_cli_bad_precision_is_one_error_line(tmp_path, args, message):
+    script = ROOT / "examples" / "stable_diffusion_v2" / "text_to_image.py"
+    argv = ["--prompt", "x", "--output_path", str(tmp_path), *args]
+    proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert message in lines[0]
