@@ -104,7 +104,6 @@ def store_frozen_weights_low(model, policy: PrecisionPolicy) -> int:
     network's dtype; trainable parameters stay float32 masters. Call after loading weights and choosing the
     trainable set (LoRA injection). Returns the bytes saved."""
     import mindspore as ms
-    from mindspore import nn
 
     dtypes = {"fp16": ms.float16, "bf16": ms.bfloat16}
     saved = 0
@@ -115,19 +114,29 @@ def store_frozen_weights_low(model, policy: PrecisionPolicy) -> int:
     ):
         if precision == "fp32":
             continue
-        dtype = dtypes[precision]
         for _, cell in net.cells_and_names():
-            if isinstance(cell, (nn.Dense, nn.Conv2d)) or hasattr(cell, "in_proj_weight"):
-                for param in cell.get_parameters(expand=False):
-                    if param.requires_grad or param.dtype != ms.float32:
-                        continue
-                    if not isinstance(cell, (nn.Dense, nn.Conv2d)) and not param.name.split(".")[-1].startswith(
-                        "in_proj_"
-                    ):
-                        continue
+            for param in _compute_weights(cell):
+                if not param.requires_grad and param.dtype == ms.float32:
                     saved += param.size * 2
-                    param.set_dtype(dtype)
+                    param.set_dtype(dtypes[precision])
     return saved
+
+
+def _compute_weights(cell) -> list:
+    """The parameters ``cell`` itself feeds to a matmul/convolution: a Dense/Conv's weight and bias, a LoRA-wrapped
+    Dense's frozen base weight and bias (not its adapter), an OpenCLIP attention's fused ``in_proj``."""
+    from mindspore import nn
+
+    from ldm.lora.layers import LoRADense
+
+    own = cell.get_parameters(expand=False)
+    if isinstance(cell, (nn.Dense, nn.Conv2d)):
+        return list(own)
+    if isinstance(cell, LoRADense):
+        return [p for p in own if p is cell.weight or (cell.has_bias and p is cell.bias)]
+    if hasattr(cell, "in_proj_weight"):
+        return [p for p in own if p.name.split(".")[-1].startswith("in_proj_")]
+    return []
 
 
 def check_device_supports(policy: PrecisionPolicy) -> None:

@@ -107,6 +107,17 @@ def test_frozen_weights_stored_low_and_trainable_kept_fp32(fp16_model):
     assert saved > 0
 
 
+def test_lora_base_weights_stored_low_adapters_fp32():
+    from ldm.train.trainer import build_trainable_model
+
+    model, params = build_trainable_model(TrainOptions(precision="fp16", lora_rank=2), load_config(CONFIG))
+    to_q = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.to_q
+    assert to_q.weight.dtype == ms.float16  # the frozen base of a LoRA-wrapped Dense
+    assert to_q.lora_down.weight.dtype == to_q.lora_up.weight.dtype == ms.float32
+    assert params and all(p.dtype == ms.float32 for p in params)
+    assert model.first_stage_model.decoder.conv_in.weight.dtype == ms.float32  # VAE fp32 under fp16 by default
+
+
 def test_fp16_unet_matches_fp32(fp32_model, fp16_model):
     rng = np.random.default_rng(1)
     x = ms.Tensor(rng.standard_normal((2, 4, 16, 16), dtype=np.float32))
