@@ -83,7 +83,7 @@ class TrainOptions:
     max_grad_norm: float = _option(1.0, "global-norm clipping threshold")
     loss_scaler_type: str | None = _option(
         None,
-        "dynamic skips overflowing updates and lowers the scale (empty: dynamic for fp16, none otherwise)",
+        "dynamic skips overflowing updates and lowers the scale (not set: dynamic for fp16, none otherwise)",
         choices=LOSS_SCALERS,
     )
     init_loss_scale: float = _option(65536.0, "initial loss scale")
@@ -107,10 +107,10 @@ class TrainOptions:
     )
     use_fp16: bool = _option(False, "mindone's alias: True means --precision fp16")
     vae_precision: str | None = _option(
-        None, "VAE compute dtype (empty: fp32 when the UNet is fp16, else the UNet's)", choices=PRECISIONS
+        None, "VAE compute dtype (not set: fp32 when the UNet is fp16, else the UNet's)", choices=PRECISIONS
     )
     text_encoder_precision: str | None = _option(
-        None, "text encoder compute dtype (empty: the UNet's)", choices=PRECISIONS
+        None, "text encoder compute dtype (not set: the UNet's)", choices=PRECISIONS
     )
     enable_flash_attention: bool = _option(
         False, "UNet attention through the fused FlashAttentionScore kernel (Ascend only; elsewhere a warning)"
