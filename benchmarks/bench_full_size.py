@@ -123,7 +123,7 @@ def child_json(result: dict) -> dict:
 
 
 def ours_train(paths: dict, work: Path, args, recompute: bool) -> dict:
-    out = work / f"ours-train-rc{int(recompute)}"
+    out = work / f"ours-train-{args.precision}-rc{int(recompute)}"
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
@@ -146,8 +146,11 @@ def ours_train(paths: dict, work: Path, args, recompute: bool) -> dict:
         "False",
         "--use_recompute",
         str(recompute),
+        "--precision",
+        args.precision,
     ]
-    result = run_child(cmd, f"ours train (recompute {'on' if recompute else 'off'})", must_succeed=False)
+    label = f"ours train {args.precision} (recompute {'on' if recompute else 'off'})"
+    result = run_child(cmd, label, must_succeed=False)
     steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     times = [s["step_time_s"] for s in steps]
     if times:
@@ -264,6 +267,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--attention_slice_size", type=int, default=1, help="ours: text_to_image.py's option")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--precision", default="fp32", help="ours: --precision of the training runs (fp32, fp16)")
     parser.add_argument("--child", choices=["train", "generate"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

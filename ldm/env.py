@@ -3,7 +3,8 @@
 Two things must happen before ``import mindspore``: oneDNN must be kept off its AVX-512 convolution path (which is
 ~77x slower on the CPUs we measured) and numpy must be 1.x (MindSpore 2.10's extension is built against numpy 1).
 ``apply_process_defaults`` does both and is called when ``ldm`` is imported; ``init_env`` then configures the
-MindSpore context (device, mode, jit level, threads, compile cache, seed, data parallel).
+MindSpore context (device, mode, jit level, threads, compile cache, seed, data parallel) and, per device target,
+the device settings mindone uses on Ascend (operator precision mode, device memory cap, jit level O2).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ ONEDNN_ISA_VAR = "ONEDNN_MAX_CPU_ISA"
 DEFAULT_ONEDNN_ISA = "AVX2"
 # Set by the launchers MindSpore's init() works under: msrun (MS_ROLE), OpenMPI's mpirun, Ascend rank tables.
 LAUNCHER_VARS = ("MS_ROLE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "RANK_TABLE_FILE", "MINDSPORE_HCCL_CONFIG_PATH")
+# mindone's Ascend settings: let the CANN operators pick fp16 where fp32 has no kernel, and allow the whole device
+# memory. Our networks set their dtypes explicitly (ldm.precision), so the precision mode only affects operators that
+# have no kernel in the requested dtype.
+ASCEND_PRECISION_MODE = "allow_fp32_to_fp16"
+ASCEND_MAX_DEVICE_MEMORY = "1024GB"
 
 
 class EnvironmentError_(RuntimeError):
@@ -70,6 +76,8 @@ def init_env(
     threads: int | None = None,
     compile_cache_dir: str | None = None,
     distributed: bool = False,
+    precision_mode: str | None = None,
+    max_device_memory: str | None = None,
 ) -> DistInfo:
     """Configure MindSpore for this process.
 
@@ -80,6 +88,8 @@ def init_env(
     distributed: initialise the collective backend (HCCL on Ascend, NCCL on GPU, mccl on CPU) under ``msrun``
     and switch to data-parallel with mean-reduced gradients; a ValueError saying how to launch when no launcher
     started this process (MindSpore's own init() would fail with a traceback).
+    precision_mode / max_device_memory: Ascend only (default ``allow_fp32_to_fp16`` and ``1024GB`` as in mindone);
+    ``max_device_memory`` also applies on GPU when given. Neither touches a CPU run.
     """
     import mindspore as ms
 
@@ -97,6 +107,11 @@ def init_env(
         jit_level = "O2" if device_target == "Ascend" else "O0"
     if mode == 0:
         ms.set_context(jit_config={"jit_level": jit_level})
+    if device_target == "Ascend":
+        ms.device_context.ascend.op_precision.precision_mode(precision_mode or ASCEND_PRECISION_MODE)
+        ms.runtime.set_memory(max_size=max_device_memory or ASCEND_MAX_DEVICE_MEMORY)
+    elif device_target == "GPU" and max_device_memory:
+        ms.runtime.set_memory(max_size=max_device_memory)
     if threads:
         ms.device_context.cpu.op_tuning.threads_num(int(threads))
     if compile_cache_dir:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
 from ldm.names import DEFAULT_GUIDANCE, SAMPLER_NAMES, family_of_config, model_node
+from ldm.precision import resolve_policy
 from ldm.util import read_text_utf8
 
 DEFAULT_VERSION = "2.1"
@@ -56,6 +57,10 @@ class GenerationJob:
     attention_slice_size: int = 0
     vae_slicing: bool = False
     vae_tile_latent_size: int = 0
+    precision: str = "fp32"
+    vae_precision: str | None = None
+    text_encoder_precision: str | None = None
+    enable_flash_attention: bool = False
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -100,6 +105,7 @@ def validate_job(job: GenerationJob) -> list[float]:
         raise GenerationError(f"--attention_slice_size {job.attention_slice_size} must be >= 0 (0: no slicing)")
     if job.vae_tile_latent_size < 0 or job.vae_tile_latent_size == 1:
         raise GenerationError(f"--vae_tile_latent_size {job.vae_tile_latent_size} must be 0 (off) or >= 2")
+    resolve_policy(job.precision, job.vae_precision, job.text_encoder_precision)
     if job.ckpt_path and not Path(job.ckpt_path).exists():
         raise GenerationError(f"{job.ckpt_path}: checkpoint not found")
     if job.config:
@@ -139,6 +145,7 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
     from ldm.lora.merge import apply_adapters
     from ldm.models.diffusion import build_model_from_config
     from ldm.pipeline import GenerationSettings, Text2ImagePipeline, check_size, make_grid
+    from ldm.precision import check_device_supports, config_with_policy, configure_attention, store_frozen_weights_low
 
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     scales = validate_job(job)
@@ -147,7 +154,9 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
     native_h, native_w, default_scale = default_settings(config)
     height, width = job.height or native_h, job.width or native_w
     scale = default_scale if job.scale is None else job.scale
-    model = build_model_from_config(config)
+    policy = resolve_policy(job.precision, job.vae_precision, job.text_encoder_precision)
+    check_device_supports(policy)
+    model = build_model_from_config(config_with_policy(config, policy))
     check_size(model, height, width)
     if job.ckpt_path:
         report = load_pretrained(model, job.ckpt_path, allow_pickle=job.allow_pickle)
@@ -158,6 +167,12 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
         adapters = list(zip(job.lora_ckpt_paths, scales))
         apply_adapters(model, adapters, text_encoder=job.lora_ft_text_encoder, log=log)
         log("merged LoRA: " + ", ".join(f"{p} x {s:g}" for p, s in zip(job.lora_ckpt_paths, scales)))
+    if not policy.is_fp32:
+        for param in model.get_parameters():
+            param.requires_grad = False
+        store_frozen_weights_low(model, policy)  # after merging, so adapters add to the float32 weights
+        log(f"precision: {policy.describe()}")
+    configure_attention(model.model.diffusion_model, job.enable_flash_attention, warn=lambda m: warn(f"warning: {m}"))
 
     settings = GenerationSettings(
         sampler=job.sampler, steps=job.sampling_steps, scale=scale, height=height, width=width, eta=job.ddim_eta
@@ -180,6 +195,7 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
         "ckpt_path": job.ckpt_path,
         "adapters": [{"path": p, "scale": s} for p, s in zip(job.lora_ckpt_paths, scales)],
         "lora_ft_text_encoder": job.lora_ft_text_encoder,
+        "precision": policy.describe(),
     }
     written, grids, n_images, batch_seconds = [], [], 0, []
     bar = tqdm(total=len(job.prompts) * job.n_iter, desc="generating", unit="batch", file=sys.stderr)

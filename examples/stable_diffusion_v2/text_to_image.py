@@ -18,6 +18,7 @@ import ldm  # noqa: F401  (CPU defaults before mindspore)
 from ldm.cli import Parser, add_allow_pickle, run, str2bool
 from ldm.generate import GenerationError, GenerationJob, generate, read_prompts, validate_job
 from ldm.names import SAMPLER_NAMES
+from ldm.precision import PRECISIONS
 from ldm.util import VERSIONS, check_output_folder
 
 
@@ -59,7 +60,35 @@ def build_parser() -> Parser:
     p.add_argument(
         "--vae_tile_latent_size", type=int, default=0, help="decode in overlapping tiles of this many latents (0: off)"
     )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="compute dtype of the UNet and by default the text encoder (fp32; norms and softmax stay fp32)",
+    )
+    p.add_argument("--use_fp16", type=str2bool, default=False, help="mindone's alias: True means --precision fp16")
+    p.add_argument(
+        "--vae_precision",
+        choices=PRECISIONS,
+        help="VAE compute dtype (default: fp32 under an fp16 UNet, else the UNet's)",
+    )
+    p.add_argument(
+        "--text_encoder_precision", choices=PRECISIONS, help="text encoder compute dtype (default: the UNet's)"
+    )
+    p.add_argument(
+        "--enable_flash_attention",
+        type=str2bool,
+        default=False,
+        help="fused FlashAttentionScore kernel in the UNet (Ascend only; elsewhere a warning and the standard path)",
+    )
     return p
+
+
+def _precision(args: argparse.Namespace) -> str:
+    """``--precision``, or fp16 from mindone's ``--use_fp16 True``; both at odds is an error."""
+    if args.use_fp16 and args.precision not in (None, "fp16"):
+        raise GenerationError(f"--use_fp16 True conflicts with --precision {args.precision}; give only one of them")
+    return "fp16" if args.use_fp16 else args.precision or "fp32"
 
 
 def job_from_args(args: argparse.Namespace) -> GenerationJob:
@@ -94,6 +123,10 @@ def job_from_args(args: argparse.Namespace) -> GenerationJob:
         attention_slice_size=args.attention_slice_size,
         vae_slicing=args.vae_slicing,
         vae_tile_latent_size=args.vae_tile_latent_size,
+        precision=_precision(args),
+        vae_precision=args.vae_precision,
+        text_encoder_precision=args.text_encoder_precision,
+        enable_flash_attention=args.enable_flash_attention,
     )
 
 

@@ -242,6 +242,8 @@ def _unet_params(cfg: dict, source: Path) -> dict:
         "transformer_depth": depth,
         "context_dim": cfg["cross_attention_dim"],
     }
+    if cfg.get("upcast_attention"):
+        params["upcast_attention"] = True
     if len(set(heads)) == 1:
         params["num_heads"] = heads[0]
     else:
@@ -378,6 +380,7 @@ def diffusers_configs(config: Any) -> dict[str, dict]:
             "attention_head_dim": heads,
             "cross_attention_dim": unet["context_dim"],
             "use_linear_projection": bool(unet.get("use_linear_in_transformer", False)),
+            "upcast_attention": bool(unet.get("upcast_attention", False)),
             "transformer_layers_per_block": unet.get("transformer_depth", 1),
             "norm_num_groups": 32,
             "norm_eps": 1e-5,

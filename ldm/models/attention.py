@@ -36,6 +36,7 @@ class CrossAttention(nn.Cell):
         dropout: float = 0.0,
         enable_flash_attention: bool = False,
         attention_slice_size: int = 0,
+        upcast_attention: bool = False,
     ):
         super().__init__()
         if heads < 1 or dim_head < 1:
@@ -54,6 +55,7 @@ class CrossAttention(nn.Cell):
         if attention_slice_size < 0:
             raise ValueError(f"attention_slice_size must be >= 0 (0: no slicing), got {attention_slice_size}")
         self.slice_size = int(attention_slice_size)
+        self.upcast = bool(upcast_attention)
 
     def _split_heads(self, x):
         """(B, S, H*D) -> (B, H, S, D)."""
@@ -61,8 +63,13 @@ class CrossAttention(nn.Cell):
         return x.reshape(b, s, self.heads, self.dim_head).transpose(0, 2, 1, 3)
 
     def _attention(self, q, k, v):
-        """softmax(q k^T * scale) v over (B, H, S, D) tensors; q is scaled first to keep fp16 scores in range."""
+        """softmax(q k^T * scale) v over (B, H, S, D) tensors; q is scaled first to keep fp16 scores in range.
+
+        With ``upcast`` a low-precision q and k are cast to float32 first, so the scores cannot overflow (SD2.1-v's
+        black images in fp16); the values and the output keep the compute dtype."""
         b, h, n, d = q.shape
+        if self.upcast and q.dtype != ms.float32:
+            q, k = q.astype(ms.float32), k.astype(ms.float32)
         m = k.shape[2]
         q = (q * self.scale).reshape(b * h, n, d)
         k = k.reshape(b * h, m, d)
@@ -144,9 +151,10 @@ class BasicTransformerBlock(nn.Cell):
         context_dim: int | None = None,
         enable_flash_attention: bool = False,
         attention_slice_size: int = 0,
+        upcast_attention: bool = False,
     ):
         super().__init__()
-        attn = (dropout, enable_flash_attention, attention_slice_size)
+        attn = (dropout, enable_flash_attention, attention_slice_size, upcast_attention)
         self.attn1 = CrossAttention(dim, None, n_heads, d_head, *attn)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, *attn)
@@ -178,6 +186,7 @@ class SpatialTransformer(nn.Cell):
         use_linear: bool = False,
         enable_flash_attention: bool = False,
         attention_slice_size: int = 0,
+        upcast_attention: bool = False,
     ):
         super().__init__()
         if depth < 1:
@@ -194,7 +203,14 @@ class SpatialTransformer(nn.Cell):
         self.transformer_blocks = nn.CellList(
             [
                 BasicTransformerBlock(
-                    inner_dim, n_heads, d_head, dropout, context_dim, enable_flash_attention, attention_slice_size
+                    inner_dim,
+                    n_heads,
+                    d_head,
+                    dropout,
+                    context_dim,
+                    enable_flash_attention,
+                    attention_slice_size,
+                    upcast_attention,
                 )
                 for _ in range(depth)
             ]

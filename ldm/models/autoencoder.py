@@ -19,6 +19,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ldm.models.layers import Conv2d, GroupNorm
+from ldm.models.unet import resolve_dtype
 
 # ``ddconfig`` keys of Stability's configs; the last two have LDM's defaults.
 DDCONFIG_REQUIRED = (
@@ -324,7 +325,7 @@ class AutoencoderKL(nn.Cell):
         self.quant_conv = Conv2d(2 * cfg["z_channels"], 2 * embed_dim, 1)
         self.post_quant_conv = Conv2d(embed_dim, cfg["z_channels"], 1)
         self.embed_dim = int(embed_dim)
-        self.dtype = dtype
+        self.dtype = dtype = resolve_dtype(dtype)
         self.latent_factor = 2 ** (len(cfg["ch_mult"]) - 1)
         self.slice_decode = False
         self.tile_latent_size = 0

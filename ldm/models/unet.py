@@ -146,6 +146,7 @@ class UNetModel(nn.Cell):
     activation memory, see ``enable_recompute``. ``dtype`` is the compute dtype of Dense/Conv layers; parameters stay
     float32. ``enable_flash_attention`` takes effect on Ascend only. ``attention_slice_size`` > 0 computes attention
     scores for that many (batch x head) rows at a time (same output, smaller workspace; see ``attention.py``).
+    ``upcast_attention`` (SD2.1's and diffusers' name) computes q k^T in float32 when the UNet runs in fp16/bf16.
     """
 
     def __init__(
@@ -169,6 +170,7 @@ class UNetModel(nn.Cell):
         dtype=ms.float32,
         enable_flash_attention: bool = False,
         attention_slice_size: int = 0,
+        upcast_attention: bool = False,
     ):
         super().__init__()
         channel_mult = tuple(channel_mult)
@@ -208,6 +210,7 @@ class UNetModel(nn.Cell):
                 use_linear_in_transformer,
                 enable_flash_attention,
                 attention_slice_size,
+                upcast_attention,
             )
 
         blocks = [TimestepEmbedSequential([Conv2d(in_channels, model_channels, 3, padding=1)])]

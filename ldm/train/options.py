@@ -20,6 +20,7 @@ from typing import Any
 from ldm.cli import Parser, str2bool
 from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
 from ldm.lora.targets import UNET_TARGET_PRESETS
+from ldm.precision import PRECISIONS, PrecisionPolicy, default_loss_scaler, resolve_policy
 from ldm.train.kinds import DEVICE_TARGETS, JIT_LEVELS, LOSS_SCALERS
 from ldm.train.lr_schedules import SCHEDULES
 from ldm.util import ConfigError
@@ -80,8 +81,10 @@ class TrainOptions:
     adam_epsilon: float = _option(1e-8, "AdamW epsilon")
     clip_grad: bool = _option(True, "clip gradients to max_grad_norm (global norm)")
     max_grad_norm: float = _option(1.0, "global-norm clipping threshold")
-    loss_scaler_type: str = _option(
-        "none", "dynamic skips overflowing updates and lowers the scale", choices=LOSS_SCALERS
+    loss_scaler_type: str | None = _option(
+        None,
+        "dynamic skips overflowing updates and lowers the scale (not set: dynamic for fp16, none otherwise)",
+        choices=LOSS_SCALERS,
     )
     init_loss_scale: float = _option(65536.0, "initial loss scale")
     loss_scale_factor: int = _option(2, "dynamic scale change factor")
@@ -96,6 +99,22 @@ class TrainOptions:
     )
     lora_dropout: float = _option(0.0, "dropout on the LoRA input")
     lora_fp16: bool = _option(False, "compute the LoRA branch in float16 (params stay float32)")
+    precision: str = _option(
+        "fp32",
+        "compute dtype of the UNet (and by default the text encoder): Dense/Conv in it, frozen weights stored in it, "
+        "trainable weights kept as fp32 masters, norms and softmax in fp32",
+        choices=PRECISIONS,
+    )
+    use_fp16: bool = _option(False, "mindone's alias: True means --precision fp16")
+    vae_precision: str | None = _option(
+        None, "VAE compute dtype (not set: fp32 when the UNet is fp16, else the UNet's)", choices=PRECISIONS
+    )
+    text_encoder_precision: str | None = _option(
+        None, "text encoder compute dtype (not set: the UNet's)", choices=PRECISIONS
+    )
+    enable_flash_attention: bool = _option(
+        False, "UNet attention through the fused FlashAttentionScore kernel (Ascend only; elsewhere a warning)"
+    )
     lora_targets: str = _option(
         "attention",
         "attention (to_q/k/v/out.0) | extended (+ proj_in/out and feed-forward)",
@@ -202,6 +221,16 @@ def check_choices(opts: TrainOptions, source: str = "TrainOptions") -> None:
             )
 
 
+def precision_policy(opts: TrainOptions) -> PrecisionPolicy:
+    """The run's precision policy (``use_fp16`` read as ``precision: fp16``); a conflict is a ValueError."""
+    return resolve_policy(opts.precision, opts.vae_precision, opts.text_encoder_precision, opts.use_fp16)
+
+
+def loss_scaler_of(opts: TrainOptions) -> str:
+    """``loss_scaler_type`` as given, else the precision's default (dynamic for an fp16 UNet, none otherwise)."""
+    return opts.loss_scaler_type or default_loss_scaler(precision_policy(opts))
+
+
 def check_paths(opts: TrainOptions) -> None:
     """The input paths exist, the data index parses and the output folder is writable (checked before any model is
     built or file written)."""
@@ -239,7 +268,9 @@ def parse_options(argv=None) -> TrainOptions:
     explicit = _given_on_command_line(parser, argv)
     args = parser.parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k not in ("train_config", "debug")}
-    return TrainOptions(**values, model_config_on_command_line="model_config" in explicit)
+    opts = TrainOptions(**values, model_config_on_command_line="model_config" in explicit)
+    precision_policy(opts)  # a use_fp16/precision conflict is reported before MindSpore starts
+    return opts
 
 
 def _given_on_command_line(parser: Parser, argv) -> set:

@@ -25,10 +25,11 @@ from ldm.lora.network import inject_lora, to_adapter
 from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_TARGET_PRESETS
 from ldm.models.diffusion import build_model_from_config
 from ldm.names import UNET_PREFIX
+from ldm.precision import check_device_supports, config_with_policy, configure_attention, store_frozen_weights_low
 from ldm.train.ema import EMA
 from ldm.train.losses import DiffusionLoss, NoiseSampler
 from ldm.train.lr_schedules import lr_table
-from ldm.train.options import TrainOptions, check_choices, check_paths
+from ldm.train.options import TrainOptions, check_choices, check_paths, loss_scaler_of, precision_policy
 from ldm.train.plot import plot_metrics
 from ldm.train.state import load_train_state, save_train_state
 from ldm.train.step import TrainStep
@@ -74,23 +75,28 @@ class LDMTrainLoss(nn.Cell):
 
 
 def build_trainable_model(opts: TrainOptions, config):
-    """The LatentDiffusion with pretrained weights and LoRA injected (or the UNet unfrozen); returns (model, params)."""
+    """The LatentDiffusion with pretrained weights and LoRA injected (or the UNet unfrozen); returns (model, params).
+
+    The precision policy builds each network in its compute dtype; after the trainable set is chosen, frozen
+    Dense/Conv weights of low-precision networks are stored in that dtype while trainable ones stay float32.
+    LoRA branches compute in fp16 under an fp16 network (or with ``lora_fp16``), their parameters in float32."""
     check_choices(opts)
-    model = build_model_from_config(config)
+    policy = precision_policy(opts)
+    model = build_model_from_config(config_with_policy(config, policy))
     if opts.pretrained_model_path:
         load_pretrained(model, opts.pretrained_model_path, allow_pickle=opts.allow_pickle)
     else:
         LOGGER.warning("no pretrained_model_path: training from random weights (only useful for smoke tests)")
     if opts.use_lora:
-        kwargs = {
-            "rank": opts.lora_rank,
-            "alpha": opts.lora_alpha,
-            "dropout": opts.lora_dropout,
-            "lora_dtype": ms.float16 if opts.lora_fp16 else ms.float32,
-        }
+
+        def lora_kwargs(precision: str) -> dict:
+            fp16 = opts.lora_fp16 or precision == "fp16"
+            dtype = ms.float16 if fp16 else ms.float32
+            return {"rank": opts.lora_rank, "alpha": opts.lora_alpha, "dropout": opts.lora_dropout, "lora_dtype": dtype}
+
         if opts.lora_ft_text_encoder:
-            inject_lora(model.cond_stage_model, targets=TEXT_ENCODER_TARGETS, **kwargs)
-        inject_lora(model.model, targets=UNET_TARGET_PRESETS[opts.lora_targets], **kwargs)
+            inject_lora(model.cond_stage_model, targets=TEXT_ENCODER_TARGETS, **lora_kwargs(policy.text_encoder))
+        inject_lora(model.model, targets=UNET_TARGET_PRESETS[opts.lora_targets], **lora_kwargs(policy.unet))
         params = [p for p in model.get_parameters() if ".lora_down." in p.name or ".lora_up." in p.name]
         chosen = {id(p) for p in params}
         for p in model.get_parameters():
@@ -99,6 +105,7 @@ def build_trainable_model(opts: TrainOptions, config):
         for p in model.get_parameters():
             p.requires_grad = p.name.startswith(UNET_PREFIX)
         params = [p for p in model.get_parameters() if p.requires_grad]
+    store_frozen_weights_low(model, policy)
     return model, params
 
 
@@ -136,9 +143,13 @@ def run_training(opts: TrainOptions, config) -> dict:
 
     check_paths(opts)
     dist = init_env(opts.device_target, opts.mode, opts.jit_level, seed=opts.seed, distributed=opts.use_parallel)
+    policy = precision_policy(opts)
+    check_device_supports(policy)
     out = Path(opts.output_path)
     ckpt_dir = out / "ckpt"
     model, params = build_trainable_model(opts, config)
+    LOGGER.info("precision: %s; loss scaling %s", policy.describe(), loss_scaler_of(opts))
+    configure_attention(model.model.diffusion_model, opts.enable_flash_attention, warn=LOGGER.warning)
     if opts.use_recompute:
         model.model.diffusion_model.enable_recompute()
     model.model.diffusion_model.set_attention_slice_size(opts.attention_slice_size)
@@ -177,7 +188,7 @@ def run_training(opts: TrainOptions, config) -> dict:
         weight_decay=opts.weight_decay,
         grad_accum_steps=opts.gradient_accumulation_steps,
         max_grad_norm=opts.max_grad_norm if opts.clip_grad else None,
-        loss_scaler=opts.loss_scaler_type,
+        loss_scaler=loss_scaler_of(opts),
         init_scale=opts.init_loss_scale,
         scale_factor=opts.loss_scale_factor,
         scale_window=opts.scale_window,
