@@ -23,7 +23,7 @@ class _Denoiser(nn.Cell):
     """The UNet as its own Cell so graph mode compiles exactly this call."""
 
     def __init__(self, model):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # keep the UNet's parameter names (adapters are saved by name)
         self.unet = model.model
 
     def construct(self, x, t, context):

@@ -81,6 +81,7 @@ def ms_tensor(a):
 
 def test_seed_determinism_and_grid(pair):
     _, model = pair
+    names = [p.name for p in model.get_parameters()]
     pipe = Text2ImagePipeline(model, sampler="dpm_solver_pp")
     settings = GenerationSettings(steps=4, scale=5.0, height=32, width=32)
     a = pipe(PROMPTS[:1], settings=settings, seed=7)
@@ -90,6 +91,9 @@ def test_seed_determinism_and_grid(pair):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     grid = make_grid(np.concatenate([a, c, a]), rows=1)
     assert grid.shape == (32, 96, 3) and np.array_equal(grid[:, 64:], a[0])
+    # Generating renames nothing: adapters and checkpoints written afterwards (validation grids during training) are
+    # keyed by these names.
+    assert [p.name for p in model.get_parameters()] == names
 
 
 def test_size_checks(pair):
