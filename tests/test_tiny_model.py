@@ -23,10 +23,11 @@ MEAN_TOLERANCE = 1.5
 
 
 def _model():
-    from ldm.io.model_io import config_from_checkpoint, load_pretrained
+    from ldm.io.model_config import resolve_model_config
+    from ldm.io.model_io import load_pretrained
     from ldm.models.diffusion import build_model_from_config
 
-    model = build_model_from_config(config_from_checkpoint(MODEL / "tiny_sd.safetensors"))
+    model = build_model_from_config(resolve_model_config(checkpoint=MODEL / "tiny_sd.safetensors").config)
     report = load_pretrained(model, MODEL / "tiny_sd.safetensors")
     model.set_train(False)
     return model, report
@@ -83,9 +84,9 @@ def _heldout_loss(model, images: np.ndarray, prompts: list[str]) -> float:
 def test_short_lora_run_lowers_heldout_loss(tmp_path):
     from PIL import Image
 
-    from ldm.io.checkpoint import read_metadata, read_state_dict
-    from ldm.lora import load_lora_state_dict
-    from ldm.train.options import parse_options, resolve_model_config
+    from ldm.lora.adapter import read_adapter
+    from ldm.lora.network import load_adapter
+    from ldm.train.options import parse_options, resolve_train_config
     from ldm.train.trainer import build_trainable_model, run_training
 
     data = MODEL / "data/blueprint_train"
@@ -100,11 +101,10 @@ def test_short_lora_run_lowers_heldout_loss(tmp_path):
     argv += ["--data_path", str(data), "--output_path", str(tmp_path), "--max_train_steps", "40"]
     argv += ["--pretrained_model_path", str(MODEL / "tiny_sd.safetensors"), "--validation_steps", "0"]
     opts = parse_options(argv)
-    opts.model_config = str(ROOT / opts.model_config)
-    config = resolve_model_config(opts)
+    config = resolve_train_config(opts).config
     adapter = run_training(opts, config)["weights"]
     tuned, _ = build_trainable_model(opts, config)
-    load_lora_state_dict(tuned, read_state_dict(adapter), read_metadata(adapter))
+    load_adapter(tuned, read_adapter(adapter), adapter)
     tuned.set_train(False)
     after = _heldout_loss(tuned, images, prompts)
     assert after < 0.9 * before, (before, after)
