@@ -40,6 +40,7 @@ from ldm.env import set_seed
 from ldm.io.checkpoint import CheckpointError, read_state_dict
 from ldm.io.model_io import save_model
 from ldm.models.diffusion import build_model_from_config
+from ldm.train.plot import draw_training_plot
 from ldm.train.state import read_train_state_meta
 from ldm.util import CONFIG_DIR, load_config
 
@@ -194,9 +195,10 @@ def test_sigkill_mid_metrics_line_is_dropped_on_resume(tmp_path):
 def test_sigkill_mid_loss_plot_keeps_previous_plot(tmp_path):
     """SIGKILL before the new loss plot is renamed into place: loss.png is still the previous, complete plot."""
     path = tmp_path / "loss.png"
-    trainer._loss_plot([(1, 1.0), (2, 0.5)], path)
+    draw_training_plot([1, 2], [1.0, 0.5], [1e-4, 1e-4], path)
     before = path.read_bytes()
-    killed = _in_killed_child(lambda: (_arm("replace", 1, "before"), trainer._loss_plot([(1, 1.0)] * 3, path)))
+    redraw = lambda: draw_training_plot([1, 2, 3], [1.0, 1.0, 1.0], [], path)  # noqa: E731
+    killed = _in_killed_child(lambda: (_arm("replace", 1, "before"), redraw()))
     assert killed == signal.SIGKILL
     assert path.read_bytes() == before
 
