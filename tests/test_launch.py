@@ -30,7 +30,7 @@ from ldm.env import LAUNCHER_VARS, set_seed
 from ldm.io.checkpoint import read_state_dict
 from ldm.io.model_io import save_model
 from ldm.models.diffusion import build_model_from_config
-from ldm.train.options import parse_options, resolve_model_config
+from ldm.train.options import parse_options, resolve_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "scripts/run_train_parallel.sh"
@@ -83,7 +83,7 @@ def _make_inputs(folder: Path, options: list[str]):
     os.chdir(folder)
     try:
         opts = parse_options(options)
-        config = resolve_model_config(opts)
+        config = resolve_train_config(opts).config
         set_seed(0)
         base = Path(opts.pretrained_model_path)
         base.parent.mkdir(parents=True, exist_ok=True)
