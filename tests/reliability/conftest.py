@@ -6,7 +6,11 @@ case checks (first line of the test's docstring; parametrized cases add their pa
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
+
+import pytest
 
 HERE = Path(__file__).resolve().parent
 _OUTCOMES: dict[str, tuple[str, str]] = {}
@@ -36,3 +40,20 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{outcome.upper():7} {name}  {doc}")
     passed = sum(outcome == "passed" for outcome, _ in ran.values())
     terminalreporter.write_line(f"reliability catalogue: {len(ran)} cases, {passed} passed")
+
+
+@pytest.fixture
+def disk_full_save_file():
+    """A stand-in for ``safetensors.numpy.save_file`` that fills the disk half-way: it writes half the file, then
+    raises ENOSPC, as a full disk does."""
+    import safetensors.numpy
+
+    save_file = safetensors.numpy.save_file
+
+    def disk_full(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return disk_full

@@ -4,7 +4,6 @@ one case per CLI also runs as a real subprocess."""
 
 from __future__ import annotations
 
-import errno
 import importlib.util
 import os
 import subprocess
@@ -182,17 +181,11 @@ def test_bad_input_as_subprocess(files, case):
 
 
 @pytest.mark.parametrize("cli", ["convert", "lora_tools"])
-def test_disk_full_while_writing_output(files, capsys, monkeypatch, tmp_path, cli):
+def test_disk_full_while_writing_output(files, capsys, monkeypatch, tmp_path, cli, disk_full_save_file):
     """ENOSPC half-way through writing the output file: one error line naming it, no file, no temp left."""
     import safetensors.numpy
 
-    save_file = safetensors.numpy.save_file
-
-    def disk_full(tensors, filename, metadata=None):
-        save_file(tensors, filename, metadata=metadata)
-        with open(filename, "r+b") as f:
-            f.truncate(os.path.getsize(filename) // 2)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    disk_full = disk_full_save_file
 
     monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
     out = tmp_path / "out.safetensors"

@@ -18,7 +18,6 @@ run of its own:
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -204,20 +203,14 @@ def test_sigkill_mid_loss_plot_keeps_previous_plot(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["weights", "train state"])
-def test_disk_full_while_writing_checkpoint(tmp_path, monkeypatch, target):
+def test_disk_full_while_writing_checkpoint(tmp_path, monkeypatch, target, disk_full_save_file):
     """ENOSPC half-way through a checkpoint write: a CheckpointError naming the file, old files intact, no temp."""
     import safetensors.numpy
 
     ckpt = tmp_path / "ckpt"
     _write_checkpoint(ckpt, 2)
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
-    save_file = safetensors.numpy.save_file
-
-    def disk_full(tensors, filename, metadata=None):
-        save_file(tensors, filename, metadata=metadata)
-        with open(filename, "r+b") as f:
-            f.truncate(os.path.getsize(filename) // 2)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    disk_full = disk_full_save_file
 
     if target == "weights":
         monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
