@@ -13,7 +13,10 @@ Jobs (each runs in a fresh child process whose peak RSS is read from ``wait4``):
 
 Both sides use the same random weights: the diffusers models are built from the SD2-base configuration (no weights
 can be downloaded here), saved as a diffusers folder and converted with ``python -m ldm.convert`` as a user would.
-Reported: peak RSS, first-step time, mean time of the later steps, and ours/diffusers ratios from the same run.
+Reported: peak RSS, first-step time, mean time of the later steps, ours/diffusers ratios from the same run, and
+the machine's 1-minute load average at the start and end of each job (times on a shared machine depend on it).
+``--frameworks ours --random_init`` measures our side alone with randomly initialised models (no torch, no weight
+files; memory does not depend on the weights' values, the load path aside).
 Slow (minutes per job) and memory-hungry (up to ~8 GiB per job); not part of CI. Run:
 
     python benchmarks/bench_full_size.py --work /tmp/fullsize [--jobs train,generate] [--steps 3] [--gen_steps 20]
@@ -100,8 +103,10 @@ def prepare(work: Path) -> dict:
 
 
 def run_child(cmd: list[str], label: str, must_succeed: bool = True) -> dict:
-    """Run ``cmd`` from the repo root; return its wall time, peak RSS (GiB), exit code and stdout. A failure is
-    fatal unless ``must_succeed`` is False (a training run killed for memory is a result: its peak is reported)."""
+    """Run ``cmd`` from the repo root; return its wall time, peak RSS (GiB), exit code, stdout and the load average
+    before and after. A failure is fatal unless ``must_succeed`` is False (a training run killed for memory is a
+    result: its peak is reported)."""
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -113,7 +118,9 @@ def run_child(cmd: list[str], label: str, must_succeed: bool = True) -> dict:
         raise SystemExit(f"error: {label} failed (exit {proc.returncode}):\n{out[-3000:]}")
     if proc.returncode:
         label += f" [exit {proc.returncode}]"
-    return {"label": label, "wall_s": time.perf_counter() - start, "peak_rss_gib": peak, "stdout": out}
+    wall = time.perf_counter() - start
+    load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
+    return {"label": label, "wall_s": wall, "peak_rss_gib": peak, "stdout": out, "load": load}
 
 
 def child_json(result: dict) -> dict:
@@ -136,8 +143,7 @@ def ours_train(paths: dict, work: Path, args, recompute: bool) -> dict:
         str(paths["data"]),
         "--output_path",
         str(out),
-        "--pretrained_model_path",
-        str(paths["weights"]),
+        *(["--pretrained_model_path", str(paths["weights"])] if paths["weights"] else []),
         "--train_batch_size",
         str(args.batch),
         "--max_train_steps",
@@ -146,6 +152,8 @@ def ours_train(paths: dict, work: Path, args, recompute: bool) -> dict:
         "False",
         "--use_recompute",
         str(recompute),
+        "--memory_efficient_attention",
+        str(args.memory_efficient_attention),
         "--precision",
         args.precision,
     ]
@@ -164,8 +172,7 @@ def ours_generate(paths: dict, work: Path, args) -> dict:
         "examples/stable_diffusion_v2/text_to_image.py",
         "--version",
         "2.0",
-        "--ckpt_path",
-        str(paths["weights"]),
+        *(["--ckpt_path", str(paths["weights"])] if paths["weights"] else []),
         "--prompt",
         PROMPT,
         "--sampling_steps",
@@ -268,6 +275,12 @@ def main() -> None:
     parser.add_argument("--attention_slice_size", type=int, default=1, help="ours: text_to_image.py's option")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--precision", default="fp32", help="ours: --precision of the training runs (fp32, fp16)")
+    parser.add_argument(
+        "--memory_efficient_attention", default="True", help="ours: the training runs' option (the v2 recipe's: True)"
+    )
+    parser.add_argument(
+        "--random_init", action="store_true", help="ours only: randomly initialised models, no weight files or torch"
+    )
     parser.add_argument("--child", choices=["train", "generate"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -275,10 +288,19 @@ def main() -> None:
         return
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    paths = prepare(work)
-    if paths["convert"]:
-        print(f"convert: {paths['convert']['wall_s']:.0f}s, peak RSS {paths['convert']['peak_rss_gib']:.2f} GiB")
     jobs, frameworks = args.jobs.split(","), args.frameworks.split(",")
+    if args.random_init:
+        if "diffusers" in frameworks:
+            raise SystemExit("error: --random_init measures our side only; pass --frameworks ours")
+        paths = {"weights": None, "data": work / "data512"}
+        if not (paths["data"] / "img_txt.csv").is_file():
+            from ldm.data.synthetic import make_shapes_dataset
+
+            make_shapes_dataset(paths["data"], count=4, size=512)
+    else:
+        paths = prepare(work)
+        if paths["convert"]:
+            print(f"convert: {paths['convert']['wall_s']:.0f}s, peak RSS {paths['convert']['peak_rss_gib']:.2f} GiB")
     rows = []
     for job in jobs:
         ref = None
@@ -301,12 +323,14 @@ def main() -> None:
                 if ref:
                     run["rss_ratio"] = run["peak_rss_gib"] / ref["peak_rss_gib"]
                 rows.append(run)
-    print(f"\nSD2-base 512px, batch {args.batch}, {args.steps} train steps, {args.gen_steps} sampling steps")
-    print("| job | peak RSS GiB | first step s | later steps s | generation s | ours/diffusers time | RSS |")
-    print("|---|---|---|---|---|---|---|")
+    weights = "random init" if args.random_init else "converted random weights"
+    print(f"\nSD2-base 512px, batch {args.batch}, {args.steps} train steps, {args.gen_steps} sampling steps, {weights}")
+    print("| job | peak RSS GiB | first step s | later steps s | generation s | ours/diffusers time | RSS | load |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [r.get(k, float("nan")) for k in ("first_s", "steady_s", "sample_s", "time_ratio", "rss_ratio")]
-        print(f"| {r['label']} | {r['peak_rss_gib']:.2f} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        row = f"| {r['label']} | {r['peak_rss_gib']:.2f} | " + " | ".join(f"{c:.2f}" for c in cells)
+        print(row + f" | {r['load']} |")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,12 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
     )
     pipe = Text2ImagePipeline(model, job.sampler)
     pipe.set_memory_options(job.attention_slice_size, job.vae_slicing, job.vae_tile_latent_size)
+    # Every prompt is known up front: encode them all, then free the text encoder's weights for the UNet and VAE.
+    batches = [[prompt] * job.n_samples for prompt in job.prompts]
+    if scale != 1.0:
+        batches.append([job.negative_prompt] * job.n_samples)
+    pipe.encode_ahead(batches)
+    pipe.release_text_encoder()
     out = Path(job.output_path)
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,7 @@ class Text2ImagePipeline:
             sampler, prediction_type=model.parameterization, alphas_cumprod=model.alphas_cumprod, **sampler_options
         )
         self.denoise = _Denoiser(model)
+        self.contexts: dict[tuple[str, ...], Tensor] = {}
 
     def set_memory_options(
         self, attention_slice_size: int = 0, vae_slicing: bool = False, vae_tile_latent_size: int = 0
@@ -71,7 +72,24 @@ class Text2ImagePipeline:
         self.model.first_stage_model.set_decode_memory_options(vae_slicing, vae_tile_latent_size)
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Text contexts of a batch of prompts: the one ``encode_ahead`` stored for this batch, else encoded now."""
+        key = tuple(prompts)
+        if key in self.contexts:
+            return self.contexts[key]
+        if self.model.cond_stage_model is None:
+            raise ValueError(f"the text encoder was released and the prompts {list(prompts)} were not encoded ahead")
         return self.model.get_learned_conditioning(Tensor(self.model.tokenize(list(prompts))))
+
+    def encode_ahead(self, prompt_batches: list[list[str]]) -> None:
+        """Encode now every batch of prompts a run will sample (the same batches, so the same contexts), so that
+        the text encoder can be released before the UNet and VAE need memory."""
+        for batch in prompt_batches:
+            self.contexts[tuple(batch)] = self.encode_prompts(batch)
+
+    def release_text_encoder(self) -> None:
+        """Drop the text encoder and its weights (1.3 GiB in fp32 for SD2's OpenCLIP-H, 0.5 GiB for SD1's CLIP-L);
+        only batches given to ``encode_ahead`` can be sampled afterwards."""
+        self.model.cond_stage_model = None
 
     def initial_latents(self, batch: int, height: int, width: int, seed: int) -> np.ndarray:
         f = self.model.latent_factor

@@ -6,6 +6,12 @@
   boundary, a slice used twice) changes whole rows by O(1);
 - recompute repeats each UNet block's forward in the backward pass: the LoRA gradients must match those without
   it to float32 rounding (rtol 1e-6 of the largest gradient; a block left out of the graph gives 100% errors);
+- memory-efficient attention runs the sliced forward (the same output as the plain path, required bit for bit) and
+  a hand-written backward that recomputes each slice's scores: its input and weight gradients are the softmax
+  gradient formula evaluated slice by slice, so they must match automatic differentiation of the plain path to
+  float32 rounding (rtol 1e-6 of the largest gradient; a wrong term, e.g. a missing row-sum, gives O(1) errors);
+- releasing the text encoder after encoding every prompt batch ahead (what ``text_to_image.py`` does) must leave
+  the very contexts the sampler gets unchanged (bit for bit); a batch that was not encoded ahead is an error;
 - tiled VAE decode is approximate by design; what it promises is checked exactly: a latent no larger than a tile
   decodes unchanged, the output has the full size, and the region covered by the first tile alone equals
   decoding that tile on its own (to the same rounding tolerance).
@@ -19,7 +25,9 @@ import numpy as np
 import pytest
 
 from ldm.lora import UNET_ATTENTION_TARGETS, inject_lora
+from ldm.models.attention import CrossAttention, MemoryEfficientAttention
 from ldm.models.diffusion import build_model_from_config
+from ldm.pipeline import GenerationSettings, Text2ImagePipeline
 from ldm.util import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "sd2-tiny.yaml"
@@ -124,3 +132,74 @@ def test_recompute_keeps_gradients():
     assert scale > 0
     for g, g_rc in zip(grads, grads_rc):
         np.testing.assert_allclose(g_rc, g, rtol=0, atol=1e-6 * scale)
+    unet.set_memory_efficient_attention(True)  # the full-size recipe: recompute + memory-efficient attention
+    try:
+        loss_me, grads_me = _lora_grads(unet, inputs, params)
+    finally:
+        unet.set_memory_efficient_attention(False)
+    assert loss_me == pytest.approx(loss, rel=1e-6)
+    for g, g_me in zip(grads, grads_me):
+        np.testing.assert_allclose(g_me, g, rtol=0, atol=1e-6 * scale)
+
+
+def _attention_grads(attn, x, context):
+    """Output, and gradients of a fixed random projection of it w.r.t. x, context and every weight."""
+    probe = ms.Tensor(np.random.default_rng(6).standard_normal(attn(x, context).shape, dtype=np.float32))
+
+    def loss_fn(x, context):
+        return (attn(x, context) * probe).sum()
+
+    weights = attn.trainable_params()
+    _, (input_grads, weight_grads) = ms.value_and_grad(loss_fn, (0, 1), weights)(x, context)
+    return attn(x, context).asnumpy(), [g.asnumpy() for g in (*input_grads, *weight_grads)]
+
+
+@pytest.mark.parametrize("budget", [7 * 9, 2 * 7 * 9])  # one row (of 2 images x 3 heads) per slice, then two
+def test_memory_efficient_attention_matches_plain(budget):
+    ms.set_seed(0)
+    attn = CrossAttention(24, 16, heads=3, dim_head=8)
+    rng = np.random.default_rng(5)
+    x = ms.Tensor(rng.standard_normal((2, 7, 24), dtype=np.float32))
+    context = ms.Tensor(rng.standard_normal((2, 9, 16), dtype=np.float32))
+    out, grads = _attention_grads(attn, x, context)
+    attn.set_memory_efficient(True)
+    attn.memory_efficient.score_budget = budget
+    out_me, grads_me = _attention_grads(attn, x, context)
+    np.testing.assert_array_equal(out_me, out)
+    scale = max(float(np.abs(g).max()) for g in grads)
+    for g, g_me in zip(grads, grads_me):
+        np.testing.assert_allclose(g_me, g, rtol=0, atol=1e-6 * scale)
+    attn.set_memory_efficient(False)
+    assert attn.memory_efficient is None
+    np.testing.assert_array_equal(attn(x, context).asnumpy(), out)
+
+
+@pytest.mark.slow  # a graph compile (~40 s here)
+def test_memory_efficient_attention_in_graph_mode(graph_mode):
+    """The custom backward also compiles: same output and gradients as the plain path under GRAPH_MODE."""
+    test_memory_efficient_attention_matches_plain(7 * 9)
+
+
+def test_memory_efficient_attention_slices_by_score_budget():
+    q, k = ms.Tensor(np.zeros((10, 4096, 8), np.float32)), ms.Tensor(np.zeros((10, 4096, 8), np.float32))
+    k77 = ms.Tensor(np.zeros((10, 77, 8), np.float32))
+    mea = MemoryEfficientAttention()
+    assert mea._rows_per_slice(q, k) == 1  # one head's 4096 x 4096 scores (64 MiB) at a time
+    assert mea._rows_per_slice(q, k77) == 53  # cross-attention over 77 tokens: all rows in one slice
+
+
+def test_released_text_encoder_gives_the_same_contexts(model):
+    pipe = Text2ImagePipeline(model, sampler="dpm_solver_pp")
+    prompts, negative = ["a red fox", "a red fox"], ["", ""]
+    reference = [pipe.encode_prompts(batch).asnumpy() for batch in (prompts, negative)]
+    text_encoder = model.cond_stage_model
+    try:
+        pipe.encode_ahead([prompts, negative])
+        pipe.release_text_encoder()
+        assert model.cond_stage_model is None
+        for batch, expected in zip((prompts, negative), reference):
+            np.testing.assert_array_equal(pipe.encode_prompts(batch).asnumpy(), expected)
+        with pytest.raises(ValueError, match="not encoded ahead"):
+            pipe(["a blue fox"], [""], settings=GenerationSettings(steps=1, height=32, width=32))
+    finally:
+        model.cond_stage_model = text_encoder  # the module's other tests use it

@@ -7,6 +7,10 @@ the softmax in float32; on Ascend an optional fused flash-attention kernel can r
 ``enable_attention_slicing`` does: at 64x64 latents one head's scores are 4096x4096 floats (64 MiB), so slicing caps
 the attention workspace of inference at a few slices instead of all batch x heads at once. Each row is computed by
 the same operations either way, so the output is unchanged.
+``memory_efficient_attention`` goes further for training: the same sliced forward, with a custom backward that
+recomputes each slice's scores from q, k and v, so no (batch x head) score matrix is kept for the backward pass and
+at most one slice's scores exist at a time. The forward output is the same as the plain path's; the gradients are
+the same formulas evaluated slice by slice (equal to float rounding).
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ class CrossAttention(nn.Cell):
             raise ValueError(f"attention_slice_size must be >= 0 (0: no slicing), got {attention_slice_size}")
         self.slice_size = int(attention_slice_size)
         self.upcast = bool(upcast_attention)
+        self.memory_efficient = None  # a MemoryEfficientAttention once set_memory_efficient(True)
+
+    def set_memory_efficient(self, enable: bool) -> None:
+        """Switch the recomputing-backward attention on or off (before a graph is compiled, or eagerly)."""
+        self.memory_efficient = MemoryEfficientAttention() if enable else None
 
     def _split_heads(self, x):
         """(B, S, H*D) -> (B, H, S, D)."""
@@ -75,6 +84,8 @@ class CrossAttention(nn.Cell):
         k = k.reshape(b * h, m, d)
         v = v.reshape(b * h, m, d)
         rows = b * h
+        if self.memory_efficient is not None:
+            return self.memory_efficient(q, k, v).reshape(b, h, n, d)
         if not self.slice_size or self.slice_size >= rows:
             return self._scores_times_values(q, k, v).reshape(b, h, n, d)
         step = self.slice_size
@@ -113,6 +124,52 @@ class CrossAttention(nn.Cell):
         b, h, n, d = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
         return self.to_out(out)
+
+
+class MemoryEfficientAttention(nn.Cell):
+    """softmax(q k^T) v over (rows, S, D) tensors in slices, keeping no scores for the backward pass.
+
+    A slice is as many (batch x head) rows as fit ``score_budget`` float32 scores (at least one row): one head at
+    64x64 latents (4096 x 4096 scores, 64 MiB), all rows at once where the scores are small (cross-attention over 77
+    tokens, the inner levels). The forward is ``CrossAttention``'s sliced path. ``bprop`` replaces automatic
+    differentiation: it receives only q, k, v and the output gradient, and per slice recomputes the probabilities
+    P = softmax(q k^T) (float32), then dv = P^T g, dP = g v^T, dS = P * (dP - rowsum(dP * P)), dq = dS k,
+    dk = dS^T q. So the backward holds one slice's scores and their gradient instead of every row's scores from the
+    forward, at the cost of one more q k^T and softmax per slice. In PyNative the forward runs without recording
+    (MindSpore runs custom-bprop cells that way); in graph mode the bprop is compiled in place of the derivative.
+    """
+
+    def __init__(self, score_budget: int = 4096 * 4096):
+        super().__init__()
+        self.score_budget = score_budget
+        self.bmm_nt = ops.BatchMatMul(transpose_b=True)
+        self.bmm_tn = ops.BatchMatMul(transpose_a=True)
+        self.softmax = ops.Softmax(axis=-1)
+
+    def _rows_per_slice(self, q, k) -> int:
+        rows = self.score_budget // (q.shape[1] * k.shape[1])
+        return rows if rows > 0 else 1
+
+    def construct(self, q, k, v):
+        step = self._rows_per_slice(q, k)
+        parts = [
+            CrossAttention._scores_times_values(q[i : i + step], k[i : i + step], v[i : i + step])
+            for i in range(0, q.shape[0], step)
+        ]
+        return parts[0] if len(parts) == 1 else ops.cat(parts, axis=0)
+
+    def bprop(self, q, k, v, out, dout):
+        step = self._rows_per_slice(q, k)
+        dq, dk, dv = [], [], []
+        for i in range(0, q.shape[0], step):
+            qi, ki, vi, gi = q[i : i + step], k[i : i + step], v[i : i + step], dout[i : i + step]
+            probs = self.softmax(self.bmm_nt(qi, ki).astype(ms.float32))
+            dv.append(self.bmm_tn(probs.astype(vi.dtype), gi))
+            dprobs = self.bmm_nt(gi, vi).astype(ms.float32)
+            dscores = (probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))).astype(qi.dtype)
+            dq.append(ops.bmm(dscores, ki))
+            dk.append(self.bmm_tn(dscores, qi))
+        return tuple(ops.cat(g, axis=0) if len(g) > 1 else g[0] for g in (dq, dk, dv))
 
 
 class GEGLU(nn.Cell):

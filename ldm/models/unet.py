@@ -275,6 +275,12 @@ class UNetModel(nn.Cell):
             if isinstance(cell, CrossAttention):
                 cell.slice_size = int(slice_size)
 
+    def set_memory_efficient_attention(self, enable: bool) -> None:
+        """Every attention computes in slices with a backward that recomputes the scores (``MemoryEfficientAttention``):
+        the training-time saver for 64x64 latents, where one head's scores are 64 MiB. Off: the plain path."""
+        for cell in [c for _, c in self.cells_and_names() if isinstance(c, CrossAttention)]:
+            cell.set_memory_efficient(enable)
+
     @staticmethod
     def _check_args(
         model_channels,

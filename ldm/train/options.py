@@ -127,6 +127,11 @@ class TrainOptions:
     attention_slice_size: int = _option(
         0, "UNet attention over this many batch x head rows at a time (0: all; same result)"
     )
+    memory_efficient_attention: bool = _option(
+        False,
+        "UNet attention in slices with a backward that recomputes the scores instead of storing them (less memory; "
+        "same forward, gradients equal to float rounding)",
+    )
     noise_offset: float = _option(0.0, "offset noise strength (0 disables)")
     snr_gamma: float | None = _option(
         None, "min-SNR-gamma loss weighting (e.g. 5.0; empty disables)", parse=_optional_float

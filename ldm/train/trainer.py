@@ -153,6 +153,7 @@ def run_training(opts: TrainOptions, config) -> dict:
     if opts.use_recompute:
         model.model.diffusion_model.enable_recompute()
     model.model.diffusion_model.set_attention_slice_size(opts.attention_slice_size)
+    model.model.diffusion_model.set_memory_efficient_attention(opts.memory_efficient_attention)
     latent = opts.image_size // model.latent_factor
     if opts.image_size % (model.latent_factor * model.unet_factor):
         step_px = model.latent_factor * model.unet_factor
