@@ -223,7 +223,8 @@ def test_cached_training_equals_uncached_and_resumes(tmp_path):
     _train(setup, plain, "--max_train_steps", "4", *validation)
     first = _train(setup, cached, "--max_train_steps", "2", *validation, *cache)
     # the first run's epoch visits all 8 images; the resumed run only the 4 its remaining 2 steps of 2 visit
-    assert "cached 16 latents (8 images x 2 flips)" in first.stderr and "released encoder" in first.stderr
+    assert "cached 16 latents (8 images x 2 flips) and 9 text contexts" in first.stderr
+    assert "released first_stage_model.encoder" in first.stderr
     second = _train(setup, cached, "--max_train_steps", "4", "--resume", "True", *validation, *cache)
     assert "at micro-step 2" in second.stderr and "cached 8 latents (4 images x 2 flips)" in second.stderr
 

@@ -140,12 +140,11 @@ def build_cache(
         contexts,
         {text: row for row, text in enumerate(texts)},
     )
+    parts = [f"{images} latents ({len(indices)} images x {len(flips)} flips)"] if moments is not None else []
+    parts += [f"{len(texts)} text contexts"] if contexts is not None else []
     logger.info(
-        "cached %d latents (%d images x %d flips) and %d text contexts in %.1f s; the cache holds %.1f MiB",
-        images,
-        len(indices) if moments is not None else 0,
-        len(flips) if moments is not None else 0,
-        len(texts),
+        "cached %s in %.1f s; the cache holds %.1f MiB",
+        " and ".join(parts),
         time.perf_counter() - start,
         cached.nbytes / 2**20,
     )
