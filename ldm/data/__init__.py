@@ -1,5 +1,6 @@
 """Image-caption data for fine-tuning: layout detection, transforms, a sharded resumable MindSpore pipeline."""
 
+from ldm.data.cache import CachedSource, CacheEncoders, build_cache
 from ldm.data.dataset import (
     ImageCaptionSource,
     Record,
@@ -11,6 +12,9 @@ from ldm.data.dataset import (
 from ldm.data.transforms import ImageTransform
 
 __all__ = [
+    "CacheEncoders",
+    "CachedSource",
+    "build_cache",
     "ImageCaptionSource",
     "ImageTransform",
     "Record",

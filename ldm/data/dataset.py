@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ldm.data.cache import CacheEncoders, build_cache
 from ldm.data.transforms import ImageTransform, load_rgb
 from ldm.util import read_text_utf8
 
@@ -190,19 +191,30 @@ class ImageCaptionSource:
         text = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
         return "" if rng.random() < self.caption_dropout else text
 
-    def image(self, sample_id: int) -> np.ndarray:
-        """The transformed image of a sample, falling back to following records if it cannot be decoded."""
+    def _decode(self, index: int):
+        """The PIL image of record ``index``, falling back to following records if it cannot be decoded."""
         n = len(self.records)
-        index = int(sample_id) % n
         for offset in range(n):
             path = self.records[(index + offset) % n].path
             try:
-                img = load_rgb(path)
+                return load_rgb(path)
             except Exception as err:  # PIL raises many types for bad files
                 logger.error("cannot decode %s (%s: %s); using the next image", path, type(err).__name__, err)
-                continue
-            return self.transform(img, self._rng(sample_id, 0))
         raise ValueError(f"{self.data_path}: no image could be decoded")
+
+    def image(self, sample_id: int) -> np.ndarray:
+        """The transformed image of a sample, falling back to following records if it cannot be decoded."""
+        return self.transform(self._decode(int(sample_id) % len(self.records)), self._rng(sample_id, 0))
+
+    def mirrored(self, sample_id: int) -> bool:
+        """Whether :meth:`image` flips this sample (the same draw from the same generator; no random crop)."""
+        if self.transform.random_crop:
+            raise ValueError("the flip of a randomly cropped sample depends on its crop; cached inputs refuse it")
+        return self.transform.draw_flip(self._rng(sample_id, 0))
+
+    def record_image(self, index: int, mirrored: bool) -> np.ndarray:
+        """Record ``index``'s image as :meth:`image` gives it for a sample drawing ``mirrored`` (no random crop)."""
+        return self.transform.centred(self._decode(int(index)), mirrored)
 
     def __getitem__(self, sample_id):
         image = self.image(sample_id)
@@ -293,6 +305,7 @@ def build_dataset(
     batches_done: int = 0,
     interpolation: str = "lanczos",
     python_multiprocessing: bool = False,
+    cache: CacheEncoders | None = None,
 ):
     """A batched ``mindspore.dataset.GeneratorDataset`` over a whole run of ``num_epochs`` epochs.
 
@@ -300,7 +313,8 @@ def build_dataset(
     every epoch (the sampler does the ``num_shards``/``shard_id`` split itself, since MindSpore's cannot be combined
     with a custom sampler). One pass over the returned dataset is the whole run; to resume, pass the number of
     batches this rank already consumed as ``batches_done``. ``num_workers`` is capped at the CPU count (MindSpore
-    refuses more).
+    refuses more). With ``cache`` (see :mod:`ldm.data.cache`) the images and/or captions this rank will visit are
+    encoded first, and the columns become ``moments`` (B, 2C, h, w) float32 and/or ``context`` (B, 77, D) float32.
     """
     import mindspore.dataset as msds
 
@@ -310,12 +324,16 @@ def build_dataset(
     sampler = ShardedSampler(
         len(source), batch_size, shuffle, seed, rank, world_size, drop_last, num_epochs, batches_done
     )
+    samples, columns = source, ["image", "tokens"]
+    if cache is not None:
+        samples = build_cache(source, iter(sampler), cache, progress=rank == 0)
+        columns = list(samples.column_names)
     workers = max(1, min(int(num_workers), os.cpu_count() or 1))
     if workers != num_workers:
         logger.warning("num_workers=%d capped to %d (CPU count)", num_workers, workers)
     dataset = msds.GeneratorDataset(
-        source,
-        column_names=["image", "tokens"],
+        samples,
+        column_names=columns,
         sampler=sampler,
         num_parallel_workers=workers,
         python_multiprocessing=python_multiprocessing,

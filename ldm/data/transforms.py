@@ -102,6 +102,22 @@ class ImageTransform:
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
         img = resize_shorter_side(img, self.size, self.interpolation)
         img = img.crop(crop_box(img.width, img.height, self.size, rng if self.random_crop else None))
-        if self.flip and rng.random() < 0.5:
+        return self._finish(img, self.draw_flip(rng))
+
+    def draw_flip(self, rng: np.random.Generator) -> bool:
+        """Whether a sample is mirrored: one draw from ``rng`` (after the crop's draws) when ``flip`` is on."""
+        return self.flip and rng.random() < 0.5
+
+    def centred(self, img: Image.Image, mirrored: bool) -> np.ndarray:
+        """The centre crop, mirrored or not: what a sample becomes without random crop, for a given flip draw
+        (the cache encodes both versions of each image)."""
+        if self.random_crop:
+            raise ValueError("centred() has no random crop to reproduce; it serves transforms without random_crop")
+        img = resize_shorter_side(img, self.size, self.interpolation)
+        return self._finish(img.crop(crop_box(img.width, img.height, self.size, None)), mirrored)
+
+    @staticmethod
+    def _finish(img: Image.Image, mirrored: bool) -> np.ndarray:
+        if mirrored:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_chw_float(img)

@@ -68,6 +68,16 @@ class TrainOptions:
     random_flip: bool = _option(False, "random horizontal flip")
     caption_dropout: float = _option(0.0, "probability of replacing a caption by '' (trains the unconditional branch)")
     num_workers: int = _option(1, "data loader workers")
+    cache_latents: bool = _option(
+        False,
+        "encode each image once with the frozen VAE (both flips with random_flip) and train on the cached posteriors; "
+        "the VAE encoder is then released (same results as uncached; not with random_crop)",
+    )
+    cache_text_embeddings: bool = _option(
+        False,
+        "encode each caption (and '' for caption_dropout, and the validation prompts) once with the frozen text "
+        "encoder, then release it (kohya's cache_text_encoder_outputs; not with lora_ft_text_encoder)",
+    )
     train_batch_size: int = _option(1, "images per step per rank")
     epochs: int = _option(10, "passes over the data (ignored when max_train_steps > 0)")
     max_train_steps: int = _option(0, "optimizer updates to run (0: use epochs)")
@@ -226,6 +236,20 @@ def check_choices(opts: TrainOptions, source: str = "TrainOptions") -> None:
             )
 
 
+def check_cache_options(opts: TrainOptions, source: str = "TrainOptions") -> None:
+    """Cached inputs need inputs that do not change between visits and encoders that do not train."""
+    if opts.cache_latents and opts.random_crop:
+        raise ConfigError(
+            f"{source}: option 'cache_latents' cannot be combined with 'random_crop' (each visit crops anew, one "
+            "cached latent per image cannot reproduce that); set random_crop: false or cache_latents: false"
+        )
+    if opts.cache_text_embeddings and opts.lora_ft_text_encoder:
+        raise ConfigError(
+            f"{source}: option 'cache_text_embeddings' needs a frozen text encoder, but 'lora_ft_text_encoder' "
+            "trains it; set one of them to false"
+        )
+
+
 def precision_policy(opts: TrainOptions) -> PrecisionPolicy:
     """The run's precision policy (``use_fp16`` read as ``precision: fp16``); a conflict is a ValueError."""
     return resolve_policy(opts.precision, opts.vae_precision, opts.text_encoder_precision, opts.use_fp16)
@@ -274,6 +298,7 @@ def parse_options(argv=None) -> TrainOptions:
     args = parser.parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k not in ("train_config", "debug")}
     opts = TrainOptions(**values, model_config_on_command_line="model_config" in explicit)
+    check_cache_options(opts, args.train_config or "command line")
     precision_policy(opts)  # a use_fp16/precision conflict is reported before MindSpore starts
     return opts
 
