@@ -29,7 +29,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, amp, nn, ops
 
 from ldm.models.layers import assign_array
 from ldm.train.ema import EMA
-from ldm.train.loss_scaling import load_scaler_state, make_loss_scaler, scaler_state
+from ldm.train.loss_scaling import load_scaler_state, make_loss_scaler, scaler_parameters, scaler_state
 
 
 def no_decay_default(name: str, param: Parameter) -> bool:
@@ -100,11 +100,21 @@ def _zero(acc):
     return ops.assign(acc, ops.zeros_like(acc))
 
 
+_HYPER_MAP = ops.HyperMap()
+
+
+def _square_sum(grad):
+    return ops.square(grad.astype(ms.float32)).sum()
+
+
+def _scale_by(factor, grad):
+    return (grad * factor).astype(grad.dtype)
+
+
 def _global_norm(grads):
-    total = ops.zeros((), ms.float32)
-    for g in grads:
-        total = total + ops.square(g.astype(ms.float32)).sum()
-    return ops.sqrt(total)
+    """sqrt of the sum of squares of every gradient, as one AddN over per-tensor sums (a chain of adds is a
+    graph as deep as the parameter count)."""
+    return ops.sqrt(ops.addn(_HYPER_MAP(_square_sum, grads)))
 
 
 def _data_parallel_reducer(params: ParameterTuple) -> nn.Cell | None:
@@ -115,6 +125,26 @@ def _data_parallel_reducer(params: ParameterTuple) -> nn.Cell | None:
     return nn.DistributedGradReducer(
         params, mean=ms.get_auto_parallel_context("gradients_mean"), degree=get_group_size()
     )
+
+
+class _CompiledStep(nn.Cell):
+    """A step function compiled as the ``construct`` of a Cell that owns every parameter the step touches.
+
+    MindSpore's compile cache rebinds a reloaded graph to live parameters by name, from the compiled Cell's
+    ``parameters_dict()``; a plain ``ms.jit`` function has no such dict, so a graph reloaded from the cache ran on
+    detached copies holding stale values (measured: a different first loss, all-zero gradients, NaN in longer runs).
+    ``auto_prefix=False`` keeps every parameter's name as it is (checkpoints are written by name)."""
+
+    def __init__(self, fn: Callable, cells: dict, parameters: Sequence[Parameter]):
+        super().__init__(auto_prefix=False)
+        self.step_fn = fn
+        for name, cell in cells.items():
+            setattr(self, name, cell)
+        self.extra_params = ParameterTuple(parameters)
+
+    @ms.jit
+    def construct(self, *inputs):
+        return self.step_fn(*inputs)
 
 
 @dataclass
@@ -218,7 +248,8 @@ class TrainStep:
             loss = ops.depend(loss, scaler.adjust(finite))
             norm = _global_norm(grads)
             if max_norm is not None:
-                grads = ops.clip_by_global_norm(grads, max_norm)
+                # clip_by_global_norm's formula, reusing the norm instead of computing it a second time
+                grads = hyper_map(ops.partial(_scale_by, max_norm / ops.maximum(norm, max_norm)), grads)
             lr = lr_table[ops.minimum(global_step, last)]
             loss = ops.depend(loss, optimizer(grads, lr, finite))
             if ema is not None:
@@ -226,9 +257,18 @@ class TrainStep:
             loss = ops.depend(loss, ops.assign_add(global_step, ops.ones((), ms.int32)))
             return loss, ops.logical_not(finite), scale, norm
 
-        if jit:
-            return (ms.jit(accumulate) if accum is not None else None), ms.jit(update)
-        return (accumulate if accum is not None else None), update
+        if not jit:
+            return (accumulate if accum is not None else None), update
+        cells = {"loss_net": loss_net, "optimizer": optimizer}
+        if ema is not None:
+            cells["ema"] = ema
+        owned = {id(p) for cell in cells.values() for p in cell.get_parameters()}
+        loose = [global_step, *scaler_parameters(scaler), *(accum or ())]
+        loose = [p for p in loose if id(p) not in owned]
+        compiled_update = _CompiledStep(update, cells, loose)
+        if accum is None:
+            return None, compiled_update
+        return _CompiledStep(accumulate, {"loss_net": loss_net}, [*scaler_parameters(scaler), *accum]), compiled_update
 
     def __call__(self, *inputs) -> StepOutput:
         last = self.micro_step == self.grad_accum_steps - 1
