@@ -6,7 +6,8 @@ is a median, and each ratio is the median of the per-round ratios ours/torch. Bo
 CPU threads (``--threads``, default: the CPUs this process may use).
 
 - ``train``: one rank-4 LoRA step on the ``small`` UNet, our ``TrainStep`` vs torch + peft (``bench_train``);
-  ``compile_s`` is our first step minus our median step.
+  ``compile_s`` is our first step minus our median step. The run fills a fresh compile cache; a second process
+  then builds the same step on it: ``compile_cached_s`` is its first-step overhead (its first loss must match).
 - ``sample``: the shipped tiny SD (``models/tiny_sd/``), one prompt, text encode + 20 DPM-Solver++ steps with
   classifier-free guidance (7.5) + VAE decode: our ``Text2ImagePipeline`` vs diffusers' ``StableDiffusionPipeline``
   with ``DPMSolverMultistepScheduler`` loaded from the diffusers folder ``python -m ldm.convert`` writes from the
@@ -26,7 +27,9 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +64,7 @@ def interleaved(torch_fn, ours_fn, rounds: int) -> dict:
 
     ``first_*`` are the warm-up calls (ours includes graph compilation); ``out_*`` the last round's results."""
     first_torch, _ = clock(torch_fn)
-    first_ours, _ = clock(ours_fn)
+    first_ours, first_out = clock(ours_fn)
     rows, out_torch, out_ours = [], None, None
     for _ in range(rounds):
         t_torch, out_torch = clock(torch_fn)
@@ -74,21 +77,39 @@ def interleaved(torch_fn, ours_fn, rounds: int) -> dict:
         "ratio": statistics.median(o / t for t, o in rows),
         "first_torch_s": first_torch,
         "first_ours_s": first_ours,
+        "first_loss_ours": first_out if isinstance(first_out, float) else None,
         "rounds_s": rows,
         "out_torch": out_torch,
         "out_ours": out_ours,
     }
 
 
-def bench_train(rounds: int) -> dict:
+def bench_train(rounds: int, cache_dir: str, threads: int) -> dict:
+    """The train step pair; then a second process builds the same step on the compile cache this one filled."""
     from bench_train import build_train_pair
 
     torch_step, ours_step, described = build_train_pair("small", 2)
     result = interleaved(torch_step, ours_step, rounds)
     result["compile_s"] = result["first_ours_s"] - result["ours_s"]
     result["loss_rel_diff"] = abs(result["out_ours"] - result["out_torch"]) / abs(result["out_torch"])
+    cmd = [sys.executable, __file__, "--threads", str(threads), "--cached_step_child", cache_dir]
+    lines = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
+    first, later, loss = (float(v) for v in lines[-3:])
+    result["compile_cached_s"] = first - later
+    result["cached_first_loss_rel_diff"] = abs(loss - result["first_loss_ours"]) / abs(result["first_loss_ours"])
     result["what"] = described
     return result
+
+
+def cached_step_child() -> None:
+    """Time our step's first and second call in a fresh process whose compile cache is already filled; print the
+    two times and the first loss (which must equal the first process's first loss)."""
+    from bench_train import build_train_pair
+
+    _, ours_step, _ = build_train_pair("small", 2)
+    first, loss = clock(ours_step)
+    later, _ = clock(ours_step)
+    print(first, later, loss)
 
 
 def _our_pipeline():
@@ -204,7 +225,8 @@ def main() -> int:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    init_env("CPU", mode=0, threads=args.threads)
+    cache_dir = tempfile.mkdtemp(prefix="bench_all_compile_cache_")
+    init_env("CPU", mode=0, threads=args.threads, compile_cache_dir=cache_dir)
     torch.set_num_threads(args.threads)
     record = {
         "time_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -221,7 +243,7 @@ def main() -> int:
         f"bench_all: {args.threads} threads each, {args.rounds} interleaved rounds, mindspore {ms.__version__}, "
         f"torch {torch.__version__}, ONEDNN_MAX_CPU_ISA={record['onednn_max_cpu_isa']}"
     )
-    runners = {"train": bench_train, "sample": bench_sample, "fid": bench_fid}
+    runners = {"train": lambda r: bench_train(r, cache_dir, args.threads), "sample": bench_sample, "fid": bench_fid}
     for name in sections:
         before = load_average()
         start = time.perf_counter()
@@ -230,7 +252,7 @@ def main() -> int:
         result.pop("out_ours")
         result.update(load_before=before, load_after=load_average(), section_s=time.perf_counter() - start)
         record["sections"][name] = result
-        extra = {k: v for k, v in result.items() if k.endswith(("diff", "err", "compile_s"))}
+        extra = {k: v for k, v in result.items() if k.endswith(("diff", "err", "compile_s", "cached_s"))}
         print(
             f"{name:<6} torch {result['torch_s']:.3f} s  ours {result['ours_s']:.3f} s  ratio {result['ratio']:.2f}  "
             f"first call torch {result['first_torch_s']:.2f} s ours {result['first_ours_s']:.2f} s  "
@@ -238,6 +260,7 @@ def main() -> int:
             + f"  load {before} -> {result['load_after']}  ({result['what']})",
             flush=True,
         )
+    shutil.rmtree(cache_dir, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
     stamp = record["time_utc"].replace(":", "").replace("-", "")
     path = RESULTS / f"bench_all-{stamp}.json"

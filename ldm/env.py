@@ -138,7 +138,7 @@ def init_env(
     elif device_target == "GPU" and max_device_memory:
         ms.runtime.set_memory(max_size=max_device_memory)
     if threads or device_target == "CPU":
-        ms.device_context.cpu.op_tuning.threads_num(int(threads or default_cpu_threads()))
+        _set_cpu_threads(int(threads or default_cpu_threads()))
     if compile_cache_dir:
         ms.set_context(enable_compile_cache=True, compile_cache_path=compile_cache_dir)
     if seed is not None:
@@ -154,6 +154,17 @@ def init_env(
         parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=info.world_size
     )
     return info
+
+
+def _set_cpu_threads(num: int) -> None:
+    """Set MindSpore's CPU kernel threads once per process; MindSpore refuses a second setting, and a process that
+    calls ``init_env`` again (a CLI run in-process, a test) keeps the first one."""
+    from mindspore._c_expression import RuntimeConf
+
+    if not RuntimeConf.get_instance().is_op_threads_num_configured():
+        import mindspore as ms
+
+        ms.device_context.cpu.op_tuning.threads_num(num)
 
 
 def set_seed(seed: int) -> None:
