@@ -1,8 +1,9 @@
 """The compiled training step: loss scaling, gradient accumulation, data-parallel mean, clipping, AdamW, EMA.
 
 ``TrainStep`` wraps any loss Cell (``loss_net(*inputs) -> scalar``, e.g. ``DiffusionLoss``) and the list of
-parameters to train. It never uses ``nn.TrainOneStepWithLossScaleCell`` (it fails on CPU); instead two ``ms.jit``
-functions are built around ``mindspore.value_and_grad`` over the trainable parameters only:
+parameters to train. It never uses ``nn.TrainOneStepWithLossScaleCell`` (it fails on CPU); instead two compiled steps
+(Cells owning their parameters, see ``_CompiledStep``) are built around ``mindspore.value_and_grad`` over the
+trainable parameters only:
 
 - ``accumulate`` (micro-steps 1..N-1 of an update): add the unscaled gradients to float32 accumulators;
 - ``update`` (micro-step N): add the last gradients, average over N, mean over data-parallel ranks, check that they
@@ -174,7 +175,7 @@ class TrainStep:
     max_grad_norm: clip the (averaged, unscaled) gradients to this global norm; None disables it.
     loss_scaler: ``none`` | ``static`` | ``dynamic`` with ``init_scale``/``scale_factor``/``scale_window``.
     ema: an ``EMA`` over the same ``params`` (or None).
-    jit: compile the step with ``ms.jit`` (always on in practice; False runs it eagerly in PyNative for debugging).
+    jit: compile the step (``_CompiledStep``; always on in practice; False runs it eagerly in PyNative for debugging).
     """
 
     def __init__(
