@@ -43,9 +43,7 @@ demo: $(RUNTIME_STAMP)
 	$(BIN)/python examples/stable_diffusion_v2/demo.py
 
 bench: $(DEV_STAMP)
-	$(BIN)/python benchmarks/bench_samplers.py
-	$(BIN)/python benchmarks/bench_models.py
-	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_all.py
 
 soak: $(DEV_STAMP)
 	$(BIN)/python tests/reliability/soak.py

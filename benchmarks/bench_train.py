@@ -79,6 +79,36 @@ def copy_adapter(unet, model, layout: dict) -> int:
     return copied
 
 
+def build_train_pair(size: str, batch: int):
+    """(torch step, our step, description) on the same UNet, adapter and fixed batch; each step returns the loss."""
+    unet, vae, text = build_reference(size)
+    model, config = convert(unet, vae, text)
+    spec = SIZES[size]
+    rng = np.random.default_rng(0)
+    b, n = batch, spec["latent"]
+    arrays = (
+        rng.standard_normal((b, 4, n, n), dtype=np.float32),
+        rng.standard_normal((b, TEXT_LENGTH, spec["text"]["hidden_size"]), dtype=np.float32),
+        rng.integers(0, 1000, b).astype(np.int32),
+        rng.standard_normal((b, 4, n, n), dtype=np.float32),
+    )
+    torch_step, n_params = torch_trainer(unet, model.alphas_cumprod, arrays)
+    inject_lora(model.model, targets=UNET_ATTENTION_TARGETS, rank=RANK)
+    p = config["model"]["params"]["unet_config"]["params"]
+    layout = {k: p[k] for k in ("num_res_blocks", "channel_mult", "attention_resolutions")}
+    copy_adapter(unet, model, layout)
+    params = [q for q in model.get_parameters() if q.requires_grad]
+    loss_net = DiffusionLoss(model.model, model.alphas_cumprod, model.parameterization)
+    ms_step = TrainStep(loss_net, params, LR, weight_decay=WEIGHT_DECAY, max_grad_norm=1.0)
+    inputs = [ms.Tensor(a) for a in arrays] + [ms.Tensor(np.zeros((b, 4, 1, 1), np.float32))]
+    ours = lambda: ms_step(*inputs).loss  # noqa: E731
+    described = (
+        f"size={size}, batch {b}, latents {n}x{n}, LoRA rank {RANK} on {'/'.join(UNET_ATTENTION_TARGETS)} "
+        f"({n_params} trainable in torch, {sum(q.size for q in params)} in ours)"
+    )
+    return torch_step, ours, described
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -89,36 +119,9 @@ def main() -> None:
     init_env("CPU", mode=0, threads=args.threads)
     torch.set_num_threads(args.threads)
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
-
-    unet, vae, text = build_reference(args.size)
-    model, config = convert(unet, vae, text)
-    spec = SIZES[args.size]
-    rng = np.random.default_rng(0)
-    b, n = args.batch, spec["latent"]
-    batch = (
-        rng.standard_normal((b, 4, n, n), dtype=np.float32),
-        rng.standard_normal((b, TEXT_LENGTH, spec["text"]["hidden_size"]), dtype=np.float32),
-        rng.integers(0, 1000, b).astype(np.int32),
-        rng.standard_normal((b, 4, n, n), dtype=np.float32),
-    )
-
-    torch_step, n_params = torch_trainer(unet, model.alphas_cumprod, batch)
-    inject_lora(model.model, targets=UNET_ATTENTION_TARGETS, rank=RANK)
-    p = config["model"]["params"]["unet_config"]["params"]
-    layout = {k: p[k] for k in ("num_res_blocks", "channel_mult", "attention_resolutions")}
-    copy_adapter(unet, model, layout)
-    params = [q for q in model.get_parameters() if q.requires_grad]
-    loss_net = DiffusionLoss(model.model, model.alphas_cumprod, model.parameterization)
-    ms_step = TrainStep(loss_net, params, LR, weight_decay=WEIGHT_DECAY, max_grad_norm=1.0)
-    inputs = [ms.Tensor(a) for a in batch] + [ms.Tensor(np.zeros((b, 4, 1, 1), np.float32))]
-    x0, ctx, t, noise, offset = inputs
-    ours = lambda: ms_step(x0, ctx, t, noise, offset).loss  # noqa: E731
-
-    print(
-        f"size={args.size}, batch {b}, latents {n}x{n}, LoRA rank {RANK} on {'/'.join(UNET_ATTENTION_TARGETS)} "
-        f"({n_params} trainable in torch, {sum(q.size for q in params)} in ours), {args.threads} threads, "
-        f"ONEDNN_MAX_CPU_ISA={isa}, load average {load_average()}"
-    )
+    torch_step, ours, described = build_train_pair(args.size, args.batch)
+    b = args.batch
+    print(f"{described}, {args.threads} threads, ONEDNN_MAX_CPU_ISA={isa}, load average {load_average()}")
     start = time.perf_counter()
     losses = [(torch_step(), None)]
     first_torch = time.perf_counter() - start

@@ -23,6 +23,10 @@ LAUNCHER_VARS = ("MS_ROLE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "RANK_TABLE_FIL
 # have no kernel in the requested dtype.
 ASCEND_PRECISION_MODE = "allow_fp32_to_fp16"
 ASCEND_MAX_DEVICE_MEMORY = "1024GB"
+# CPU kernel threads per process, overriding the default share of the cores (see ``default_cpu_threads``).
+CPU_THREADS_VAR = "LDM_CPU_THREADS"
+# Workers a launcher started on this machine: msrun exports the worker count, OpenMPI the local process count.
+LOCAL_WORKER_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MS_WORKER_NUM")
 
 
 class EnvironmentError_(RuntimeError):
@@ -56,6 +60,26 @@ def check_launcher() -> None:
         )
 
 
+def default_cpu_threads() -> int:
+    """CPU kernel threads for this process: ``$LDM_CPU_THREADS`` if set, else this process's CPUs shared evenly
+    among the workers a launcher started (msrun's ``MS_WORKER_NUM`` counts all workers, so on several machines set
+    ``LDM_CPU_THREADS`` yourself). MindSpore's own default is 25 threads per process whatever the machine: two msrun
+    workers on 2 cores then ran ~4x slower than with one thread each."""
+    value = os.environ.get(CPU_THREADS_VAR, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{CPU_THREADS_VAR}={value!r}: expected a positive whole number of threads")
+        return int(value)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = 1
+    if any(os.environ.get(name) for name in LAUNCHER_VARS):
+        for name in LOCAL_WORKER_VARS:
+            if os.environ.get(name, "").isdigit():
+                workers = max(1, int(os.environ[name]))
+                break
+    return max(1, cpus // workers)
+
+
 @dataclass(frozen=True)
 class DistInfo:
     """Rank layout of the current process (``rank=0, world_size=1`` when not distributed)."""
@@ -83,7 +107,8 @@ def init_env(
 
     mode: 0 = GRAPH_MODE (default, compiled), 1 = PYNATIVE_MODE.
     jit_level: O0/O1/O2; defaults to O2 on Ascend (whole-graph sinking) and O0 elsewhere.
-    threads: CPU kernel threads (MindSpore's default is 25, far more than small machines have).
+    threads: CPU kernel threads; default ``default_cpu_threads()`` (this process's share of the CPUs; MindSpore's
+    own default, 25, oversubscribes small machines).
     compile_cache_dir: reuse compiled graphs across runs (cuts the first graph-mode step several-fold).
     distributed: initialise the collective backend (HCCL on Ascend, NCCL on GPU, mccl on CPU) under ``msrun``
     and switch to data-parallel with mean-reduced gradients; a ValueError saying how to launch when no launcher
@@ -112,8 +137,8 @@ def init_env(
         ms.runtime.set_memory(max_size=max_device_memory or ASCEND_MAX_DEVICE_MEMORY)
     elif device_target == "GPU" and max_device_memory:
         ms.runtime.set_memory(max_size=max_device_memory)
-    if threads:
-        ms.device_context.cpu.op_tuning.threads_num(int(threads))
+    if threads or device_target == "CPU":
+        _set_cpu_threads(int(threads or default_cpu_threads()))
     if compile_cache_dir:
         ms.set_context(enable_compile_cache=True, compile_cache_path=compile_cache_dir)
     if seed is not None:
@@ -129,6 +154,17 @@ def init_env(
         parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=info.world_size
     )
     return info
+
+
+def _set_cpu_threads(num: int) -> None:
+    """Set MindSpore's CPU kernel threads once per process; MindSpore refuses a second setting, and a process that
+    calls ``init_env`` again (a CLI run in-process, a test) keeps the first one."""
+    from mindspore._c_expression import RuntimeConf
+
+    if not RuntimeConf.get_instance().is_op_threads_num_configured():
+        import mindspore as ms
+
+        ms.device_context.cpu.op_tuning.threads_num(num)
 
 
 def set_seed(seed: int) -> None:

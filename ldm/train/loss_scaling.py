@@ -27,6 +27,11 @@ def make_loss_scaler(
     raise ValueError(f"loss scaler must be one of {LOSS_SCALERS}, got {kind!r}")
 
 
+def scaler_parameters(scaler: amp.LossScaler) -> list:
+    """The scaler's Parameters (``scale_value`` and, for dynamic scaling, ``counter``)."""
+    return [scaler.scale_value, scaler.counter] if isinstance(scaler, amp.DynamicLossScaler) else [scaler.scale_value]
+
+
 def scaler_state(scaler: amp.LossScaler) -> dict[str, np.ndarray]:
     """The scaler's mutable state as arrays: ``scale_value`` and, for dynamic scaling, the finite-step ``counter``."""
     state = {"scale_value": scaler.scale_value.asnumpy().copy()}
