@@ -202,8 +202,6 @@ def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args,
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
     gen = torch.Generator(device=device).manual_seed(args.seed + 2)
     forward = torch.compile(unet) if args.compile else unet
-    snr = alphas / (1 - alphas)
-    weights = torch.clamp(snr, max=args.min_snr_gamma) / snr if args.min_snr_gamma else torch.ones_like(snr)
     n = latent_mean.shape[0]
     with torch.no_grad():
         contexts = torch.cat(
@@ -226,8 +224,7 @@ def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args,
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = forward(noisy, t, context).sample
-        per_sample = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (weights[t] * per_sample).mean()
+        loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -235,7 +232,7 @@ def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args,
         decay = min(args.ema_decay, (1 + i) / (10 + i))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
-        return per_sample.mean().detach()  # logged unweighted, comparable across runs
+        return loss.detach()
 
     steps, seconds = run_stage(
         "unet", step, opt, args.unet_lr, args.unet_seconds, args.unet_steps, args.deadline, history
@@ -306,7 +303,6 @@ def main(argv=None) -> int:
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--max_seconds", type=float, default=1e9, help="stop any stage once the run is this old")
     p.add_argument("--init", help="continue from this folder (vae/, text_encoder/, unet/, clip/); CLIP and VAE kept")
-    p.add_argument("--min_snr_gamma", type=float, default=0.0, help="min-SNR loss weighting (0: plain eps MSE)")
     p.add_argument("--noise_offset", type=float, default=0.0, help="offset noise strength (0: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (faster steps, ~1 min compile)")
     args = p.parse_args(argv)
