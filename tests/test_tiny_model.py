@@ -97,9 +97,11 @@ def test_short_lora_run_lowers_heldout_loss(tmp_path):
 
     base, _ = _model()
     before = _heldout_loss(base, images, prompts)
+    # The demo's recipe, shortened: 12 updates of 8 images in PyNative mode (no graph compile), ~1/8 of the demo's
+    # run; the demo's loss falls by about 40% over its 100 updates; 10% after 12 is the bar.
     argv = ["--train_config", str(ROOT / "configs/train/train_config_lora_tiny_sd_blueprint.yaml")]
-    argv += ["--data_path", str(data), "--output_path", str(tmp_path), "--max_train_steps", "40"]
-    argv += ["--pretrained_model_path", str(MODEL / "tiny_sd.safetensors"), "--validation_steps", "0"]
+    argv += ["--data_path", str(data), "--output_path", str(tmp_path), "--max_train_steps", "12", "--warmup_steps", "2"]
+    argv += ["--pretrained_model_path", str(MODEL / "tiny_sd.safetensors"), "--validation_steps", "0", "--mode", "1"]
     opts = parse_options(argv)
     config = resolve_train_config(opts).config
     adapter = run_training(opts, config)["weights"]

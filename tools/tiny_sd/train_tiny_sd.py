@@ -13,6 +13,10 @@ transformers CLIP folder (``clip/``), which ``python -m ldm.convert`` and ``tool
 * The UNet (epsilon prediction, SD's scaled-linear schedule, 10% caption dropout for classifier-free guidance,
   EMA 0.999) sees only the plain clip art: the blueprint concept is held out of it.
 
+``--init DIR`` continues from an earlier run instead of starting from scratch: the text encoder and VAE are taken
+as they are from ``DIR`` (a diffusers folder, e.g. ``python -m ldm.convert models/tiny_sd/tiny_sd.safetensors DIR``,
+plus the transformers CLIP folder as ``DIR/clip``) and the UNet training starts from ``DIR/unet``.
+
 Each stage runs for a wall-clock budget: its step count is fixed after timing the first steps (and printed), and
 its cosine learning-rate schedule spans exactly that many steps; ``--*_steps`` fixes a count instead. Needs torch,
 diffusers and transformers; runs on CUDA when present (the committed weights were trained on one GPU).
@@ -184,8 +188,12 @@ def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args,
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(args.seed + 2)
-    unet = UNet2DConditionModel(**UNET).to(device).train()
-    ema = UNet2DConditionModel(**UNET).to(device).eval()
+    if args.init:
+        unet = UNet2DConditionModel.from_pretrained(Path(args.init) / "unet", torch_dtype=torch.float32)
+        unet = unet.to(device).train()
+    else:
+        unet = UNet2DConditionModel(**UNET).to(device).train()
+    ema = UNet2DConditionModel(**unet.config).to(device).eval()
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
@@ -193,6 +201,7 @@ def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args,
     alphas = sched.alphas_cumprod.to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
     gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    forward = torch.compile(unet) if args.compile else unet
     n = latent_mean.shape[0]
     with torch.no_grad():
         contexts = torch.cat(
@@ -209,10 +218,12 @@ def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args,
         context = torch.where(drop.view(-1, 1, 1), empty.expand_as(context), context)
         t = torch.randint(0, 1000, (args.unet_batch,), device=device, generator=gen)
         noise = torch.randn(z.shape, device=device, generator=gen)
+        if args.noise_offset:  # a per-image, per-channel constant: lets the UNet move an image's overall colour
+            noise = noise + args.noise_offset * torch.randn((*z.shape[:2], 1, 1), device=device, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = unet(noisy, t, context).sample
+            pred = forward(noisy, t, context).sample
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -227,6 +238,26 @@ def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args,
         "unet", step, opt, args.unet_lr, args.unet_seconds, args.unet_steps, args.deadline, history
     )
     return ema, steps, seconds
+
+
+@torch.no_grad()
+def sample_grid(unet, vae, text_encoder, ids, empty_ids, scale, path: Path, guidance=5.0, steps=20, seed=0):
+    """The UNet's samples for the first captions with diffusers' DPM-Solver++ (a check that needs no converter)."""
+    from diffusers import DPMSolverMultistepScheduler
+    from PIL import Image
+
+    device = ids.device
+    sched = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    sched.set_timesteps(steps)
+    cond = text_encoder(ids).last_hidden_state
+    context = torch.cat([text_encoder(empty_ids).last_hidden_state.expand_as(cond), cond])
+    gen = torch.Generator(device=device).manual_seed(seed)
+    z = torch.randn((ids.shape[0], 4, 16, 16), device=device, generator=gen)
+    for t in sched.timesteps:
+        uncond, text = unet(torch.cat([z, z]), t, context).sample.chunk(2)
+        z = sched.step(uncond + guidance * (text - uncond), t, z).prev_sample
+    images = ((vae.decode(z / scale).sample.clamp(-1, 1) + 1) * 127.5).round().byte()
+    Image.fromarray(torch.cat(list(images.permute(0, 2, 3, 1)), 1).cpu().numpy()).save(path)
 
 
 def save_all(out: Path, clip, vae, unet, history, summary):
@@ -271,6 +302,9 @@ def main(argv=None) -> int:
     p.add_argument("--kl_weight", type=float, default=1e-4)
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--max_seconds", type=float, default=1e9, help="stop any stage once the run is this old")
+    p.add_argument("--init", help="continue from this folder (vae/, text_encoder/, unet/, clip/); CLIP and VAE kept")
+    p.add_argument("--noise_offset", type=float, default=0.0, help="offset noise strength (0: off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (faster steps, ~1 min compile)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -289,11 +323,21 @@ def main(argv=None) -> int:
     t0 = time.time()
     args.deadline = t0 + args.max_seconds
 
-    clip, summary["clip_steps"], summary["clip_seconds"] = train_clip(data, device, args, history)
-    vae, summary["vae_steps"], summary["vae_seconds"] = train_vae(data, device, args, history)
-    mean, std = encode_all(vae, data["images"], device)
-    scale = float(1.0 / (mean + std * torch.randn_like(mean)).std())
-    vae.register_to_config(scaling_factor=scale)
+    if args.init:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPModel
+
+        clip = CLIPModel.from_pretrained(Path(args.init) / "clip", torch_dtype=torch.float32).to(device).eval()
+        vae = AutoencoderKL.from_pretrained(Path(args.init) / "vae", torch_dtype=torch.float32).to(device).eval()
+        summary.update(clip_steps=0, clip_seconds=0.0, vae_steps=0, vae_seconds=0.0)
+        mean, std = encode_all(vae, data["images"], device)
+        scale = float(vae.config.scaling_factor)
+    else:
+        clip, summary["clip_steps"], summary["clip_seconds"] = train_clip(data, device, args, history)
+        vae, summary["vae_steps"], summary["vae_seconds"] = train_vae(data, device, args, history)
+        mean, std = encode_all(vae, data["images"], device)
+        scale = float(1.0 / (mean + std * torch.randn_like(mean)).std())
+        vae.register_to_config(scaling_factor=scale)
     summary["scaling_factor"] = scale
     unet, summary["unet_steps"], summary["unet_seconds"] = train_unet(
         data, clip.text_model, mean, std, scale, device, args, history
@@ -302,6 +346,7 @@ def main(argv=None) -> int:
     summary["config"] = {"text": TEXT, "vision": VISION, "unet": UNET, "vae": VAE, "args": vars(args)}
     print(json.dumps(summary), flush=True)
     save_all(Path(args.out), clip, vae, unet, history, summary)
+    sample_grid(unet, vae, clip.text_model, data["ids"][:8], data["empty_ids"], scale, Path(args.out) / "samples.png")
     return 0
 
 
