@@ -93,6 +93,28 @@ def test_safetensors_bfloat16_widened(tmp_path):
     np.testing.assert_array_equal(got["w"], t.float().numpy())
 
 
+def test_safetensors_every_stored_dtype_read_exactly(tmp_path, rng):
+    """The reader takes tensor bytes straight from the file (not through safetensors' memory map, which keeps what
+    it touched resident): every dtype the format stores, scalars and empty tensors come back bit for bit."""
+    from safetensors.numpy import save_file
+
+    arrays = {
+        f"t_{dtype}": (rng.standard_normal((3, 5)) * 40).astype(dtype)
+        for dtype in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
+    }
+    arrays["scalar"] = np.array(2.5, np.float32)
+    arrays["empty"] = np.zeros((0, 4), np.float32)
+    path = tmp_path / "dtypes.safetensors"
+    save_file(arrays, str(path))
+    got = read_state_dict(path)
+    assert sorted(got) == sorted(arrays)
+    for key, value in arrays.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        assert got[key].tobytes() == value.tobytes(), key
+        owner = got[key] if got[key].base is None else got[key].base
+        assert owner.flags.owndata, key  # numpy owns the memory: no file map or buffer object behind it
+
+
 def test_unknown_format_and_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         read_state_dict(tmp_path / "nope.safetensors")

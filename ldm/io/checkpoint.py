@@ -141,21 +141,38 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
     return header, data_start
 
 
+# Safetensors dtypes read straight from the file (little-endian, as the format stores them).
+_SAFETENSORS_NUMPY = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+}  # fmt: skip
+
+
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of ``path`` as a numpy array.
+
+    ``safe_open`` validates the file (header, offsets, overlaps); the bytes are then read with plain file reads into
+    fresh arrays rather than through its memory map, whose touched pages stay resident until the file is closed:
+    for a 5 GB SD2 checkpoint that map added 4.3 GiB to the peak memory of loading on top of the arrays themselves.
+    """
     from safetensors import SafetensorError, safe_open
 
     header, data_start = _safetensors_header(path)
     out: dict[str, np.ndarray] = {}
     bf16 = 0
     try:
-        with safe_open(str(path), framework="numpy") as f:
+        with safe_open(str(path), framework="numpy") as f, open(path, "rb") as raw:
             for key in f.keys():
                 info = header[key]
+                begin, end = info["data_offsets"]
+                raw.seek(data_start + begin)
                 if info["dtype"] == "BF16":
-                    begin, end = info["data_offsets"]
-                    bits = np.fromfile(path, "<u2", count=(end - begin) // 2, offset=data_start + begin)
+                    bits = np.fromfile(raw, "<u2", count=(end - begin) // 2)
                     out[key] = bfloat16_bits_to_float32(bits).reshape(info["shape"])
                     bf16 += 1
+                elif info["dtype"] in _SAFETENSORS_NUMPY:
+                    dtype = np.dtype(_SAFETENSORS_NUMPY[info["dtype"]])
+                    out[key] = np.fromfile(raw, dtype, count=(end - begin) // dtype.itemsize).reshape(info["shape"])
                 else:
                     out[key] = f.get_tensor(key)
     except (SafetensorError, TypeError, ValueError) as e:
