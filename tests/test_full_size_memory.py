@@ -6,8 +6,10 @@ VAE and text encoder) and 6.48 GiB (one 512px image); the bounds are those targe
 (``benchmarks/README.md``): training 7.54 GiB over these two steps (7.15 GiB in the first; the second step's VAE
 encode finds the memory pool fragmented), so the training margin is 0.16 GiB (2 %); generation 6.06 GiB, a
 margin of 0.44 GiB. A regression that stores attention scores again (9.6 GiB) or keeps the text encoder during
-sampling fails them. Random weights (no SD weights can be downloaded); memory does not depend on their values.
-Each job takes many minutes on a 2-core CPU.
+sampling fails them. Random weights (no SD weights can be downloaded); memory does not depend on their values. The
+models are initialised in place, not loaded from a file: loading a 5 GB checkpoint peaks at 10.45 GiB today (the
+built model and the read state dict together), which these bounds do not cover. Each job takes many minutes on a
+2-core CPU.
 """
 
 import ldm  # noqa: F401, I001  (must precede mindspore)
