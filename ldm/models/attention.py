@@ -88,11 +88,16 @@ class CrossAttention(nn.Cell):
             return self.memory_efficient(q, k, v).reshape(b, h, n, d)
         if not self.slice_size or self.slice_size >= rows:
             return self._scores_times_values(q, k, v).reshape(b, h, n, d)
-        step = self.slice_size
+        return self._sliced_scores_times_values(q, k, v, self.slice_size).reshape(b, h, n, d)
+
+    @staticmethod
+    def _sliced_scores_times_values(q, k, v, step):
+        """``_scores_times_values`` over ``step`` rows at a time, the slices concatenated back."""
         parts = [
-            self._scores_times_values(q[i : i + step], k[i : i + step], v[i : i + step]) for i in range(0, rows, step)
+            CrossAttention._scores_times_values(q[i : i + step], k[i : i + step], v[i : i + step])
+            for i in range(0, q.shape[0], step)
         ]
-        return ops.cat(parts, axis=0).reshape(b, h, n, d)
+        return parts[0] if len(parts) == 1 else ops.cat(parts, axis=0)
 
     @staticmethod
     def _scores_times_values(q, k, v):
@@ -151,12 +156,7 @@ class MemoryEfficientAttention(nn.Cell):
         return rows if rows > 0 else 1
 
     def construct(self, q, k, v):
-        step = self._rows_per_slice(q, k)
-        parts = [
-            CrossAttention._scores_times_values(q[i : i + step], k[i : i + step], v[i : i + step])
-            for i in range(0, q.shape[0], step)
-        ]
-        return parts[0] if len(parts) == 1 else ops.cat(parts, axis=0)
+        return CrossAttention._sliced_scores_times_values(q, k, v, self._rows_per_slice(q, k))
 
     def bprop(self, q, k, v, out, dout):
         step = self._rows_per_slice(q, k)
