@@ -115,17 +115,6 @@ class ReleasedNetwork(nn.Cell):
         raise RuntimeError(f"{self.name} was released after its outputs were cached")
 
 
-class CachedPromptPipeline(Text2ImagePipeline):
-    """The generation pipeline with the validation prompts' contexts encoded before the text encoder was released."""
-
-    def __init__(self, model, contexts: dict, **kwargs):
-        super().__init__(model, **kwargs)
-        self.contexts = contexts
-
-    def encode_prompts(self, prompts: list[str]):
-        return self.contexts[tuple(prompts)]
-
-
 class LDMTrainLoss(nn.Cell):
     """Diffusion loss of the (LoRA-)UNet on VAE latents ``x0``; ``text`` is the text context, or the token ids
     when the text encoder trains (``encode_text``) and so must run inside the differentiated step."""
@@ -250,10 +239,9 @@ def release_cached_networks(model, opts: TrainOptions, validating: bool) -> None
 def _validation_images(model, prompts, step: int, folder: Path, seed: int, image_size: int, contexts=None) -> None:
     from PIL import Image
 
-    if contexts is None:
-        pipe = Text2ImagePipeline(model, sampler="dpm_solver_pp")
-    else:
-        pipe = CachedPromptPipeline(model, contexts, sampler="dpm_solver_pp")
+    pipe = Text2ImagePipeline(model, sampler="dpm_solver_pp")
+    if contexts:  # encoded before the text encoder was released
+        pipe.contexts.update(contexts)
     settings = GenerationSettings(steps=20, scale=7.5, height=image_size, width=image_size)
     images = pipe(list(prompts), settings=settings, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
