@@ -1,10 +1,11 @@
 """Text-to-image generation: prompts -> text contexts -> guided sampling in latent space -> decoded uint8 images.
 
-In ``GRAPH_MODE`` the UNet call is one compiled Cell reused at every sampler step (the latent batch, timestep and
-context shapes are fixed for a run, so it compiles once). In PyNative the UNet, the text encoder and the VAE run op
-by op: a compiled CPU graph keeps every intermediate tensor alive (MindSpore 2.10; measured at full size in
-``benchmarks/README.md``), while eager execution frees each one after its last use, so PyNative is what lets a
-full-size model generate within a few GiB on CPU.
+In ``GRAPH_MODE`` each sampler step is one compiled call: the UNet on the batch [uncond; cond] together with the
+classifier-free guidance combination (the latent batch, timestep and context shapes are fixed for a run, and the
+guidance scale is an input, so it compiles once). The sampler's own update runs on host arrays (``ldm.samplers``).
+In PyNative the UNet, the text encoder and the VAE run op by op: a compiled CPU graph keeps every intermediate
+tensor alive (MindSpore 2.10; measured at full size in ``benchmarks/README.md``), while eager execution frees each
+one after its last use, so PyNative is what lets a full-size model generate within a few GiB on CPU.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 
+import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from ldm.names import SAMPLER_NAMES
 from ldm.samplers import get_sampler
-from ldm.samplers.base import guided_model_fn
 
 
 class _Denoiser(nn.Cell):
@@ -29,6 +30,20 @@ class _Denoiser(nn.Cell):
 
     def construct(self, x, t, context):
         return self.unet(x, t, context)
+
+
+class _GuidedDenoiser(nn.Cell):
+    """One guided model call as one graph: the UNet on ``[x; x]`` with ``context = [uncond; cond]``, then
+    ``uncond_out + scale * (cond_out - uncond_out)`` (what ``guided_model_fn`` does op by op)."""
+
+    def __init__(self, denoise: _Denoiser):
+        super().__init__(auto_prefix=False)
+        self.denoise = denoise
+
+    def construct(self, x, t, context, scale):
+        out = self.denoise(ops.cat((x, x), axis=0), ops.cat((t, t), axis=0), context)
+        out_u, out_c = ops.split(out, x.shape[0], axis=0)
+        return out_u + scale.astype(out.dtype) * (out_c - out_u)
 
 
 @dataclass
@@ -61,6 +76,7 @@ class Text2ImagePipeline:
             sampler, prediction_type=model.parameterization, alphas_cumprod=model.alphas_cumprod, **sampler_options
         )
         self.denoise = _Denoiser(model)
+        self.guided_denoise = _GuidedDenoiser(self.denoise)
         self.contexts: dict[tuple[str, ...], Tensor] = {}
 
     def set_memory_options(
@@ -113,8 +129,12 @@ class Text2ImagePipeline:
         if settings.scale == 1.0:
             context, model_fn = cond, self.denoise
         else:
-            context = (self.encode_prompts(negative_prompts), cond)
-            model_fn = guided_model_fn(self.denoise, settings.scale)
+            context = ops.cat((self.encode_prompts(negative_prompts), cond), axis=0)
+            scale = Tensor(settings.scale, dtype=ms.float32)
+
+            def model_fn(x, t, ctx):
+                return self.guided_denoise(x, t, ctx, scale)
+
         extra = {}
         if settings.sampler == "ddim":
             extra = {"eta": settings.eta, "generator": np.random.default_rng(seed + 1)}

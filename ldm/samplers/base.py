@@ -12,10 +12,13 @@ Interface
     model is called at, in call order.
 
 Numerics
-    Every step is a linear combination of tensors (the latent and stored model outputs or x0 predictions) whose
-    scalar coefficients are computed in float64 numpy/Python; only the combination itself runs in MindSpore, in the
-    latent's dtype. Solvers are deterministic; the only random draw (DDIM with eta > 0) comes from a numpy
-    ``Generator`` the caller passes, so a seed fixes the result on every device.
+    Every step is a linear combination of arrays (the latent and stored model outputs or x0 predictions) whose
+    scalar coefficients are computed in float64 numpy/Python; the combination itself runs in the latent's dtype.
+    The solver state lives on the host as numpy arrays: a latent is small (16K floats for a 512px image), so each
+    step costs one copy in and one out of the model call, where MindSpore ops would each pay an op launch (tens of
+    microseconds on CPU; measured in ``benchmarks/profile_sample.py``). Solvers are deterministic; the only random
+    draw (DDIM with eta > 0) comes from a numpy ``Generator`` the caller passes, so a seed fixes the result on every
+    device.
 
 Classifier-free guidance
     :func:`guided_model_fn` wraps ``model_fn`` so one batched call per step evaluates [uncond, cond] and combines
@@ -138,15 +141,16 @@ def _check_steps(num_steps: int, num_train_timesteps: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def lincomb(coeffs: Sequence[float], tensors: Sequence[ms.Tensor]) -> ms.Tensor:
-    """``sum_i coeffs[i] * tensors[i]``, skipping zero coefficients (e.g. sigma_next = 0 on a final step)."""
+def lincomb(coeffs: Sequence[float], arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """``sum_i coeffs[i] * arrays[i]`` in the arrays' dtype, skipping zero coefficients (e.g. sigma_next = 0 on a
+    final step)."""
     out = None
-    for c, t in zip(coeffs, tensors):
+    for c, a in zip(coeffs, arrays):
         if c == 0.0:
             continue
-        term = float(c) * t
+        term = a * a.dtype.type(c)
         out = term if out is None else out + term
-    return ops.zeros_like(tensors[0]) if out is None else out
+    return np.zeros_like(arrays[0]) if out is None else out
 
 
 def _cat_batch(a: Any, b: Any) -> Any:
@@ -220,10 +224,15 @@ class Sampler:
         """
         raise NotImplementedError
 
-    def _call(self, model_fn: ModelFn, x: ms.Tensor, t: int, cond: Any) -> ms.Tensor:
+    def _call(self, model_fn: ModelFn, x: np.ndarray, t: int, cond: Any) -> np.ndarray:
+        """The model's output at host latents ``x`` and timestep ``t``, as a host array of ``x``'s dtype."""
         ts = ms.Tensor(np.full((x.shape[0],), int(t), dtype=np.int32))
-        out = model_fn(x, ts, cond)
-        return out if out.dtype == x.dtype else out.astype(x.dtype)
+        return model_fn(ms.Tensor(x), ts, cond).asnumpy().astype(x.dtype, copy=False)
+
+
+def to_host(x: ms.Tensor | np.ndarray) -> np.ndarray:
+    """The latents as a numpy array (samplers keep their state on the host; see "Numerics")."""
+    return x.asnumpy() if isinstance(x, ms.Tensor) else np.asarray(x)
 
 
 class MultistepSigmaSampler(Sampler):

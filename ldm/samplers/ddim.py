@@ -14,7 +14,7 @@ from typing import Any, Callable
 import mindspore as ms
 import numpy as np
 
-from ldm.samplers.base import ModelFn, Sampler, leading_timesteps, lincomb, x0_eps_coeffs
+from ldm.samplers.base import ModelFn, Sampler, leading_timesteps, lincomb, to_host, x0_eps_coeffs
 
 
 def ddim_step_coeffs(a_t: float, a_prev: float, prediction_type: str, std: float = 0.0) -> tuple[float, float]:
@@ -66,7 +66,7 @@ class DDIMSampler(Sampler):
             raise ValueError(f"eta must be >= 0, got {eta}")
         if eta > 0 and not isinstance(generator, np.random.Generator):
             generator = np.random.default_rng(generator)
-        x = x_T
+        x = to_host(x_T)
         for i, t in enumerate(self.timesteps(num_steps)):
             out = self._call(model_fn, x, t, cond)
             a_t, a_prev = float(self.alphas_cumprod[t]), self.prev_alpha(int(t), num_steps)
@@ -74,7 +74,7 @@ class DDIMSampler(Sampler):
             x = lincomb(ddim_step_coeffs(a_t, a_prev, self.prediction_type, std), (x, out))
             if eta > 0:
                 z = generator.standard_normal(tuple(x.shape), dtype=np.float32)
-                x = x + std * ms.Tensor(z, dtype=x.dtype)
+                x = x + z.astype(x.dtype, copy=False) * x.dtype.type(std)
             if callback is not None:
-                callback(i, int(t), x)
-        return x
+                callback(i, int(t), ms.Tensor(x))
+        return ms.Tensor(x)

@@ -42,6 +42,7 @@ from ldm.samplers.base import (
     alpha_sigma,
     lincomb,
     log_snr,
+    to_host,
     x0_eps_coeffs,
     zero_length_step,
 )
@@ -123,7 +124,7 @@ class DPMSolverPPSampler(MultistepSigmaSampler):
         callback: Callable[[int, int, ms.Tensor], None] | None = None,
     ) -> ms.Tensor:
         timesteps, sigmas = self.schedule(num_steps)
-        x, x0s = x_T, []  # x0 predictions, newest last
+        x, x0s = to_host(x_T), []  # x0 predictions, newest last
         for i, (t, order) in enumerate(zip(timesteps, self.orders(num_steps))):
             out = self._call(model_fn, x, t, cond)
             (c_x, c_out), _ = x0_eps_coeffs(*alpha_sigma(sigmas[i]), self.prediction_type)
@@ -131,5 +132,5 @@ class DPMSolverPPSampler(MultistepSigmaSampler):
             c_x, c_m = dpm_solver_pp_coeffs(sigmas[i + 1], sigmas[i::-1], order, self.solver_type)
             x = lincomb([c_x, *c_m], [x, *x0s[::-1][:order]])
             if callback is not None:
-                callback(i, int(t), x)
-        return x
+                callback(i, int(t), ms.Tensor(x))
+        return ms.Tensor(x)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import mindspore as ms
 import numpy as np
 
-from ldm.samplers.base import ModelFn, Sampler, leading_timesteps, lincomb
+from ldm.samplers.base import ModelFn, Sampler, leading_timesteps, lincomb, to_host
 from ldm.samplers.ddim import ddim_step_coeffs
 
 # Adams-Bashforth weights, newest output first, by the number of outputs available.
@@ -50,7 +50,7 @@ class PLMSSampler(Sampler):
         ts = self._grid(num_steps)
         return ts if num_steps == 1 else np.insert(ts, 1, ts[1])
 
-    def _step(self, x: ms.Tensor, out: ms.Tensor, t: int, ratio: int) -> ms.Tensor:
+    def _step(self, x: np.ndarray, out: np.ndarray, t: int, ratio: int) -> np.ndarray:
         a_t, a_prev = float(self.alphas_cumprod[t]), float(self.alphas_cumprod[max(t - ratio, 0)])
         return lincomb(ddim_step_coeffs(a_t, a_prev, self.prediction_type), (x, out))
 
@@ -63,7 +63,7 @@ class PLMSSampler(Sampler):
         callback: Callable[[int, int, ms.Tensor], None] | None = None,
     ) -> ms.Tensor:
         ratio = self.num_train_timesteps // num_steps
-        x, history = x_T, []
+        x, history = to_host(x_T), []
         for i, t in enumerate(self._grid(num_steps)):
             t = int(t)
             out = self._call(model_fn, x, t, cond)
@@ -76,5 +76,5 @@ class PLMSSampler(Sampler):
                 combined = lincomb(AB_COEFFS[len(history)], history[::-1])
             x = self._step(x, combined, t, ratio)
             if callback is not None:
-                callback(i, t, x)
-        return x
+                callback(i, t, ms.Tensor(x))
+        return ms.Tensor(x)

@@ -29,6 +29,7 @@ from ldm.samplers.base import (
     alpha_sigma,
     lincomb,
     log_snr,
+    to_host,
     x0_eps_coeffs,
     zero_length_step,
 )
@@ -115,7 +116,7 @@ class UniPCSampler(MultistepSigmaSampler):
     ) -> ms.Tensor:
         timesteps, sigmas = self.schedule(num_steps)
         orders = unipc_orders(num_steps, self.order, self.lower_order_final, sigmas)
-        x, x_last, x0s = x_T, None, []  # x_last: corrected latent the previous predictor started from
+        x, x_last, x0s = to_host(x_T), None, []  # x_last: corrected latent the previous predictor started from
         for i, t in enumerate(timesteps):
             out = self._call(model_fn, x, t, cond)
             (c_x, c_out), _ = x0_eps_coeffs(*alpha_sigma(sigmas[i]), self.prediction_type)
@@ -129,5 +130,5 @@ class UniPCSampler(MultistepSigmaSampler):
             c_x, c_m = unipc_coeffs(sigmas[i + 1], sigmas[i::-1], orders[i], False, self.solver_type)
             x = lincomb([c_x, *c_m], [x, *x0s[::-1][: orders[i]]])
             if callback is not None:
-                callback(i, int(t), x)
-        return x
+                callback(i, int(t), ms.Tensor(x))
+        return ms.Tensor(x)
