@@ -149,7 +149,7 @@ def test_adamw_matches_torch():
     for i in range(5):
         grads = [rng.standard_normal(a.shape).astype(np.float32) for a in init]
         if i == 2:  # a skipped update changes nothing, not even the bias-correction count
-            state = [*ms_params, *opt.exp_avg, *opt.exp_avg_sq, opt.step]
+            state = [*ms_params, opt.exp_avg, opt.exp_avg_sq, opt.step]
             before = arrays(state)
             opt(tuple(Tensor(g) for g in grads), lr, Tensor(False))
             assert all(unchanged(before, state))

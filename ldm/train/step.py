@@ -39,23 +39,25 @@ def no_decay_default(name: str, param: Parameter) -> bool:
     return len(param.shape) <= 1 or lowered.endswith(".bias") or "norm" in lowered
 
 
-def _adamw_one(beta1, beta2, eps, lr, bc1, bc2_sqrt, apply, param, m, v, grad, wd):
-    grad = grad.astype(ms.float32)
-    m_new = m * beta1 + grad * (1.0 - beta1)
-    v_new = v * beta2 + ops.square(grad) * (1.0 - beta2)
-    p_new = param * (1.0 - lr * wd)
-    denom = ops.sqrt(v_new) / bc2_sqrt + eps
-    p_new = p_new - (lr / bc1) * m_new / denom
-    ops.assign(m, ops.select(apply, m_new, m))
-    ops.assign(v, ops.select(apply, v_new, v))
-    return ops.assign(param, ops.select(apply, p_new.astype(param.dtype), param))
+def _flat(x):
+    x = x.reshape(-1)
+    return x if x.dtype == ms.float32 else x.astype(ms.float32)
+
+
+def _write_back(flat, param, start, end):
+    value = flat[start:end].reshape(param.shape)
+    return ops.assign(param, value if param.dtype == ms.float32 else value.astype(param.dtype))
 
 
 class AdamW(nn.Cell):
     """torch.optim.AdamW as a Cell: ``construct(grads, lr, apply)`` updates params and moments where ``apply``.
 
-    Moments are ``adam_m.<name>`` / ``adam_v.<name>``; ``adam_step`` counts applied updates (bias correction).
-    ``no_decay(name, param)`` selects the parameters whose weight decay is 0.
+    The update runs once over all parameters concatenated into one float32 vector (moments stored that way, weight
+    decay as a per-element vector), then splits the new values back into the parameters: a handful of kernels and
+    graph nodes instead of a dozen per parameter tensor (the LoRA step has hundreds; see ``benchmarks/README.md``,
+    "Compile time"). ``moment_arrays``/``load_moment_arrays`` give the moments per parameter as ``adam_m.<name>`` /
+    ``adam_v.<name>``; ``adam_step`` counts applied updates (bias correction). ``no_decay(name, param)`` selects
+    the parameters whose weight decay is 0.
     """
 
     def __init__(
@@ -68,15 +70,16 @@ class AdamW(nn.Cell):
     ):
         super().__init__()
         self.params = ParameterTuple(params)
-        self.exp_avg = self.params.clone(prefix="adam_m", init="zeros")
-        self.exp_avg_sq = self.params.clone(prefix="adam_v", init="zeros")
-        for p in (*self.exp_avg, *self.exp_avg_sq):
-            p.requires_grad = False
+        self.sizes = tuple(int(p.size) for p in self.params)
+        total = sum(self.sizes)
+        self.ends = tuple(int(e) for e in np.cumsum(self.sizes))
+        self.starts = (0, *self.ends[:-1])
+        self.exp_avg = Parameter(Tensor(np.zeros(total, np.float32)), name="adam_m", requires_grad=False)
+        self.exp_avg_sq = Parameter(Tensor(np.zeros(total, np.float32)), name="adam_v", requires_grad=False)
         self.step = Parameter(Tensor(0, ms.int32), name="adam_step", requires_grad=False)
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
-        self.weight_decays = tuple(
-            Tensor(0.0 if no_decay(p.name, p) else float(weight_decay), ms.float32) for p in self.params
-        )
+        decays = [0.0 if no_decay(p.name, p) else float(weight_decay) for p in self.params]
+        self.weight_decay = Tensor(np.repeat(np.array(decays, np.float32), self.sizes))
         self.hyper_map = ops.HyperMap()
 
     def construct(self, grads, lr, apply):
@@ -85,8 +88,33 @@ class AdamW(nn.Cell):
         stepf = ops.maximum(step, 1).astype(ms.float32)
         bc1 = 1.0 - ops.pow(ops.scalar_to_tensor(self.beta1, ms.float32), stepf)
         bc2_sqrt = ops.sqrt(1.0 - ops.pow(ops.scalar_to_tensor(self.beta2, ms.float32), stepf))
-        update = ops.partial(_adamw_one, self.beta1, self.beta2, self.eps, lr, bc1, bc2_sqrt, apply)
-        return self.hyper_map(update, self.params, self.exp_avg, self.exp_avg_sq, grads, self.weight_decays)
+        grad = ops.cat(self.hyper_map(_flat, grads))
+        param = ops.cat(self.hyper_map(_flat, self.params))
+        m_new = self.exp_avg * self.beta1 + grad * (1.0 - self.beta1)
+        v_new = self.exp_avg_sq * self.beta2 + ops.square(grad) * (1.0 - self.beta2)
+        p_new = param * (1.0 - lr * self.weight_decay)
+        p_new = p_new - (lr / bc1) * m_new / (ops.sqrt(v_new) / bc2_sqrt + self.eps)
+        ops.assign(self.exp_avg, ops.select(apply, m_new, self.exp_avg))
+        ops.assign(self.exp_avg_sq, ops.select(apply, v_new, self.exp_avg_sq))
+        p_new = ops.select(apply, p_new, param)
+        # slices, not ops.split: its section checks recurse once per section in graph code, past MindSpore's call-depth
+        # limit beyond ~100 parameter tensors
+        return self.hyper_map(ops.partial(_write_back, p_new), self.params, self.starts, self.ends)
+
+    def moment_arrays(self) -> dict[str, np.ndarray]:
+        """Both moments of every parameter, ``adam_m.<name>`` / ``adam_v.<name>``, in the parameter's shape."""
+        arrays = {}
+        for prefix, flat in (("adam_m", self.exp_avg), ("adam_v", self.exp_avg_sq)):
+            pieces = np.split(flat.asnumpy(), np.cumsum(self.sizes)[:-1])
+            for p, piece in zip(self.params, pieces):
+                arrays[f"{prefix}.{p.name}"] = piece.reshape(p.shape).copy()
+        return arrays
+
+    def load_moment_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Inverse of ``moment_arrays`` (shapes already checked by the caller)."""
+        for prefix, flat in (("adam_m", self.exp_avg), ("adam_v", self.exp_avg_sq)):
+            values = [np.asarray(arrays[f"{prefix}.{p.name}"], np.float32).reshape(-1) for p in self.params]
+            assign_array(flat, np.concatenate(values))
 
 
 def _add_to(acc, grad):
@@ -292,6 +320,7 @@ class TrainStep:
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Every tensor needed to resume: params, moments, accumulators, EMA, counters, loss-scale state."""
         arrays = {p.name: p.asnumpy().copy() for p in self._state_parameters()}
+        arrays.update(self.optimizer.moment_arrays())
         arrays.update({f"loss_scaler.{k}": v for k, v in scaler_state(self.scaler).items()})
         return arrays
 
@@ -313,6 +342,7 @@ class TrainStep:
                 )
             if name in by_name:
                 assign_array(by_name[name], value.copy())
+        self.optimizer.load_moment_arrays(arrays)
         load_scaler_state(
             self.scaler, {k[len("loss_scaler.") :]: arrays[k] for k in current if k.startswith("loss_scaler.")}
         )
@@ -320,7 +350,7 @@ class TrainStep:
 
     def _state_parameters(self) -> list[Parameter]:
         opt = self.optimizer
-        groups = [self.params, opt.exp_avg, opt.exp_avg_sq, [self.global_step, opt.step]]
+        groups = [self.params, [self.global_step, opt.step]]
         if self.accum is not None:
             groups.append(self.accum)
         if self.ema is not None:
