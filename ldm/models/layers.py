@@ -7,10 +7,14 @@ map instead of a rename table. Norms compute in float32 and return the input dty
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, mint, nn, ops
 from mindspore.common.initializer import Normal, initializer
+from mindspore.nn.utils import no_init_parameters
 
 
 def _ones(n: int) -> Parameter:
@@ -108,3 +112,21 @@ def assign_array(param: Parameter, value) -> None:
         param.set_data(tensor)
     else:
         ops.assign(param, tensor)
+
+
+@contextmanager
+def uninitialised_parameters() -> Iterator[None]:
+    """Parameters created inside (from ``initializer``, as all of our networks' are) hold no memory until a value is
+    assigned (:func:`assign_array`) or their initializer is run (``init_data``).
+
+    For a model about to be loaded from a checkpoint: drawing 5 GB of random values only to overwrite them kept the
+    built model and the read state dict resident together, the peak of a full-size load. MindSpore 2.10's
+    ``no_init_parameters`` does the work (it marks the ``Parameter`` class while the block runs).
+    """
+    with no_init_parameters():
+        yield
+
+
+def uninitialised_names(cell: nn.Cell) -> list[str]:
+    """Names of ``cell``'s parameters that still hold only their initializer (nothing assigned yet)."""
+    return [name for name, param in cell.parameters_dict().items() if param.has_init]
