@@ -368,11 +368,12 @@ def main() -> None:
                 rows.append(run)
     weights = "random init" if args.random_init else "converted random weights"
     print(f"\nSD2-base 512px, batch {args.batch}, {args.steps} train steps, {args.gen_steps} sampling steps, {weights}")
-    print("| job | peak RSS GiB | first step s | later steps s | generation s | ours/diffusers time | RSS | load |")
-    print("|---|---|---|---|---|---|---|---|")
+    columns = "peak RSS GiB | wall s | first step s | later steps s | generation s | ours/diffusers time | RSS | load"
+    print(f"| job | {columns} |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [r.get(k, float("nan")) for k in ("first_s", "steady_s", "sample_s", "time_ratio", "rss_ratio")]
-        row = f"| {r['label']} | {r['peak_rss_gib']:.2f} | " + " | ".join(f"{c:.2f}" for c in cells)
+        row = f"| {r['label']} | {r['peak_rss_gib']:.2f} | {r['wall_s']:.0f} | " + " | ".join(f"{c:.2f}" for c in cells)
         print(row + f" | {r['load']} |")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from ldm.io import text_encoder_keys
 from ldm.io.checkpoint import CheckpointError, read_state_dict, write_state_dict
 from ldm.io.diffusers_format import is_diffusers_folder, read_diffusers_folder
-from ldm.io.loading import LoadReport, cell_state_dict, load_state_dict_into, match_state_dict
+from ldm.io.loading import LoadReport, load_state_dict_into, match_state_dict
 from ldm.io.mindone_keys import is_mindone_state_dict, mindone_to_ldm
 from ldm.io.model_config import CONFIG_METADATA_KEY
 from ldm.names import TEXT_PREFIX, check_family, family_of_config
@@ -125,8 +125,11 @@ def read_pretrained(model, path: str | Path, allow_pickle: bool = False) -> dict
 
 
 def save_model(model, path: str | Path, config: Any = None, dtype: str = "float32") -> None:
-    """Write ``model``'s weights (our names) atomically; ``.safetensors`` files also embed the model config."""
-    save_state_dict(cell_state_dict(model), path, config=config, dtype=dtype)
+    """Write ``model``'s weights (our names) atomically; ``.safetensors`` files also embed the model config.
+
+    The arrays written are the parameters' own memory where ``asnumpy`` aliases it (CPU), not copies: nothing changes
+    the weights while they are written, and a full-size model is saved without a second copy of its weights."""
+    save_state_dict({name: p.asnumpy() for name, p in model.parameters_dict().items()}, path, config, dtype)
 
 
 def save_state_dict(state: dict[str, np.ndarray], path: str | Path, config: Any = None, dtype: str = "float32") -> None:
