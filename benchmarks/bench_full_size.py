@@ -12,6 +12,9 @@ Jobs (each runs in a fresh child process whose peak RSS is read from ``wait4``):
   ``DPMSolverMultistepScheduler``, CFG, ``vae.decode``).
 - ``convert`` (ours only): ``python -m ldm.convert`` of the diffusers folder into a single file, as a user converts
   downloaded weights; the written file must hold the same arrays as the one ``prepare`` made.
+- ``load`` (ours only): build the model and ``load_pretrained`` the weights, nothing else, twice: built with
+  uninitialised parameters (what the CLIs do) and built with random values first (what they did before); RSS after
+  the build and after the load, peak of each.
 
 Our jobs load the weights the way ``--load`` says: ``file`` (our converted ``.safetensors``, the default) or
 ``folder`` (the diffusers folder itself, converted while loading).
@@ -213,6 +216,38 @@ def ours_convert(paths: dict, work: Path) -> dict:
     return result
 
 
+def ours_load(paths: dict, work: Path) -> list[dict]:
+    rows = []
+    for build in ("uninitialised", "random"):
+        cmd = [sys.executable, __file__, "--child", "load", "--work", str(work), "--build", build]
+        result = run_child(
+            cmd + ["--load", paths["load_kind"]], f"ours build ({build}) + load the {paths['load_kind']}"
+        )
+        rows.append({**result, **child_json(result)})
+    return rows
+
+
+def load_child(args) -> None:
+    """Build SD2-base and load the weights in this (child) process; print RSS after each phase as one JSON line."""
+    from ldm.env import init_env
+    from ldm.io.model_config import resolve_model_config
+    from ldm.io.model_io import load_pretrained
+    from ldm.models.diffusion import build_model_from_config
+
+    def rss_gib() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2**20
+
+    work = Path(args.work)
+    source = work / ("sd2-base.safetensors" if args.load == "file" else "sd2-base-diffusers")
+    init_env("CPU", mode=1)
+    start = time.perf_counter()
+    model = build_model_from_config(resolve_model_config(checkpoint=source).config, args.build == "uninitialised")
+    built = rss_gib()
+    load_pretrained(model, source)
+    print(json.dumps({"built_gib": built, "loaded_gib": rss_gib(), "load_s": time.perf_counter() - start}))
+
+
 def _raw_tensors(path: Path):
     """(name, dtype, shape, bytes) of each tensor of a safetensors file in name order, one at a time (this process
     stays small)."""
@@ -300,7 +335,7 @@ def _mean(values) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, help="folder for the weights, data and outputs (~11 GB)")
-    parser.add_argument("--jobs", default="train,generate", help="any of train, generate, convert (ours only)")
+    parser.add_argument("--jobs", default="train,generate", help="any of train, generate, convert, load (ours only)")
     parser.add_argument(
         "--load", choices=("file", "folder"), default="file", help="ours: load the converted file or the folder"
     )
@@ -318,8 +353,12 @@ def main() -> None:
     parser.add_argument(
         "--random_init", action="store_true", help="ours only: randomly initialised models, no weight files or torch"
     )
-    parser.add_argument("--child", choices=["train", "generate"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["train", "generate", "load"], help=argparse.SUPPRESS)
+    parser.add_argument("--build", choices=["uninitialised", "random"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "load":
+        load_child(args)
+        return
     if args.child:
         diffusers_child(args.child, args)
         return
@@ -342,10 +381,10 @@ def main() -> None:
     rows = []
     for job in jobs:
         ref = None
-        if job == "convert":
+        if job in ("convert", "load"):
             if args.random_init:
-                raise SystemExit("error: the convert job needs the weight files; drop --random_init")
-            rows.append(ours_convert(paths, work))
+                raise SystemExit(f"error: the {job} job needs the weight files; drop --random_init")
+            rows.extend([ours_convert(paths, work)] if job == "convert" else ours_load(paths, work))
             continue
         if "diffusers" in frameworks:
             cmd = [sys.executable, __file__, "--child", job, "--work", str(work)]
@@ -372,6 +411,8 @@ def main() -> None:
     print(f"| job | {columns} |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "built_gib" in r:
+            r["label"] += f" (RSS built {r['built_gib']:.2f}, loaded {r['loaded_gib']:.2f} GiB)"
         cells = [r.get(k, float("nan")) for k in ("first_s", "steady_s", "sample_s", "time_ratio", "rss_ratio")]
         row = f"| {r['label']} | {r['peak_rss_gib']:.2f} | {r['wall_s']:.0f} | " + " | ".join(f"{c:.2f}" for c in cells)
         print(row + f" | {r['load']} |")
