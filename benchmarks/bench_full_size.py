@@ -12,9 +12,9 @@ Jobs (each runs in a fresh child process whose peak RSS is read from ``wait4``):
   ``DPMSolverMultistepScheduler``, CFG, ``vae.decode``).
 - ``convert`` (ours only): ``python -m ldm.convert`` of the diffusers folder into a single file, as a user converts
   downloaded weights; the written file must hold the same arrays as the one ``prepare`` made.
-- ``load`` (ours only): build the model and ``load_pretrained`` the weights, nothing else, twice: built with
-  uninitialised parameters (what the CLIs do) and built with random values first (what they did before); RSS after
-  the build and after the load, peak of each.
+- ``load`` (ours only): build the model and ``load_pretrained`` the weights, then encode two prompts and release the
+  text encoder as ``text_to_image.py`` does, twice: built with uninitialised parameters (what the CLIs do) and built
+  with random values first (what they did before); RSS after the build, the load and the release, peak of each.
 
 Our jobs load the weights the way ``--load`` says: ``file`` (our converted ``.safetensors``, the default) or
 ``folder`` (the diffusers folder itself, converted while loading).
@@ -229,6 +229,10 @@ def ours_load(paths: dict, work: Path) -> list[dict]:
 
 def load_child(args) -> None:
     """Build SD2-base and load the weights in this (child) process; print RSS after each phase as one JSON line."""
+    import gc
+
+    import mindspore as ms
+
     from ldm.env import init_env
     from ldm.io.model_config import resolve_model_config
     from ldm.io.model_io import load_pretrained
@@ -245,7 +249,11 @@ def load_child(args) -> None:
     model = build_model_from_config(resolve_model_config(checkpoint=source).config, args.build == "uninitialised")
     built = rss_gib()
     load_pretrained(model, source)
-    print(json.dumps({"built_gib": built, "loaded_gib": rss_gib(), "load_s": time.perf_counter() - start}))
+    loaded, load_s = rss_gib(), time.perf_counter() - start
+    model.get_learned_conditioning(ms.Tensor(model.tokenize([PROMPT, ""]))).asnumpy()
+    model.cond_stage_model = None
+    gc.collect()
+    print(json.dumps({"built_gib": built, "loaded_gib": loaded, "released_gib": rss_gib(), "load_s": load_s}))
 
 
 def _raw_tensors(path: Path):
@@ -412,7 +420,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "built_gib" in r:
-            r["label"] += f" (RSS built {r['built_gib']:.2f}, loaded {r['loaded_gib']:.2f} GiB)"
+            phases = (("built", "built_gib"), ("loaded", "loaded_gib"), ("text encoder released", "released_gib"))
+            r["label"] += " (RSS " + ", ".join(f"{name} {r[key]:.2f}" for name, key in phases) + " GiB)"
         cells = [r.get(k, float("nan")) for k in ("first_s", "steady_s", "sample_s", "time_ratio", "rss_ratio")]
         row = f"| {r['label']} | {r['peak_rss_gib']:.2f} | {r['wall_s']:.0f} | " + " | ".join(f"{c:.2f}" for c in cells)
         print(row + f" | {r['load']} |")
