@@ -27,7 +27,8 @@ the machine's 1-minute load average at the start and end of each job (times on a
 files; memory does not depend on the weights' values, the load path aside).
 Slow (minutes per job) and memory-hungry (up to ~8 GiB per job); not part of CI. Run:
 
-    python benchmarks/bench_full_size.py --work /tmp/fullsize [--jobs train,generate,convert,load] [--load file] [--steps 3] [--gen_steps 20]
+    python benchmarks/bench_full_size.py --work /tmp/fullsize [--jobs train,generate,convert,load] [--load file]
+        [--steps 3] [--gen_steps 20]
 """
 
 import ldm  # noqa: F401, I001  (CPU defaults before mindspore)
