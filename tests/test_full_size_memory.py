@@ -6,7 +6,8 @@ RSS comes from ``wait4`` and must stay under the bound stated below. PyTorch's f
 machine are 7.68 GiB (diffusers + peft, a batch-1 LoRA step with VAE and text encoder) and 6.48 GiB (one 512px
 image); the bounds are those targets, 7.7 and 6.5 GiB. The checkpoint load itself (model built with uninitialised
 parameters, each array freed once assigned) peaks at about one copy of the weights, 5.4 GiB; before, the built
-model and the read file were resident together (10.5-11 GiB). Measured figures are in ``benchmarks/README.md``. A
+model and the read file were resident together (10.5-11 GiB). Measured (``benchmarks/README.md``, loading a file):
+training 6.15 GiB over three steps, one image 6.23 GiB (the VAE decode; margin 0.27 GiB). A
 regression that stores attention scores again, keeps the text encoder during sampling or holds the weights twice
 while loading fails them. Each job takes many minutes on a 2-core CPU.
 """
