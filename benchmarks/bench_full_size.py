@@ -10,6 +10,14 @@ Jobs (each runs in a fresh child process whose peak RSS is read from ``wait4``):
 - ``generate``: one 512x512 image, DPM-Solver++ ``--gen_steps`` steps, guidance 9 (UNet batch 2), VAE decode. Ours
   runs ``text_to_image.py``; diffusers runs the same loop as its ``StableDiffusionPipeline`` (prompt embeddings,
   ``DPMSolverMultistepScheduler``, CFG, ``vae.decode``).
+- ``convert`` (ours only): ``python -m ldm.convert`` of the diffusers folder into a single file, as a user converts
+  downloaded weights; the written file must hold the same arrays as the one ``prepare`` made.
+- ``load`` (ours only): build the model and ``load_pretrained`` the weights, then encode two prompts and release the
+  text encoder as ``text_to_image.py`` does, twice: built with uninitialised parameters (what the CLIs do) and built
+  with random values first (what they did before); RSS after the build, the load and the release, peak of each.
+
+Our jobs load the weights the way ``--load`` says: ``file`` (our converted ``.safetensors``, the default) or
+``folder`` (the diffusers folder itself, converted while loading).
 
 Both sides use the same random weights: the diffusers models are built from the SD2-base configuration (no weights
 can be downloaded here), saved as a diffusers folder and converted with ``python -m ldm.convert`` as a user would.
@@ -19,7 +27,8 @@ the machine's 1-minute load average at the start and end of each job (times on a
 files; memory does not depend on the weights' values, the load path aside).
 Slow (minutes per job) and memory-hungry (up to ~8 GiB per job); not part of CI. Run:
 
-    python benchmarks/bench_full_size.py --work /tmp/fullsize [--jobs train,generate] [--steps 3] [--gen_steps 20]
+    python benchmarks/bench_full_size.py --work /tmp/fullsize [--jobs train,generate,convert,load] [--load file]
+        [--steps 3] [--gen_steps 20]
 """
 
 import ldm  # noqa: F401, I001  (CPU defaults before mindspore)
@@ -143,7 +152,7 @@ def ours_train(paths: dict, work: Path, args, recompute: bool) -> dict:
         str(paths["data"]),
         "--output_path",
         str(out),
-        *(["--pretrained_model_path", str(paths["weights"])] if paths["weights"] else []),
+        *(["--pretrained_model_path", str(paths["load"])] if paths["load"] else []),
         "--train_batch_size",
         str(args.batch),
         "--max_train_steps",
@@ -157,7 +166,7 @@ def ours_train(paths: dict, work: Path, args, recompute: bool) -> dict:
         "--precision",
         args.precision,
     ]
-    label = f"ours train {args.precision} (recompute {'on' if recompute else 'off'})"
+    label = f"ours train {args.precision} (recompute {'on' if recompute else 'off'}){_source(paths)}"
     result = run_child(cmd, label, must_succeed=False)
     steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     times = [s["step_time_s"] for s in steps]
@@ -172,7 +181,7 @@ def ours_generate(paths: dict, work: Path, args) -> dict:
         "examples/stable_diffusion_v2/text_to_image.py",
         "--version",
         "2.0",
-        *(["--ckpt_path", str(paths["weights"])] if paths["weights"] else []),
+        *(["--ckpt_path", str(paths["load"])] if paths["load"] else []),
         "--prompt",
         PROMPT,
         "--sampling_steps",
@@ -190,10 +199,79 @@ def ours_generate(paths: dict, work: Path, args) -> dict:
         "--output_path",
         str(work / "ours-generate"),
     ]
-    result = run_child(cmd, "ours generate")
+    result = run_child(cmd, f"ours generate{_source(paths)}")
     line = [x for x in result["stdout"].splitlines() if " images in " in x]
     result["sample_s"] = float(line[-1].split(" images in ")[1].split("s")[0]) if line else float("nan")
     return result
+
+
+def ours_convert(paths: dict, work: Path) -> dict:
+    """Convert the diffusers folder again into a scratch file, whose tensors must equal the prepared file's."""
+    out = work / "ours-convert.safetensors"
+    cmd = [sys.executable, "-m", "ldm.convert", str(paths["folder"]), str(out), "--overwrite"]
+    result = run_child(cmd, "ours convert (diffusers folder -> file)")
+    for got, want in zip(_raw_tensors(out), _raw_tensors(paths["weights"]), strict=True):
+        if got != want:
+            raise SystemExit(f"error: {out}: tensor {got[0]!r} differs from {paths['weights']}")
+    out.unlink()
+    return result
+
+
+def ours_load(paths: dict, work: Path) -> list[dict]:
+    rows = []
+    for build in ("uninitialised", "random"):
+        cmd = [sys.executable, __file__, "--child", "load", "--work", str(work), "--build", build]
+        result = run_child(
+            cmd + ["--load", paths["load_kind"]], f"ours build ({build}) + load the {paths['load_kind']}"
+        )
+        rows.append({**result, **child_json(result)})
+    return rows
+
+
+def load_child(args) -> None:
+    """Build SD2-base and load the weights in this (child) process; print RSS after each phase as one JSON line."""
+    import gc
+
+    import mindspore as ms
+
+    from ldm.env import init_env
+    from ldm.io.model_config import resolve_model_config
+    from ldm.io.model_io import load_pretrained
+    from ldm.models.diffusion import build_model_from_config
+
+    def rss_gib() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2**20
+
+    work = Path(args.work)
+    source = work / ("sd2-base.safetensors" if args.load == "file" else "sd2-base-diffusers")
+    init_env("CPU", mode=1)
+    start = time.perf_counter()
+    model = build_model_from_config(resolve_model_config(checkpoint=source).config, args.build == "uninitialised")
+    built = rss_gib()
+    load_pretrained(model, source)
+    loaded, load_s = rss_gib(), time.perf_counter() - start
+    model.get_learned_conditioning(ms.Tensor(model.tokenize([PROMPT, ""]))).asnumpy()
+    model.cond_stage_model = None
+    gc.collect()
+    print(json.dumps({"built_gib": built, "loaded_gib": loaded, "released_gib": rss_gib(), "load_s": load_s}))
+
+
+def _raw_tensors(path: Path):
+    """(name, dtype, shape, bytes) of each tensor of a safetensors file in name order, one at a time (this process
+    stays small)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for key in sorted(header):
+            begin, end = header[key]["data_offsets"]
+            f.seek(8 + size + begin)
+            yield key, header[key]["dtype"], header[key]["shape"], f.read(end - begin)
+
+
+def _source(paths: dict) -> str:
+    return f", loading the {paths['load_kind']}" if paths.get("load") else ", random init"
 
 
 def diffusers_child(job: str, args) -> None:
@@ -266,7 +344,10 @@ def _mean(values) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, help="folder for the weights, data and outputs (~11 GB)")
-    parser.add_argument("--jobs", default="train,generate")
+    parser.add_argument("--jobs", default="train,generate", help="any of train, generate, convert, load (ours only)")
+    parser.add_argument(
+        "--load", choices=("file", "folder"), default="file", help="ours: load the converted file or the folder"
+    )
     parser.add_argument("--frameworks", default="ours,diffusers")
     parser.add_argument("--recompute", default="off,on", help="our training runs: off, on or off,on")
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (the first includes set-up)")
@@ -281,8 +362,12 @@ def main() -> None:
     parser.add_argument(
         "--random_init", action="store_true", help="ours only: randomly initialised models, no weight files or torch"
     )
-    parser.add_argument("--child", choices=["train", "generate"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["train", "generate", "load"], help=argparse.SUPPRESS)
+    parser.add_argument("--build", choices=["uninitialised", "random"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "load":
+        load_child(args)
+        return
     if args.child:
         diffusers_child(args.child, args)
         return
@@ -292,18 +377,24 @@ def main() -> None:
     if args.random_init:
         if "diffusers" in frameworks:
             raise SystemExit("error: --random_init measures our side only; pass --frameworks ours")
-        paths = {"weights": None, "data": work / "data512"}
+        paths = {"load": None, "data": work / "data512"}
         if not (paths["data"] / "img_txt.csv").is_file():
             from ldm.data.synthetic import make_shapes_dataset
 
             make_shapes_dataset(paths["data"], count=4, size=512)
     else:
         paths = prepare(work)
+        paths.update(load=paths["weights"] if args.load == "file" else paths["folder"], load_kind=args.load)
         if paths["convert"]:
             print(f"convert: {paths['convert']['wall_s']:.0f}s, peak RSS {paths['convert']['peak_rss_gib']:.2f} GiB")
     rows = []
     for job in jobs:
         ref = None
+        if job in ("convert", "load"):
+            if args.random_init:
+                raise SystemExit(f"error: the {job} job needs the weight files; drop --random_init")
+            rows.extend([ours_convert(paths, work)] if job == "convert" else ours_load(paths, work))
+            continue
         if "diffusers" in frameworks:
             cmd = [sys.executable, __file__, "--child", job, "--work", str(work)]
             cmd += ["--steps", str(args.steps), "--gen_steps", str(args.gen_steps), "--batch", str(args.batch)]
@@ -325,11 +416,15 @@ def main() -> None:
                 rows.append(run)
     weights = "random init" if args.random_init else "converted random weights"
     print(f"\nSD2-base 512px, batch {args.batch}, {args.steps} train steps, {args.gen_steps} sampling steps, {weights}")
-    print("| job | peak RSS GiB | first step s | later steps s | generation s | ours/diffusers time | RSS | load |")
-    print("|---|---|---|---|---|---|---|---|")
+    columns = "peak RSS GiB | wall s | first step s | later steps s | generation s | ours/diffusers time | RSS | load"
+    print(f"| job | {columns} |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "built_gib" in r:
+            phases = (("built", "built_gib"), ("loaded", "loaded_gib"), ("text encoder released", "released_gib"))
+            r["label"] += " (RSS " + ", ".join(f"{name} {r[key]:.2f}" for name, key in phases) + " GiB)"
         cells = [r.get(k, float("nan")) for k in ("first_s", "steady_s", "sample_s", "time_ratio", "rss_ratio")]
-        row = f"| {r['label']} | {r['peak_rss_gib']:.2f} | " + " | ".join(f"{c:.2f}" for c in cells)
+        row = f"| {r['label']} | {r['peak_rss_gib']:.2f} | {r['wall_s']:.0f} | " + " | ".join(f"{c:.2f}" for c in cells)
         print(row + f" | {r['load']} |")
 
 

@@ -5,9 +5,10 @@
 SRC is a diffusers folder (its config.json files describe the model) or a single file (``.safetensors``,
 MindSpore ``.ckpt``; PyTorch pickles only with ``--allow_pickle``), which needs ``--config``/``--version`` unless it
 is one of our files with an embedded config. DST ending in ``.safetensors``/``.ckpt`` is written in our
-(original-LDM) names, any other DST as a diffusers folder. The weights are loaded strictly into the model built from
-the config before anything is written, so a missing, unexpected or mis-shaped key fails by name and leaves DST
-untouched.
+(original-LDM) names, any other DST as a diffusers folder. The weights are checked strictly against the model built
+from the config before anything is written, so a missing, unexpected or mis-shaped key fails by name and leaves DST
+untouched. The model is built with uninitialised parameters and only serves as that reference: the checked arrays
+are written as read (cast to the model's dtypes), so a conversion holds one copy of the weights.
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ def build_parser() -> Parser:
 def convert(args: argparse.Namespace) -> Path:
     from ldm.env import init_env
     from ldm.io.diffusers_format import write_diffusers_folder
-    from ldm.io.loading import cell_state_dict
-    from ldm.io.model_io import load_pretrained, save_model
+    from ldm.io.model_io import read_pretrained, save_state_dict
     from ldm.models.diffusion import build_model_from_config
 
     dst = Path(args.dst)
@@ -54,12 +54,12 @@ def convert(args: argparse.Namespace) -> Path:
         raise CheckpointError(f"{args.src}: no such file or folder")
     config = resolve_model_config(args.config, args.version, checkpoint=args.src).config
     init_env("CPU", mode=1)
-    model = build_model_from_config(config)
-    load_pretrained(model, args.src, allow_pickle=args.allow_pickle)
+    model = build_model_from_config(config, uninitialised=True)
+    state = read_pretrained(model, args.src, allow_pickle=args.allow_pickle)
     if dst.suffix.lower() in (".safetensors", ".ckpt"):
-        save_model(model, dst, config=config, dtype=args.dtype)
+        save_state_dict(state, dst, config=config, dtype=args.dtype)
     else:
-        write_diffusers_folder(cell_state_dict(model), config, dst, overwrite=args.overwrite)
+        write_diffusers_folder(state, config, dst, overwrite=args.overwrite)
     return dst
 
 

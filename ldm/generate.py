@@ -156,7 +156,7 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
     scale = default_scale if job.scale is None else job.scale
     policy = resolve_policy(job.precision, job.vae_precision, job.text_encoder_precision)
     check_device_supports(policy)
-    model = build_model_from_config(config_with_policy(config, policy))
+    model = build_model_from_config(config_with_policy(config, policy), uninitialised=bool(job.ckpt_path))
     check_size(model, height, width)
     if job.ckpt_path:
         report = load_pretrained(model, job.ckpt_path, allow_pickle=job.allow_pickle)

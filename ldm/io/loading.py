@@ -100,7 +100,7 @@ def check_state_dict(
     return report
 
 
-def load_state_dict_into(
+def match_state_dict(
     cell: nn.Cell,
     state_dict: dict[str, np.ndarray],
     source: str = "<memory>",
@@ -108,8 +108,9 @@ def load_state_dict_into(
     allow_unexpected=(),
     dtype_policy: str = "cast to param dtype",
 ) -> LoadReport:
-    """Set ``cell``'s parameters from ``state_dict`` by exact name; raise CheckpointError naming ``source`` and the
-    offending keys on any disallowed mismatch (nothing is set then). Returns the report."""
+    """Check ``state_dict`` against ``cell``'s parameters (names, shapes and, under ``require same dtype``, dtypes)
+    without setting anything; raise CheckpointError naming ``source`` and the offending keys on any disallowed
+    mismatch. Returns the report; its ``loaded`` keys are the ones to assign."""
     if dtype_policy not in DTYPE_POLICIES:
         raise ValueError(f"dtype_policy must be one of {DTYPE_POLICIES}, got {dtype_policy!r}")
     params = cell.parameters_dict()
@@ -125,7 +126,30 @@ def load_state_dict_into(
         ]
         if wrong:
             raise CheckpointError(f"{source}: {_listing('dtype mismatches', wrong)}")
+    return report
+
+
+def load_state_dict_into(
+    cell: nn.Cell,
+    state_dict: dict[str, np.ndarray],
+    source: str = "<memory>",
+    allow_missing=(),
+    allow_unexpected=(),
+    dtype_policy: str = "cast to param dtype",
+    consume: bool = False,
+) -> LoadReport:
+    """Set ``cell``'s parameters from ``state_dict`` by exact name; raise CheckpointError naming ``source`` and the
+    offending keys on any disallowed mismatch (nothing is set then). Returns the report.
+
+    consume: remove each array from ``state_dict`` once it is assigned, so that, for a caller that holds no other
+    reference, it is freed right away and loading into an uninitialised model never holds two copies of the weights.
+    Parameters left uninitialised (allowed missing) are given their initializer's values, so none stays without data.
+    """
+    params = cell.parameters_dict()
+    report = match_state_dict(cell, state_dict, source, allow_missing, allow_unexpected, dtype_policy)
     for key in report.loaded:
-        param = params[key]
-        assign_array(param, state_dict[key])
+        assign_array(params[key], state_dict.pop(key) if consume else state_dict[key])
+    for param in params.values():
+        if param.has_init:
+            param.init_data()
     return report

@@ -14,12 +14,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import mindspore as ms
 import numpy as np
 
 from ldm.io import text_encoder_keys
 from ldm.io.checkpoint import CheckpointError, read_state_dict, write_state_dict
 from ldm.io.diffusers_format import is_diffusers_folder, read_diffusers_folder
-from ldm.io.loading import LoadReport, cell_state_dict, load_state_dict_into
+from ldm.io.loading import LoadReport, load_state_dict_into, match_state_dict
 from ldm.io.mindone_keys import is_mindone_state_dict, mindone_to_ldm
 from ldm.io.model_config import CONFIG_METADATA_KEY
 from ldm.names import TEXT_PREFIX, check_family, family_of_config
@@ -101,15 +102,45 @@ def read_any(path: str | Path, model, allow_pickle: bool = False) -> dict[str, n
 
 
 def load_pretrained(model, path: str | Path, allow_pickle: bool = False) -> LoadReport:
-    """Strictly load a checkpoint into ``model``: any missing, unexpected or mis-shaped key is an error."""
-    return load_state_dict_into(model, read_any(path, model, allow_pickle=allow_pickle), source=str(path))
+    """Strictly load a checkpoint into ``model``: any missing, unexpected or mis-shaped key is an error.
+
+    Each array is freed as soon as it is in its parameter, so a model built with uninitialised parameters
+    (``build_model_from_config(config, uninitialised=True)``) peaks at about one copy of the weights."""
+    return load_state_dict_into(model, read_any(path, model, allow_pickle=allow_pickle), source=str(path), consume=True)
+
+
+def read_pretrained(model, path: str | Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """The arrays :func:`load_pretrained` would put into ``model``, without setting its parameters: checked by the
+    same strict rules against its names and shapes, cast to its parameter dtypes, in its parameter order. For
+    conversion, where the model is only the reference the file is checked against (it may stay uninitialised)."""
+    state = read_any(path, model, allow_pickle=allow_pickle)
+    report = match_state_dict(model, state, source=str(path))
+    params = model.parameters_dict()
+    loaded = set(report.loaded)
+    return {
+        key: state.pop(key).astype(ms.dtype_to_nptype(param.dtype), copy=False)
+        for key, param in params.items()
+        if key in loaded
+    }
 
 
 def save_model(model, path: str | Path, config: Any = None, dtype: str = "float32") -> None:
-    """Write ``model``'s weights (our names) atomically; ``.safetensors`` files also embed the model config."""
-    state = cell_state_dict(model)
+    """Write ``model``'s weights (our names) atomically; ``.safetensors`` files also embed the model config.
+
+    The arrays written are the parameters' own memory where ``asnumpy`` aliases it (CPU), not copies: nothing changes
+    the weights while they are written, and a full-size model is saved without a second copy of its weights."""
+    save_state_dict({name: p.asnumpy() for name, p in model.parameters_dict().items()}, path, config, dtype)
+
+
+def save_state_dict(state: dict[str, np.ndarray], path: str | Path, config: Any = None, dtype: str = "float32") -> None:
+    """Write a whole-model state dict in our names atomically (``.safetensors`` files also embed the model config).
+
+    With ``dtype="float16"`` the float32 arrays of ``state`` are replaced by their float16 copies one at a time, so
+    the conversion never holds both precisions of all the weights; ``state`` is changed in place."""
     if dtype == "float16":
-        state = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in state.items()}
+        for key, value in state.items():
+            if value.dtype == np.float32:
+                state[key] = value.astype(np.float16)
     elif dtype != "float32":
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     metadata = None

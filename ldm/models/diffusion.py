@@ -13,6 +13,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from ldm.models.layers import uninitialised_parameters
 from ldm.schedule import SD_LINEAR_END, SD_LINEAR_START, SD_TIMESTEPS, alphas_cumprod, make_betas
 from ldm.util import instantiate_from_config
 
@@ -123,7 +124,15 @@ class LatentDiffusion(nn.Cell):
         return self.cond_stage_model.tokenize(texts)
 
 
-def build_model_from_config(config: Any) -> LatentDiffusion:
-    """Build the network described by a config's ``model`` node (a full config or the node itself)."""
+def build_model_from_config(config: Any, uninitialised: bool = False) -> LatentDiffusion:
+    """Build the network described by a config's ``model`` node (a full config or the node itself).
+
+    uninitialised: leave every parameter without a value, for a checkpoint load to fill
+    (:func:`ldm.io.model_io.load_pretrained` does, and initialises any parameter the file does not hold); the model
+    then never holds random weights and the file's weights at the same time.
+    """
     node = config["model"] if "model" in config else config
-    return instantiate_from_config(node)
+    if not uninitialised:
+        return instantiate_from_config(node)
+    with uninitialised_parameters():
+        return instantiate_from_config(node)

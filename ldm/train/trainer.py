@@ -138,7 +138,7 @@ def build_trainable_model(opts: TrainOptions, config):
     LoRA branches compute in fp16 under an fp16 network (or with ``lora_fp16``), their parameters in float32."""
     check_choices(opts)
     policy = precision_policy(opts)
-    model = build_model_from_config(config_with_policy(config, policy))
+    model = build_model_from_config(config_with_policy(config, policy), uninitialised=bool(opts.pretrained_model_path))
     if opts.pretrained_model_path:
         load_pretrained(model, opts.pretrained_model_path, allow_pickle=opts.allow_pickle)
     else:
