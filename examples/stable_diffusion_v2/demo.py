@@ -41,7 +41,7 @@ def generate(out: Path, prompts: Path, lora: Path | None) -> None:
     args = ["examples/stable_diffusion_v2/text_to_image.py", "--ckpt_path", str(MODEL / "tiny_sd.safetensors")]
     args += ["--data_path", str(prompts), "--n_samples", str(SAMPLES_PER_PROMPT), "--n_iter", "1"]
     args += ["--H", "64", "--W", "64", "--sampler", "dpm_solver_pp", "--sampling_steps", "20"]
-    args += ["--scale", str(GUIDANCE), "--seed", "42", "--output_path", str(out)]
+    args += ["--scale", str(GUIDANCE), "--seed", "42", "--seed_per_prompt", "True", "--output_path", str(out)]
     if lora is not None:
         args += ["--use_lora", "True", "--lora_ckpt_path", str(lora)]
     run(f"generate ({'after' if lora else 'before'} LoRA)", args)
