@@ -50,6 +50,7 @@ class GenerationJob:
     height: int | None = None
     width: int | None = None
     seed: int = 42
+    seed_per_prompt: bool = False  # prompt k's iteration i uses seed + k * n_iter + i: no two images share noise
     lora_ckpt_paths: list[str] = field(default_factory=list)
     lora_scales: list[float] | None = None
     lora_ft_text_encoder: bool = False
@@ -61,6 +62,11 @@ class GenerationJob:
     vae_precision: str | None = None
     text_encoder_precision: str | None = None
     enable_flash_attention: bool = False
+
+
+def batch_seed(job: GenerationJob, prompt_index: int, iteration: int) -> int:
+    """Seed of one batch: ``seed + iteration``, offset by ``prompt_index * n_iter`` with ``seed_per_prompt``."""
+    return job.seed + (prompt_index * job.n_iter if job.seed_per_prompt else 0) + iteration
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -209,11 +215,11 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
     def on_step(step, _t, _x):
         bar.set_postfix_str(f"step {step + 1}/{job.sampling_steps}")
 
-    for prompt in job.prompts:
+    for k, prompt in enumerate(job.prompts):
         batch = [prompt] * job.n_samples
         images_of_prompt = []
         for i in range(job.n_iter):
-            seed = job.seed + i
+            seed = batch_seed(job, k, i)
             start = time.perf_counter()
             images = pipe(batch, [job.negative_prompt] * job.n_samples, settings=settings, seed=seed, callback=on_step)
             batch_seconds.append(time.perf_counter() - start)

@@ -16,6 +16,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +29,9 @@ GUIDANCE = 5.0
 def run(step: str, args: list[str]) -> None:
     """Run one CLI as a subprocess; stop the demo with its exit status if it fails."""
     print(f"\n== {step}: {' '.join(args)}", flush=True)
+    start = time.monotonic()
     rc = subprocess.call([sys.executable, *args], cwd=ROOT)
+    print(f"== {step}: {time.monotonic() - start:.0f} s", flush=True)
     if rc:
         print(f"error: {step} failed (exit status {rc})", file=sys.stderr)
         sys.exit(rc)
@@ -38,7 +41,7 @@ def generate(out: Path, prompts: Path, lora: Path | None) -> None:
     args = ["examples/stable_diffusion_v2/text_to_image.py", "--ckpt_path", str(MODEL / "tiny_sd.safetensors")]
     args += ["--data_path", str(prompts), "--n_samples", str(SAMPLES_PER_PROMPT), "--n_iter", "1"]
     args += ["--H", "64", "--W", "64", "--sampler", "dpm_solver_pp", "--sampling_steps", "20"]
-    args += ["--scale", str(GUIDANCE), "--seed", "42", "--output_path", str(out)]
+    args += ["--scale", str(GUIDANCE), "--seed", "42", "--seed_per_prompt", "True", "--output_path", str(out)]
     if lora is not None:
         args += ["--use_lora", "True", "--lora_ckpt_path", str(lora)]
     run(f"generate ({'after' if lora else 'before'} LoRA)", args)
@@ -60,25 +63,26 @@ def evaluate(samples: Path, ref_stats: Path, image_prompts: Path, out_json: Path
     return {"fid": fid["fid"], "kid": fid["kid_mean"], "clip": clip["clip_score"]}
 
 
-def side_by_side(before: Path, after: Path, path: Path, columns: int = SAMPLES_PER_PROMPT) -> None:
-    """One image: each prompt's samples before LoRA (left) and after (right), one prompt per row."""
+def side_by_side(before: Path, after: Path, path: Path, columns: int = SAMPLES_PER_PROMPT, n_rows: int = 8) -> None:
+    """One image: the first ``n_rows`` prompts' samples before LoRA (left) and after (right), one prompt per row."""
     from PIL import Image
 
     rows = []
     for folder in (before, after):
         rows.append(sorted(p for p in folder.glob("*.png")))
     size = Image.open(rows[0][0]).size[0]
-    n_rows = len(rows[0]) // columns
+    n_rows = min(n_rows, len(rows[0]) // columns)
     gap = size // 4
     grid = Image.new("RGB", (2 * columns * size + gap, n_rows * size), "white")
     for side, files in enumerate(rows):
-        for i, f in enumerate(files):
+        for i, f in enumerate(files[: n_rows * columns]):
             x = side * (columns * size + gap) + (i % columns) * size
             grid.paste(Image.open(f).convert("RGB"), (x, (i // columns) * size))
     grid.save(path)
 
 
 def main() -> int:
+    start = time.monotonic()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_path", default="output/demo")
     parser.add_argument("--max_train_steps", type=int, help="override the recipe's step count")
@@ -123,6 +127,7 @@ def main() -> int:
     for name, r in (("before", before), ("after", after)):
         print(f"{name:8}{r['fid']:10.2f}{r['kid']:10.4f}{r['clip']:10.2f}")
     print(f"grids: before {out / 'before'}/grid-*.png, after {out / 'after'}/grid-*.png, side by side {grid}")
+    print(f"demo time: {time.monotonic() - start:.0f} s")
     print(f"LoRA: {lora}; loss plot {out / 'lora/loss.png'}; validation grids {out / 'lora/validation'}")
     print(
         f"FID before={before['fid']:.2f} after={after['fid']:.2f} KID before={before['kid']:.4f} "

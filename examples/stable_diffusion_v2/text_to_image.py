@@ -41,6 +41,13 @@ def build_parser() -> Parser:
     p.add_argument("--H", type=int, help="image height (default: the model config's native size)")
     p.add_argument("--W", type=int, help="image width (default: the model config's native size)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--seed_per_prompt",
+        type=str2bool,
+        default=False,
+        help="True: prompt k's iteration i uses seed + k * n_iter + i, so no two prompts share noise (sample sets for "
+        "FID); default: every prompt uses the same seeds (compare prompts)",
+    )
     p.add_argument("--use_lora", type=str2bool, default=False, help="merge the --lora_ckpt_path adapters (True)")
     p.add_argument("--lora_ckpt_path", action="append", default=[], help="LoRA adapter file (repeatable)")
     p.add_argument("--lora_scale", type=float, action="append", help="scale per adapter (repeatable; default 1.0)")
@@ -116,6 +123,7 @@ def job_from_args(args: argparse.Namespace) -> GenerationJob:
         height=args.H,
         width=args.W,
         seed=args.seed,
+        seed_per_prompt=args.seed_per_prompt,
         lora_ckpt_paths=adapters,
         lora_scales=args.lora_scale if adapters else None,
         lora_ft_text_encoder=args.lora_ft_text_encoder,

