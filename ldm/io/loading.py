@@ -16,7 +16,7 @@ import numpy as np
 from mindspore import nn
 
 from ldm.io.checkpoint import CheckpointError
-from ldm.models.layers import assign_array
+from ldm.models.layers import assign_array, uninitialised_names
 
 DTYPE_POLICIES = ("cast to param dtype", "require same dtype")
 _SHOWN = 5
@@ -149,7 +149,6 @@ def load_state_dict_into(
     report = match_state_dict(cell, state_dict, source, allow_missing, allow_unexpected, dtype_policy)
     for key in report.loaded:
         assign_array(params[key], state_dict.pop(key) if consume else state_dict[key])
-    for param in params.values():
-        if param.has_init:
-            param.init_data()
+    for name in uninitialised_names(cell):
+        params[name].init_data()
     return report

@@ -105,7 +105,7 @@ class AdamW(nn.Cell):
         """Both moments of every parameter, ``adam_m.<name>`` / ``adam_v.<name>``, in the parameter's shape."""
         arrays = {}
         for prefix, flat in (("adam_m", self.exp_avg), ("adam_v", self.exp_avg_sq)):
-            pieces = np.split(flat.asnumpy(), np.cumsum(self.sizes)[:-1])
+            pieces = np.split(flat.asnumpy(), self.ends[:-1])
             for p, piece in zip(self.params, pieces):
                 arrays[f"{prefix}.{p.name}"] = piece.reshape(p.shape).copy()
         return arrays
