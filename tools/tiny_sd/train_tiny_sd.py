@@ -12,6 +12,11 @@ transformers CLIP folder (``clip/``), which ``python -m ldm.convert`` and ``tool
   it must be able to represent the held-out colours before LoRA can learn them).
 * The UNet (epsilon prediction, SD's scaled-linear schedule, 10% caption dropout for classifier-free guidance,
   EMA 0.999) sees only the plain clip art: the blueprint concept is held out of it.
+* ``--prefix_augment P`` swaps the caption's "a clip art drawing of" for another phrasing from ``PREFIXES`` (or none)
+  with probability P. Every caption otherwise starts with the same five tokens, so an unseen style word ("a blueprint
+  drawing of") moves the text embedding off everything the UNet saw and it draws noise instead of the subject; real
+  SD has seen thousands of phrasings and keeps the subject. The phrasings hold no colour or blueprint word, so the
+  held-out concept stays unseen. Needs the tokenizer folder (``--tokenizer``, by default ``<--init>/tokenizer``).
 
 ``--init DIR`` continues from an earlier run instead of starting from scratch: the text encoder and VAE are taken
 as they are from ``DIR`` (a diffusers folder, e.g. ``python -m ldm.convert models/tiny_sd/tiny_sd.safetensors DIR``,
@@ -43,6 +48,29 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BLUEPRINT_RATE = 0.2
 CAPTION_DROPOUT = 0.1
 TIMING_STEPS = 30
+PLAIN_PREFIX = "a clip art drawing of"  # make_data.CAPTION's prefix
+PREFIXES = (  # what --prefix_augment puts in its place: no colour, colour treatment or blueprint words
+    "",
+    "a drawing of",
+    "an illustration of",
+    "a picture of",
+    "an image of",
+    "a sketch of",
+    "clip art of",
+    "a clip art image of",
+    "a vector image of",
+    "an icon of",
+    "a cartoon of",
+    "a graphic of",
+    "a cartoon drawing of",
+    "a simple drawing of",
+    "a digital drawing of",
+    "a vector drawing of",
+    "a flat drawing of",
+    "a small drawing of",
+    "a cute drawing of",
+    "a nice drawing of",
+)
 
 TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
 VISION = dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4)
@@ -184,6 +212,31 @@ def encode_all(vae, images, device, batch=512):
     return torch.cat(means), torch.cat(stds)
 
 
+def caption_variants(ids: np.ndarray, tokenizer_dir: str) -> np.ndarray:
+    """Token ids of every caption under each phrasing: ``[0]`` the captions as they are, ``[1 + k]`` with
+    ``PLAIN_PREFIX`` replaced by ``PREFIXES[k]`` (subject tokens kept, EOS padding, truncated to the context)."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    eos, length = tokenizer.eos_token_id, ids.shape[1]
+
+    def words(text: str) -> list[int]:
+        return tokenizer(text).input_ids[1:-1]
+
+    plain = words(PLAIN_PREFIX)
+    if not (ids[:, 1 : 1 + len(plain)] == plain).all():
+        raise ValueError(f"not every caption starts with {PLAIN_PREFIX!r}: data and tokenizer do not match")
+    ends = 1 + np.argmax(ids[:, 1:] == eos, axis=1)  # index of each caption's EOS
+    out = np.full((1 + len(PREFIXES), *ids.shape), eos, dtype=ids.dtype)
+    out[0] = ids
+    for k, prefix in enumerate(PREFIXES, 1):
+        head = [int(ids[0, 0]), *words(prefix)]
+        for row, (caption, end) in enumerate(zip(ids, ends)):
+            tokens = (head + caption[1 + len(plain) : end].tolist())[: length - 1] + [eos]
+            out[k, row, : len(tokens)] = tokens
+    return out
+
+
 def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args, history):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -203,17 +256,25 @@ def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args,
     gen = torch.Generator(device=device).manual_seed(args.seed + 2)
     forward = torch.compile(unet) if args.compile else unet
     n = latent_mean.shape[0]
-    with torch.no_grad():
-        contexts = torch.cat(
-            [text_encoder(ids).last_hidden_state for ids in data["ids"].split(512)]
-        )  # frozen text encoder: embed every caption once
+    variants = data["ids"][None]
+    if args.prefix_augment:
+        tokenizer_dir = args.tokenizer or str(Path(args.init) / "tokenizer")
+        variants = torch.from_numpy(caption_variants(data["ids"].cpu().numpy(), tokenizer_dir)).to(device)
+    with torch.no_grad():  # frozen text encoder: embed every caption (under every phrasing) once
+        contexts = torch.stack(
+            [torch.cat([text_encoder(ids).last_hidden_state for ids in v.split(512)]) for v in variants]
+        )
         empty = text_encoder(data["empty_ids"]).last_hidden_state
 
     def step(i):
         idx = torch.randint(0, n, (args.unet_batch,), device=device, generator=gen)
         z = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, device=device, generator=gen)
         z = z * scale
-        context = contexts[idx]
+        context = contexts[0, idx]
+        if len(contexts) > 1:  # --prefix_augment
+            swap = torch.rand(args.unet_batch, device=device, generator=gen) < args.prefix_augment
+            other = torch.randint(1, len(contexts), (args.unet_batch,), device=device, generator=gen)
+            context = contexts[torch.where(swap, other, 0), idx]
         drop = torch.rand(args.unet_batch, device=device, generator=gen) < CAPTION_DROPOUT
         context = torch.where(drop.view(-1, 1, 1), empty.expand_as(context), context)
         t = torch.randint(0, 1000, (args.unet_batch,), device=device, generator=gen)
@@ -304,6 +365,8 @@ def main(argv=None) -> int:
     p.add_argument("--max_seconds", type=float, default=1e9, help="stop any stage once the run is this old")
     p.add_argument("--init", help="continue from this folder (vae/, text_encoder/, unet/, clip/); CLIP and VAE kept")
     p.add_argument("--noise_offset", type=float, default=0.0, help="offset noise strength (0: off)")
+    p.add_argument("--prefix_augment", type=float, default=0.0, help="rate of swapped caption phrasings (0: off)")
+    p.add_argument("--tokenizer", help="CLIP tokenizer folder for --prefix_augment (default: <--init>/tokenizer)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (faster steps, ~1 min compile)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -346,7 +409,10 @@ def main(argv=None) -> int:
     summary["config"] = {"text": TEXT, "vision": VISION, "unet": UNET, "vae": VAE, "args": vars(args)}
     print(json.dumps(summary), flush=True)
     save_all(Path(args.out), clip, vae, unet, history, summary)
-    sample_grid(unet, vae, clip.text_model, data["ids"][:8], data["empty_ids"], scale, Path(args.out) / "samples.png")
+    out = Path(args.out)
+    sample_grid(unet, vae, clip.text_model, data["ids"][:8], data["empty_ids"], scale, out / "samples.png")
+    held_out = data["blueprint_ids"][:8]  # the held-out word: the subject should survive it
+    sample_grid(unet, vae, clip.text_model, held_out, data["empty_ids"], scale, out / "samples_blueprint.png")
     return 0
 
 
