@@ -1,5 +1,6 @@
 """The shipped tiny SD (models/tiny_sd): every file loads strictly, a fixed-seed generation matches a committed
-reference, and a short LoRA run lowers the diffusion loss on the held-out blueprint concept.
+reference, a short LoRA run lowers the diffusion loss on the held-out blueprint concept, and the recipe's
+caption-prefix augmentation (``train_tiny_sd.py --prefix_augment``) keeps subjects and never names the concept.
 
 Regenerate the reference (only after retraining the model on purpose): ``python tests/test_tiny_model.py``.
 """
@@ -127,6 +128,36 @@ def test_loss_plot_has_ticks_series_and_lr(tmp_path):
     colours = {c for _, c in Image.open(tmp_path / "loss.png").convert("RGB").getcolors(1 << 20)}
     assert SMOOTH in colours and LR in colours
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]  # no temp file left
+
+
+def test_caption_prefix_augmentation_keeps_subject_and_holds_no_concept_word(tmp_path):
+    """train_tiny_sd.py --prefix_augment: each spliced caption equals the tokenized text of its new phrasing + the
+    subject, and no phrasing names the held-out blueprint concept or a colour."""
+    import pytest
+
+    pytest.importorskip("torch")  # train_tiny_sd.py is a PyTorch script
+    pytest.importorskip("transformers")
+    from ldm.tokenizer import CLIPTokenizer
+
+    sys.path.insert(0, str(ROOT / "tools/tiny_sd"))
+    from make_data import CAPTION
+    from train_tiny_sd import PLAIN_PREFIX, PREFIXES, caption_variants
+
+    assert CAPTION.format("") == PLAIN_PREFIX + " "
+    for word in ("blue", "print", "colo", "white", "dark", "negative"):
+        assert not any(word in prefix for prefix in PREFIXES), word
+    tokenizer = CLIPTokenizer.for_family("sd1")
+    tokenizer.save_hf_vocab(str(tmp_path))
+    subjects = ["a red apple (fruit, food)", "heart ballons benji park (signs and symbols)"]
+    ids = np.asarray(tokenizer([CAPTION.format(s) for s in subjects]), np.int64)
+    variants = caption_variants(ids, str(tmp_path))
+    assert variants.shape == (1 + len(PREFIXES), *ids.shape)
+    assert (variants[0] == ids).all()
+    for k, prefix in enumerate(PREFIXES, 1):
+        expected = tokenizer([f"{prefix} {s}".strip() for s in subjects])
+        assert (variants[k] == np.asarray(expected)).all(), prefix
+    with pytest.raises(ValueError, match="a clip art drawing of"):
+        caption_variants(np.asarray(tokenizer(["a blueprint drawing of x"]), np.int64), str(tmp_path))
 
 
 if __name__ == "__main__":
