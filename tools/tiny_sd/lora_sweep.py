@@ -49,6 +49,7 @@ RECIPES = {  # name: (rank, targets, peak lr, steps, batch, noise offset, text-e
     "r4_conv_lr5e-3_400x8_off0.1": (4, CONV, 5e-3, 400, 8, 0.1, False),
     "full_lr1e-4_400x8_off0.1": (0, FULL, 1e-4, 400, 8, 0.1, False),
     "full_lr3e-4_1000x8_off0.1": (0, FULL, 3e-4, 1000, 8, 0.1, False),
+    "full_lr3e-4_3000x8_off0.1": (0, FULL, 3e-4, 3000, 8, 0.1, False),
 }
 
 
