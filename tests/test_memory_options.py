@@ -10,6 +10,9 @@
   a hand-written backward that recomputes each slice's scores: its input and weight gradients are the softmax
   gradient formula evaluated slice by slice, so they must match automatic differentiation of the plain path to
   float32 rounding (rtol 1e-6 of the largest gradient; a wrong term, e.g. a missing row-sum, gives O(1) errors);
+- the plain attention's hand-written backward (``AttentionCore``, the row term taken as rowsum(g * out)) must match
+  automatic differentiation of softmax(q k^T) v to float32 rounding (the same 1e-6 tolerance; a wrong or missing
+  row term gives O(1) errors);
 - releasing the text encoder after encoding every prompt batch ahead (what ``text_to_image.py`` does) must leave
   the very contexts the sampler gets unchanged (bit for bit); a batch that was not encoded ahead is an error;
 - tiled VAE decode is approximate by design; what it promises is checked exactly: a latent no larger than a tile
@@ -21,11 +24,12 @@ import ldm  # noqa: F401, I001  (must precede mindspore)
 from pathlib import Path
 
 import mindspore as ms
+from mindspore import ops
 import numpy as np
 import pytest
 
 from ldm.lora import UNET_ATTENTION_TARGETS, inject_lora
-from ldm.models.attention import CrossAttention, MemoryEfficientAttention
+from ldm.models.attention import AttentionCore, CrossAttention, MemoryEfficientAttention
 from ldm.models.diffusion import build_model_from_config
 from ldm.pipeline import GenerationSettings, Text2ImagePipeline
 from ldm.util import load_config
@@ -172,6 +176,25 @@ def test_memory_efficient_attention_matches_plain(budget):
     attn.set_memory_efficient(False)
     assert attn.memory_efficient is None
     np.testing.assert_array_equal(attn(x, context).asnumpy(), out)
+
+
+def test_attention_core_backward_matches_autodiff():
+    rng = np.random.default_rng(7)
+    q, k, v = (ms.Tensor(rng.standard_normal(shape, dtype=np.float32)) for shape in ((6, 7, 8), (6, 9, 8), (6, 9, 8)))
+    probe = ms.Tensor(rng.standard_normal((6, 7, 8), dtype=np.float32))
+    core = AttentionCore()
+
+    def reference(q, k, v):
+        return (ops.bmm(ops.softmax(ops.bmm(q, k.transpose(0, 2, 1)), axis=-1), v) * probe).sum()
+
+    def ours(q, k, v):
+        return (core(q, k, v)[0] * probe).sum()
+
+    want = [g.asnumpy() for g in ms.grad(reference, (0, 1, 2))(q, k, v)]
+    got = [g.asnumpy() for g in ms.grad(ours, (0, 1, 2))(q, k, v)]
+    scale = max(float(np.abs(g).max()) for g in want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 * scale)
 
 
 @pytest.mark.slow  # a graph compile (~40 s here)

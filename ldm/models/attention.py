@@ -61,6 +61,7 @@ class CrossAttention(nn.Cell):
         self.slice_size = int(attention_slice_size)
         self.upcast = bool(upcast_attention)
         self.memory_efficient = None  # a MemoryEfficientAttention once set_memory_efficient(True)
+        self.core = AttentionCore()
 
     def set_memory_efficient(self, enable: bool) -> None:
         """Switch the recomputing-backward attention on or off (before a graph is compiled, or eagerly)."""
@@ -87,7 +88,7 @@ class CrossAttention(nn.Cell):
         if self.memory_efficient is not None:
             return self.memory_efficient(q, k, v).reshape(b, h, n, d)
         if not self.slice_size or self.slice_size >= rows:
-            return self._scores_times_values(q, k, v).reshape(b, h, n, d)
+            return self.core(q, k, v)[0].reshape(b, h, n, d)
         return self._sliced_scores_times_values(q, k, v, self.slice_size).reshape(b, h, n, d)
 
     @staticmethod
@@ -102,9 +103,12 @@ class CrossAttention(nn.Cell):
     @staticmethod
     def _scores_times_values(q, k, v):
         """softmax(q k^T) v for (rows, S, D) tensors, the softmax in float32."""
-        sim = ops.bmm(q, k.transpose(0, 2, 1))
-        attn = ops.softmax(sim.astype(ms.float32), axis=-1).astype(v.dtype)
-        return ops.bmm(attn, v)
+        return ops.bmm(CrossAttention._probabilities(q, k).astype(v.dtype), v)
+
+    @staticmethod
+    def _probabilities(q, k):
+        """softmax(q k^T) in float32 for (rows, S, D) tensors."""
+        return ops.softmax(ops.bmm(q, k.transpose(0, 2, 1)).astype(ms.float32), axis=-1)
 
     def _flash_attention(self, q, k, v):
         """Ascend fused kernel (fp16 inputs, head size padded to a multiple of 16; zero padding changes nothing)."""
@@ -131,16 +135,48 @@ class CrossAttention(nn.Cell):
         return self.to_out(out)
 
 
+class AttentionCore(nn.Cell):
+    """softmax(q k^T) v over (rows, S, D) tensors (the softmax in float32), with a hand-written backward.
+
+    ``construct`` returns ``(output, probabilities)``; callers use the output. The backward gets both from the
+    forward (nothing is recomputed) and takes the softmax's row term from the output instead of the scores:
+    sum_j dP_ij P_ij = sum_j P_ij (g_i . v_j) = g_i . out_i, FlashAttention's identity. So the row sums run over
+    (rows, S, D) instead of (rows, S, S) and the (rows, S, S) product dP * P is not formed: automatic
+    differentiation of the softmax took 12 % of the small LoRA step's kernel time in that reduction alone
+    (``benchmarks/README.md``, "Profile of the train step"). ``MemoryEfficientAttention.bprop`` uses the same
+    formulas slice by slice; gradients equal automatic differentiation's to float rounding.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.bmm_nt = ops.BatchMatMul(transpose_b=True)
+        self.bmm_tn = ops.BatchMatMul(transpose_a=True)
+
+    def construct(self, q, k, v):
+        probs = CrossAttention._probabilities(q, k)
+        return ops.bmm(probs.astype(v.dtype), v), probs
+
+    def bprop(self, q, k, v, out, dout):
+        output, probs = out
+        grad = dout[0]
+        dv = self.bmm_tn(probs.astype(v.dtype), grad)
+        dprobs = self.bmm_nt(grad, v).astype(ms.float32)
+        row = (grad.astype(ms.float32) * output.astype(ms.float32)).sum(axis=-1, keepdims=True)
+        dscores = (probs * (dprobs - row)).astype(q.dtype)
+        return ops.bmm(dscores, k), self.bmm_tn(dscores, q), dv
+
+
 class MemoryEfficientAttention(nn.Cell):
     """softmax(q k^T) v over (rows, S, D) tensors in slices, keeping no scores for the backward pass.
 
     A slice is as many (batch x head) rows as fit ``score_budget`` float32 scores (at least one row): one head at
     64x64 latents (4096 x 4096 scores, 64 MiB), all rows at once where the scores are small (cross-attention over 77
     tokens, the inner levels). The forward is ``CrossAttention``'s sliced path. ``bprop`` replaces automatic
-    differentiation: it receives only q, k, v and the output gradient, and per slice recomputes the probabilities
-    P = softmax(q k^T) (float32), then dv = P^T g, dP = g v^T, dS = P * (dP - rowsum(dP * P)), dq = dS k,
-    dk = dS^T q. So the backward holds one slice's scores and their gradient instead of every row's scores from the
-    forward, at the cost of one more q k^T and softmax per slice. In PyNative the forward runs without recording
+    differentiation: it receives q, k, v, the output and its gradient, and per slice recomputes the probabilities
+    P = softmax(q k^T) (float32), then dv = P^T g, dP = g v^T, dS = P * (dP - rowsum(g * out)), dq = dS k,
+    dk = dS^T q (rowsum(g * out) equals rowsum(dP * P), see ``AttentionCore``). So the backward holds one slice's
+    scores and their gradient instead of every row's scores from the forward, at the cost of one more q k^T and
+    softmax per slice. In PyNative the forward runs without recording
     (MindSpore runs custom-bprop cells that way); in graph mode the bprop is compiled in place of the derivative.
     """
 
@@ -166,7 +202,8 @@ class MemoryEfficientAttention(nn.Cell):
             probs = self.softmax(self.bmm_nt(qi, ki).astype(ms.float32))
             dv.append(self.bmm_tn(probs.astype(vi.dtype), gi))
             dprobs = self.bmm_nt(gi, vi).astype(ms.float32)
-            dscores = (probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))).astype(qi.dtype)
+            row = (gi.astype(ms.float32) * out[i : i + step].astype(ms.float32)).sum(axis=-1, keepdims=True)
+            dscores = (probs * (dprobs - row)).astype(qi.dtype)
             dq.append(ops.bmm(dscores, ki))
             dk.append(self.bmm_tn(dscores, qi))
         return tuple(ops.cat(g, axis=0) if len(g) > 1 else g[0] for g in (dq, dk, dv))
