@@ -135,6 +135,21 @@ class CrossAttention(nn.Cell):
         return self.to_out(out)
 
 
+def scores_grad(probs, grad, v, output, bmm_nt):
+    """Gradient of the scores S (rows, S_q, S_k) of out = softmax(S) v, given probs = softmax(S) in float32.
+
+    dS = P * (g v^T - rowsum(g * out)) (the row term by FlashAttention's identity, see ``AttentionCore``). The row
+    term is subtracted inside the matmul: g gets -rowsum as one more column and v a column of ones, so
+    [g, -r] [v, 1]^T = g v^T - r comes out of one GEMM, and no separate pass over the (rows, S_q, S_k) matrix
+    subtracts it. Equal to the separate subtraction to float rounding (bit-identical in the train step measured on
+    CPU). In float32.
+    """
+    grad, v = grad.astype(ms.float32), v.astype(ms.float32)
+    row = (grad * output.astype(ms.float32)).sum(axis=-1, keepdims=True)
+    ones = ops.ones(v.shape[:-1] + (1,), ms.float32)
+    return probs * bmm_nt(ops.cat((grad, -row), axis=-1), ops.cat((v, ones), axis=-1))
+
+
 class AttentionCore(nn.Cell):
     """softmax(q k^T) v over (rows, S, D) tensors (the softmax in float32), with a hand-written backward.
 
@@ -160,9 +175,7 @@ class AttentionCore(nn.Cell):
         output, probs = out
         grad = dout[0]
         dv = self.bmm_tn(probs.astype(v.dtype), grad)
-        dprobs = self.bmm_nt(grad, v).astype(ms.float32)
-        row = (grad.astype(ms.float32) * output.astype(ms.float32)).sum(axis=-1, keepdims=True)
-        dscores = (probs * (dprobs - row)).astype(q.dtype)
+        dscores = scores_grad(probs, grad, v, output, self.bmm_nt).astype(q.dtype)
         return ops.bmm(dscores, k), self.bmm_tn(dscores, q), dv
 
 
@@ -201,9 +214,7 @@ class MemoryEfficientAttention(nn.Cell):
             qi, ki, vi, gi = q[i : i + step], k[i : i + step], v[i : i + step], dout[i : i + step]
             probs = self.softmax(self.bmm_nt(qi, ki).astype(ms.float32))
             dv.append(self.bmm_tn(probs.astype(vi.dtype), gi))
-            dprobs = self.bmm_nt(gi, vi).astype(ms.float32)
-            row = (gi.astype(ms.float32) * out[i : i + step].astype(ms.float32)).sum(axis=-1, keepdims=True)
-            dscores = (probs * (dprobs - row)).astype(qi.dtype)
+            dscores = scores_grad(probs, gi, vi, out[i : i + step], self.bmm_nt).astype(qi.dtype)
             dq.append(ops.bmm(dscores, ki))
             dk.append(self.bmm_tn(dscores, qi))
         return tuple(ops.cat(g, axis=0) if len(g) > 1 else g[0] for g in (dq, dk, dv))
