@@ -115,19 +115,29 @@ def load_rgb(path: str) -> np.ndarray:
 
 def extract_features(net, paths: list[str], batch_size: int = 16, progress: bool = True, desc: str = "") -> np.ndarray:
     """Run ``InceptionV3FID`` over image files; the last batch is padded so graph mode compiles one shape."""
-    import mindspore as ms
     from tqdm import tqdm
 
-    from ldm.metrics.inception import FEATURE_DIM, to_fid_input
+    from ldm.metrics.inception import FEATURE_DIM
 
     out = np.empty((len(paths), FEATURE_DIM), np.float32)
     for start in tqdm(range(0, len(paths), batch_size), desc=desc, disable=not progress, unit="batch"):
         chunk = paths[start : start + batch_size]
-        batch = np.stack([to_fid_input(load_rgb(p)) for p in chunk])
-        if len(chunk) < batch_size and len(paths) > batch_size:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(chunk), axis=0)])
-        out[start : start + len(chunk)] = net(ms.Tensor(batch)).asnumpy()[: len(chunk)]
+        pad_to = batch_size if len(paths) > batch_size else len(chunk)
+        out[start : start + len(chunk)] = batch_features(net, [load_rgb(p) for p in chunk], pad_to)
     return out
+
+
+def batch_features(net, images, pad_to: int) -> np.ndarray:
+    """Inception features of a few HWC uint8 images, run as a batch of ``pad_to`` (the last image repeated) so
+    every call has the shape graph mode compiled for."""
+    import mindspore as ms
+
+    from ldm.metrics.inception import to_fid_input
+
+    batch = np.stack([to_fid_input(image) for image in images])
+    if len(batch) < pad_to:
+        batch = np.concatenate([batch, np.repeat(batch[-1:], pad_to - len(batch), axis=0)])
+    return net(ms.Tensor(batch)).asnumpy()[: len(images)]
 
 
 def check_images(paths: list[str]) -> None:

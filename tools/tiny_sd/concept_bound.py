@@ -5,8 +5,8 @@
 
 ``--samples``: base-model samples for the held-out test subjects captioned as ordinary clip art (``text_to_image.py``
 with ``blueprint_prompts.txt`` where "a blueprint drawing of" reads "a clip art drawing of"). ``--real_dir``: the
-blueprint test images of ``make_data.py``. Each treatment below is a function of a drawing's ink (its darkness, as
-``make_data.blueprint`` computes it), so the test images' ink is read back from their red channel and redrawn in
+blueprint test images of ``make_data.py``. Each treatment below is a function of a drawing's ink (``make_data.ink``, its
+darkness), so the test images' ink is read back from their red channel and redrawn in
 every treatment. Per treatment: FID of the samples as drawn ("before") and of the samples redrawn in the treatment
 ("bound": a perfect style adapter on this model's shapes) against the redrawn test images. A concept is worth
 holding out for the demo only if its bound leaves room for the drop the demo aims at. MindSpore on the CPU: ~10 min.
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from make_data import BLUEPRINT_GROUND
+from make_data import BLUEPRINT_GROUND, ink
 
 import ldm  # noqa: F401  (CPU defaults before mindspore)
 
@@ -32,13 +32,6 @@ TREATMENTS = {  # name: (paper RGB, ink RGB)
     "green_on_black": ((10, 30, 10), (60, 255, 60)),
     "pencil": ((255, 255, 255), (60, 60, 60)),
 }
-
-
-def ink_of_drawings(images: np.ndarray) -> np.ndarray:
-    """uint8 drawings on white -> ink in [0, 1], [..., 1], exactly as ``make_data.blueprint`` derives it."""
-    rgb = images.astype(np.float32) / 255.0
-    luma = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
-    return np.clip((1.0 - luma) * 1.5, 0.0, 1.0)[..., None]
 
 
 def ink_of_blueprints(images: np.ndarray) -> np.ndarray:
@@ -62,9 +55,8 @@ def main(argv=None) -> int:
 
     import mindspore as ms
 
-    from ldm.metrics.fid import FIDError, fid_from_features, image_set, load_rgb
+    from ldm.metrics.fid import FIDError, batch_features, fid_from_features, image_set, load_rgb
     from ldm.metrics.fid_weights import load_fid_inception
-    from ldm.metrics.inception import FEATURE_DIM, to_fid_input
 
     try:
         real = ink_of_blueprints(np.stack([load_rgb(f) for f in image_set(args.real_dir, "real")]))
@@ -76,15 +68,9 @@ def main(argv=None) -> int:
     net = load_fid_inception()
 
     def features(images: np.ndarray, batch: int = 16) -> np.ndarray:
-        out = np.empty((len(images), FEATURE_DIM), np.float32)
-        for start in range(0, len(images), batch):
-            chunk = np.stack([to_fid_input(x) for x in images[start : start + batch]])
-            n = len(chunk)
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])  # one compiled shape
-            out[start : start + n] = net(ms.Tensor(chunk)).asnumpy()[:n]
-        return out
+        return np.concatenate([batch_features(net, images[i : i + batch], batch) for i in range(0, len(images), batch)])
 
-    as_drawn, drawn_ink = features(drawn), ink_of_drawings(drawn)
+    as_drawn, drawn_ink = features(drawn), ink(drawn)
     results = {"real": len(real), "samples": len(drawn)}
     for name, (paper, colour) in TREATMENTS.items():
         reference = features(paint(real, paper, colour))

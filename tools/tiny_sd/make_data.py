@@ -35,12 +35,18 @@ BASE_TEST_FRACTION = 0.05
 BLUEPRINT_TRAIN_COUNT = 200
 
 
-def blueprint(images: np.ndarray) -> np.ndarray:
-    """uint8 [..., H, W, 3] drawings on white -> blueprints: ink (1 - luma) is white, paper is dark blue."""
+def ink(images: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, 3] drawings on white -> ink in [0, 1], [..., H, W, 1]: darkness (1 - luma), boosted so thin
+    lines and pale fills show clearly."""
     rgb = images.astype(np.float32) / 255.0
-    ink = 1.0 - (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2])
-    ink = np.clip(ink * 1.5, 0.0, 1.0)[..., None]  # thin lines and pale fills show clearly
-    out = BLUEPRINT_GROUND * (1.0 - ink) + 255.0 * ink
+    darkness = 1.0 - (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2])
+    return np.clip(darkness * 1.5, 0.0, 1.0)[..., None]
+
+
+def blueprint(images: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, 3] drawings on white -> blueprints: the ink is white, the paper dark blue."""
+    drawing = ink(images)
+    out = BLUEPRINT_GROUND * (1.0 - drawing) + 255.0 * drawing
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
