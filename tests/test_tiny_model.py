@@ -1,6 +1,7 @@
 """The shipped tiny SD (models/tiny_sd): every file loads strictly, a fixed-seed generation matches a committed
-reference, a short LoRA run lowers the diffusion loss on the held-out blueprint concept, and the recipe's
-caption-prefix augmentation (``train_tiny_sd.py --prefix_augment``) keeps subjects and never names the concept.
+reference, a short LoRA run lowers the diffusion loss on the held-out blueprint concept, and the recipe's tools do what
+they claim: caption-prefix and ground augmentation (``train_tiny_sd.py``) never show the concept, every held-out
+concept's ink reads back, and a decoder-only VAE fine-tune keeps the encoder.
 
 Regenerate the reference (only after retraining the model on purpose): ``python tests/test_tiny_model.py``.
 """
@@ -158,6 +159,78 @@ def test_caption_prefix_augmentation_keeps_subject_and_holds_no_concept_word(tmp
         assert (variants[k] == np.asarray(expected)).all(), prefix
     with pytest.raises(ValueError, match="a clip art drawing of"):
         caption_variants(np.asarray(tokenizer(["a blueprint drawing of x"]), np.int64), str(tmp_path))
+
+
+def test_every_held_out_concept_reads_back_its_ink():
+    """make_data.treat draws a drawing's ink in a concept's colours; concept_bound.ink_of must read the same ink back
+    (up to uint8 rounding), or the FID bound would be computed on the wrong drawings."""
+    sys.path.insert(0, str(ROOT / "tools/tiny_sd"))
+    from concept_bound import ink_of
+    from make_data import CONCEPTS, HELD_OUT, ink, treat
+
+    assert HELD_OUT in CONCEPTS
+    rng = np.random.default_rng(0)
+    drawings = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    for concept, (caption, _, _) in CONCEPTS.items():
+        assert caption.count("{}") == 1
+        treated = treat(drawings, concept)  # rounding: half a level of the widest channel (>= 225 levels here)
+        assert np.abs(ink_of(treated, concept) - ink(drawings)).max() <= 0.003, concept
+    plain = np.full((1, 2, 2, 3), 255, np.uint8)  # no ink: all paper
+    assert (treat(plain, "blueprint") == np.array(CONCEPTS["blueprint"][1], np.uint8)).all()
+
+
+def test_ground_augmentation_paints_the_paper_and_names_it(tmp_path):
+    """train_tiny_sd.py --ground_augment: where a drawing has no ink the ground colour shows, where it is fully inked
+    the drawing's own colour stays; the caption gains "on <colour> paper"; no ground is the held-out concept's."""
+    import pytest
+
+    pytest.importorskip("torch")  # train_tiny_sd.py is a PyTorch script
+    pytest.importorskip("transformers")
+    from ldm.tokenizer import CLIPTokenizer
+
+    sys.path.insert(0, str(ROOT / "tools/tiny_sd"))
+    from make_data import CAPTION, CONCEPTS
+    from train_tiny_sd import GROUNDS, on_grounds
+
+    for name, rgb in GROUNDS.items():
+        assert "green" not in name and "black" not in name and max(rgb) > 60, name
+    for _, paper, colour in CONCEPTS.values():
+        assert tuple(paper) not in GROUNDS.values() and tuple(colour) not in GROUNDS.values()
+    tokenizer = CLIPTokenizer.for_family("sd1")
+    tokenizer.save_hf_vocab(str(tmp_path))
+    drawings = np.full((6, 4, 4, 3), 255, np.uint8)
+    drawings[:, :2] = (0, 0, 0)  # top half fully inked (black), bottom half paper
+    subjects = [f"thing {i}" for i in range(6)]
+    ids = np.asarray(tokenizer([CAPTION.format(s) for s in subjects]), np.int64)
+    grounded, grounded_ids = on_grounds(drawings, ids, str(tmp_path), seed=0)
+    assert (grounded[:, :2] == 0).all()
+    for image, row, subject in zip(grounded, grounded_ids, subjects):
+        name = next(n for n, rgb in GROUNDS.items() if (image[3, 3] == rgb).all())
+        assert (row == np.asarray(tokenizer([f"{CAPTION.format(subject)} on {name} paper"])[0])).all()
+
+
+def test_decoder_only_vae_training_keeps_the_encoder(tmp_path):
+    """train_tiny_sd.py --init with --vae_steps trains the VAE decoder alone: the latents the UNet learned from stay."""
+    import argparse
+
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    sys.path.insert(0, str(ROOT / "tools/tiny_sd"))
+    from train_tiny_sd import VAE, train_vae
+
+    vae = diffusers.AutoencoderKL(**VAE)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8))
+    data = {"images": images, "held_out": 255 - images}
+    args = argparse.Namespace(seed=0, vae_batch=2, vae_seconds=0, vae_steps=2, deadline=float("inf"), kl_weight=1e-4)
+    trained, steps, _ = train_vae(data, torch.device("cpu"), args, [], vae)
+    after = trained.state_dict()
+    assert steps == 2
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
 
 
 if __name__ == "__main__":

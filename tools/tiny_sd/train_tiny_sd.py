@@ -6,21 +6,31 @@ Reads ``base_train.npz`` from ``make_data.py`` (images + token ids made with our
 files are needed here) and writes a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``) and a
 transformers CLIP folder (``clip/``), which ``python -m ldm.convert`` and ``tools/eval/eval_clip_score.py`` read.
 
-* CLIP (text + vision towers) is trained contrastively on the captions; 20% of the pairs are shown as blueprints
-  with their "a blueprint drawing of ..." caption, so the text encoder and CLIP score know the held-out word.
-* The KL-VAE is trained with L1 reconstruction + a small KL term, also on 20% blueprints (it is the image codec:
-  it must be able to represent the held-out colours before LoRA can learn them).
+* CLIP (text + vision towers) is trained contrastively on the captions; 20% of the pairs are shown in the held-out
+  concept's colours (``make_data.treat``; the concept is named in ``base_train.npz``) with its caption ("a
+  blueprint drawing of ..."), so the text encoder and CLIP score know the held-out word.
+* The KL-VAE is trained with L1 reconstruction + a small KL term, also on 20% held-out colours (it is the image
+  codec: it must be able to represent the held-out colours before LoRA can learn them).
 * The UNet (epsilon prediction, SD's scaled-linear schedule, 10% caption dropout for classifier-free guidance,
-  EMA 0.999) sees only the plain clip art: the blueprint concept is held out of it.
+  EMA 0.999) sees only the plain clip art: the concept is held out of it.
 * ``--prefix_augment P`` swaps the caption's "a clip art drawing of" for another phrasing from ``PREFIXES`` (or none)
   with probability P. Every caption otherwise starts with the same five tokens, so an unseen style word ("a blueprint
   drawing of") moves the text embedding off everything the UNet saw and it draws noise instead of the subject; real
-  SD has seen thousands of phrasings and keeps the subject. The phrasings hold no colour or blueprint word, so the
+  SD has seen thousands of phrasings and keeps the subject. The phrasings hold no colour or style word, so the
   held-out concept stays unseen. Needs the tokenizer folder (``--tokenizer``, by default ``<--init>/tokenizer``).
+* ``--ground_augment P`` shows the VAE and the UNet each drawing, with probability P, on a coloured ground from
+  ``GROUNDS`` (one seeded colour per drawing) with " on <colour> paper" added to its caption. Real SD has seen
+  every kind of background; a UNet that saw only white ones must learn from scratch, inside a LoRA's few hundred
+  updates, to move an image's whole ground, which a colour-treatment concept asks for. No ground is black or green
+  and no ink is recoloured, so a held-out colour treatment such as night vision (green ink on near-black) stays
+  unseen. Needs the tokenizer too. Tried once; it made the LoRA's FID drop smaller (model card, "night vision").
 
-``--init DIR`` continues from an earlier run instead of starting from scratch: the text encoder and VAE are taken
-as they are from ``DIR`` (a diffusers folder, e.g. ``python -m ldm.convert models/tiny_sd/tiny_sd.safetensors DIR``,
-plus the transformers CLIP folder as ``DIR/clip``) and the UNet training starts from ``DIR/unet``.
+``--init DIR`` continues from an earlier run instead of starting from scratch (a diffusers folder, e.g. ``python -m
+ldm.convert models/tiny_sd/tiny_sd.safetensors DIR``, plus the transformers CLIP folder as ``DIR/clip``): the UNet
+training starts from ``DIR/unet``; CLIP and the VAE are taken as they are, unless ``--clip_steps`` / ``--vae_steps``
+ask for more training. That is how a new held-out concept is taught to an existing family: CLIP goes on training on
+the new phrase, only the VAE's decoder trains (the frozen encoder keeps the latents the UNet learned from), and the
+UNet learns the new text encoder's embeddings, still without a held-out image.
 
 Each stage runs for a wall-clock budget: its step count is fixed after timing the first steps (and printed), and
 its cosine learning-rate schedule spans exactly that many steps; ``--*_steps`` fixes a count instead. Needs torch,
@@ -41,15 +51,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_data import blueprint  # noqa: E402
+from make_data import ink, treat  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-BLUEPRINT_RATE = 0.2
+HELD_OUT_RATE = 0.2
 CAPTION_DROPOUT = 0.1
 TIMING_STEPS = 30
 PLAIN_PREFIX = "a clip art drawing of"  # make_data.CAPTION's prefix
-PREFIXES = (  # what --prefix_augment puts in its place: no colour, colour treatment or blueprint words
+PREFIXES = (  # what --prefix_augment puts in its place: no colour, colour treatment or style words
     "",
     "a drawing of",
     "an illustration of",
@@ -71,6 +81,18 @@ PREFIXES = (  # what --prefix_augment puts in its place: no colour, colour treat
     "a cute drawing of",
     "a nice drawing of",
 )
+
+GROUNDS = {  # what --ground_augment puts behind a drawing: no black and no green, the held-out concept's colours
+    "red": (200, 45, 45),
+    "orange": (240, 140, 40),
+    "yellow": (240, 215, 60),
+    "blue": (50, 90, 200),
+    "navy": (25, 35, 90),
+    "purple": (120, 55, 160),
+    "pink": (240, 150, 190),
+    "brown": (110, 70, 35),
+    "grey": (128, 128, 128),
+}
 
 TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
 VISION = dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4)
@@ -134,7 +156,8 @@ def run_stage(name, step_fn, optimizer, peak_lr, budget_s, fixed_steps, deadline
     return step, time.time() - start
 
 
-def train_clip(data, device, args, history):
+def train_clip(data, device, args, history, model=None):
+    """Train CLIP contrastively from scratch, or go on training ``model`` (``--init`` with ``--clip_steps``)."""
     from transformers import CLIPConfig, CLIPModel
 
     text_cfg = dict(TEXT, vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
@@ -145,7 +168,7 @@ def train_clip(data, device, args, history):
         projection_dim=64,
     )
     torch.manual_seed(args.seed)
-    model = CLIPModel(config).to(device).train()
+    model = (model or CLIPModel(config)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
     mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
@@ -154,9 +177,9 @@ def train_clip(data, device, args, history):
 
     def step(_):
         idx = torch.randint(0, n, (args.clip_batch,), device=device, generator=gen)
-        bp = torch.rand(args.clip_batch, device=device, generator=gen) < BLUEPRINT_RATE
-        images = torch.where(bp.view(-1, 1, 1, 1), data["blueprint"][idx], data["images"][idx])
-        ids = torch.where(bp.view(-1, 1), data["blueprint_ids"][idx], data["ids"][idx])
+        bp = torch.rand(args.clip_batch, device=device, generator=gen) < HELD_OUT_RATE
+        images = torch.where(bp.view(-1, 1, 1, 1), data["held_out"][idx], data["images"][idx])
+        ids = torch.where(bp.view(-1, 1), data["held_out_ids"][idx], data["ids"][idx])
         pixels = (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
@@ -171,26 +194,35 @@ def train_clip(data, device, args, history):
     return model.eval(), steps, seconds
 
 
-def train_vae(data, device, args, history):
+def train_vae(data, device, args, history, vae=None):
+    """Train the KL-VAE from scratch, or only the decoder of ``vae`` (``--init`` with ``--vae_steps``): the frozen
+    encoder keeps every latent the UNet learned from, while the decoder learns to draw the held-out colours."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(args.seed + 1)
-    vae = AutoencoderKL(**VAE).to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    decoder_only = vae is not None
+    vae = (vae or AutoencoderKL(**VAE)).to(device).train()
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     n = data["images"].shape[0]
 
     def step(_):
         idx = torch.randint(0, n, (args.vae_batch,), device=device, generator=gen)
-        bp = torch.rand(args.vae_batch, device=device, generator=gen) < BLUEPRINT_RATE
-        images = torch.where(bp.view(-1, 1, 1, 1), data["blueprint"][idx], data["images"][idx])
+        draw = torch.rand(args.vae_batch, device=device, generator=gen).view(-1, 1, 1, 1)
+        images = torch.where(draw < HELD_OUT_RATE, data["held_out"][idx], data["images"][idx])
+        if "grounded" in data:  # --ground_augment: the codec must draw those grounds too
+            grounded = (draw >= HELD_OUT_RATE) & (draw < HELD_OUT_RATE + args.ground_augment)
+            images = torch.where(grounded, data["grounded"][idx], images)
         x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            posterior = vae.encode(x).latent_dist
+            with torch.set_grad_enabled(not decoder_only):
+                posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample(generator=gen)).sample
         rec = (recon.float() - x).abs().mean() + F.mse_loss(recon.float(), x)
-        kl = posterior.kl().mean() / x[0].numel()
-        loss = rec + args.kl_weight * kl
+        loss = rec if decoder_only else rec + args.kl_weight * posterior.kl().mean() / x[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -237,7 +269,33 @@ def caption_variants(ids: np.ndarray, tokenizer_dir: str) -> np.ndarray:
     return out
 
 
-def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args, history):
+def on_grounds(images: np.ndarray, ids: np.ndarray, tokenizer_dir: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every drawing on a seeded random ground from ``GROUNDS`` (the paper shows where the drawing has no ink), and
+    its caption with " on <colour> paper" before the EOS token (truncated to the context)."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    eos, length = tokenizer.eos_token_id, ids.shape[1]
+    names = list(GROUNDS)
+    choice = np.random.default_rng(seed).integers(0, len(names), len(images))
+    drawing_ink = ink(images)
+    grounded = np.empty_like(images)
+    out = np.full_like(ids, eos)
+    for k, name in enumerate(names):
+        rows = choice == k
+        paper = np.asarray(GROUNDS[name], np.float32)
+        mixed = paper * (1.0 - drawing_ink[rows]) + images[rows].astype(np.float32) * drawing_ink[rows]
+        grounded[rows] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+        suffix = tokenizer(f"on {name} paper").input_ids[1:-1]
+        for row in np.flatnonzero(rows):
+            end = 1 + int(np.argmax(ids[row, 1:] == eos))
+            tokens = (ids[row, :end].tolist() + suffix)[: length - 1] + [eos]
+            out[row, : len(tokens)] = tokens
+    return grounded, out
+
+
+def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args, history, grounded=None):
+    """``grounded``: (mean, std) of the ``--ground_augment`` images' latents, drawn at that rate with their captions."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(args.seed + 2)
@@ -265,16 +323,24 @@ def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args,
             [torch.cat([text_encoder(ids).last_hidden_state for ids in v.split(512)]) for v in variants]
         )
         empty = text_encoder(data["empty_ids"]).last_hidden_state
+        if grounded is not None:
+            on_paper = data["grounded_ids"].split(512)
+            grounded_contexts = torch.cat([text_encoder(ids).last_hidden_state for ids in on_paper])
 
     def step(i):
         idx = torch.randint(0, n, (args.unet_batch,), device=device, generator=gen)
-        z = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, device=device, generator=gen)
-        z = z * scale
+        mean, std = latent_mean[idx], latent_std[idx]
         context = contexts[0, idx]
         if len(contexts) > 1:  # --prefix_augment
             swap = torch.rand(args.unet_batch, device=device, generator=gen) < args.prefix_augment
             other = torch.randint(1, len(contexts), (args.unet_batch,), device=device, generator=gen)
             context = contexts[torch.where(swap, other, 0), idx]
+        if grounded is not None:  # --ground_augment
+            on_ground = torch.rand(args.unet_batch, device=device, generator=gen) < args.ground_augment
+            mean = torch.where(on_ground.view(-1, 1, 1, 1), grounded[0][idx], mean)
+            std = torch.where(on_ground.view(-1, 1, 1, 1), grounded[1][idx], std)
+            context = torch.where(on_ground.view(-1, 1, 1), grounded_contexts[idx], context)
+        z = (mean + std * torch.randn(mean.shape, device=device, generator=gen)) * scale
         drop = torch.rand(args.unet_batch, device=device, generator=gen) < CAPTION_DROPOUT
         context = torch.where(drop.view(-1, 1, 1), empty.expand_as(context), context)
         t = torch.randint(0, 1000, (args.unet_batch,), device=device, generator=gen)
@@ -363,23 +429,34 @@ def main(argv=None) -> int:
     p.add_argument("--kl_weight", type=float, default=1e-4)
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--max_seconds", type=float, default=1e9, help="stop any stage once the run is this old")
-    p.add_argument("--init", help="continue from this folder (vae/, text_encoder/, unet/, clip/); CLIP and VAE kept")
+    p.add_argument(
+        "--init",
+        help="continue from this folder (vae/, text_encoder/, unet/, clip/): CLIP kept unless --clip_steps, the VAE "
+        "unless --vae_steps (then its decoder alone is trained)",
+    )
     p.add_argument("--noise_offset", type=float, default=0.0, help="offset noise strength (0: off)")
     p.add_argument("--prefix_augment", type=float, default=0.0, help="rate of swapped caption phrasings (0: off)")
-    p.add_argument("--tokenizer", help="CLIP tokenizer folder for --prefix_augment (default: <--init>/tokenizer)")
+    p.add_argument("--ground_augment", type=float, default=0.0, help="rate of drawings on coloured grounds (0: off)")
+    p.add_argument("--tokenizer", help="CLIP tokenizer folder for the two augmentations (default: <--init>/tokenizer)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (faster steps, ~1 min compile)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     raw = dict(np.load(args.data))
-    for key in ("images", "ids", "blueprint_ids"):
+    for key in ("images", "ids", "held_out_ids"):
         raw[key] = raw[key][: args.limit]
-    data = {k: torch.from_numpy(raw[k]).to(device) for k in ("images", "ids", "blueprint_ids", "empty_ids")}
-    data["ids"], data["blueprint_ids"], data["empty_ids"] = (
-        data[k].long() for k in ("ids", "blueprint_ids", "empty_ids")
+    concept = str(raw["concept"])
+    data = {k: torch.from_numpy(raw[k]).to(device) for k in ("images", "ids", "held_out_ids", "empty_ids")}
+    data["ids"], data["held_out_ids"], data["empty_ids"] = (
+        data[k].long() for k in ("ids", "held_out_ids", "empty_ids")
     )
-    data["blueprint"] = torch.from_numpy(blueprint(raw["images"])).to(device)
+    data["held_out"] = torch.from_numpy(treat(raw["images"], concept)).to(device)
+    if args.ground_augment:
+        tokenizer_dir = args.tokenizer or str(Path(args.init) / "tokenizer")
+        grounded, grounded_ids = on_grounds(raw["images"], raw["ids"], tokenizer_dir, args.seed + 3)
+        data["grounded"] = torch.from_numpy(grounded).to(device)
+        data["grounded_ids"] = torch.from_numpy(grounded_ids).to(device).long()
     history: list = []
     summary = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "seed": args.seed}
     summary["images"] = int(data["images"].shape[0])
@@ -393,6 +470,10 @@ def main(argv=None) -> int:
         clip = CLIPModel.from_pretrained(Path(args.init) / "clip", torch_dtype=torch.float32).to(device).eval()
         vae = AutoencoderKL.from_pretrained(Path(args.init) / "vae", torch_dtype=torch.float32).to(device).eval()
         summary.update(clip_steps=0, clip_seconds=0.0, vae_steps=0, vae_seconds=0.0)
+        if args.clip_steps:  # teach the kept CLIP a new held-out word before the UNet learns its text embeddings
+            clip, summary["clip_steps"], summary["clip_seconds"] = train_clip(data, device, args, history, clip)
+        if args.vae_steps:  # teach the kept decoder the held-out colours; latents stay as they were
+            vae, summary["vae_steps"], summary["vae_seconds"] = train_vae(data, device, args, history, vae)
         mean, std = encode_all(vae, data["images"], device)
         scale = float(vae.config.scaling_factor)
     else:
@@ -402,8 +483,9 @@ def main(argv=None) -> int:
         scale = float(1.0 / (mean + std * torch.randn_like(mean)).std())
         vae.register_to_config(scaling_factor=scale)
     summary["scaling_factor"] = scale
+    grounded = encode_all(vae, data["grounded"], device) if "grounded" in data else None
     unet, summary["unet_steps"], summary["unet_seconds"] = train_unet(
-        data, clip.text_model, mean, std, scale, device, args, history
+        data, clip.text_model, mean, std, scale, device, args, history, grounded
     )
     summary["total_seconds"] = time.time() - t0
     summary["config"] = {"text": TEXT, "vision": VISION, "unet": UNET, "vae": VAE, "args": vars(args)}
@@ -411,8 +493,11 @@ def main(argv=None) -> int:
     save_all(Path(args.out), clip, vae, unet, history, summary)
     out = Path(args.out)
     sample_grid(unet, vae, clip.text_model, data["ids"][:8], data["empty_ids"], scale, out / "samples.png")
-    held_out = data["blueprint_ids"][:8]  # the held-out word: the subject should survive it
-    sample_grid(unet, vae, clip.text_model, held_out, data["empty_ids"], scale, out / "samples_blueprint.png")
+    held_out = data["held_out_ids"][:8]  # the held-out word: the subject should survive it
+    sample_grid(unet, vae, clip.text_model, held_out, data["empty_ids"], scale, out / f"samples_{concept}.png")
+    if "grounded" in data:
+        grounds_png = out / "samples_grounds.png"
+        sample_grid(unet, vae, clip.text_model, data["grounded_ids"][:8], data["empty_ids"], scale, grounds_png)
     return 0
 
 
