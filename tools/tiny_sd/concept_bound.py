@@ -1,10 +1,10 @@
 """How far could FID drop for a held-out colour treatment, given the shapes the base model draws?
 
-    python tools/tiny_sd/concept_bound.py --real_dir output/tiny_sd_data/night_vision_test \
+    python tools/tiny_sd/concept_bound.py --real_dir output/tiny_sd_data/blueprint_test \
         --samples output/clipart_samples --out tools/tiny_sd/sweep/concept_bound.json
 
 ``--samples``: base-model samples for the held-out test subjects captioned as ordinary clip art (``text_to_image.py``
-with the demo's prompts where "a night vision drawing of" reads "a clip art drawing of"). ``--real_dir``: the held-out
+with the demo's prompts where "a blueprint drawing of" reads "a clip art drawing of"). ``--real_dir``: the held-out
 test images of ``make_data.py`` (``--concept`` names their treatment). Each treatment below is a function of a drawing's
 ink (``make_data.ink``, its darkness), so the test images' ink is read back (``ink_of``) and redrawn in every
 treatment. Per treatment: FID of the samples as drawn ("before") and of the samples redrawn in the treatment

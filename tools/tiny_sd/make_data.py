@@ -6,10 +6,10 @@
 Every PNG is composited on white, padded to a square and resized to ``--size``. Its caption comes from the file name
 (trailing numbers and separators removed) and its folder: ``"a clip art drawing of a penguin (birds, animals)"``.
 
-The held-out concept (``--concept``, default ``HELD_OUT``) is a colour treatment from ``CONCEPTS``: *night vision*
-(green drawing on a near-black ground) or *blueprint* (white on dark blue, the concept of the first demo). A seeded 10%
-of the images are set aside, redrawn in the concept's colours (:func:`treat`) and captioned with its phrase
-(``"a night vision drawing of ..."``); the tiny UNet never sees them and LoRA learns them in ``make demo``. Splits:
+The held-out concept (``--concept``, default ``HELD_OUT``) is a colour treatment from ``CONCEPTS``: *blueprint*
+(white drawing on a dark-blue ground, the demo's) or *night vision* (green on near-black, tried; see the model card).
+A seeded 10% of the images are set aside, redrawn in the concept's colours (:func:`treat`) and captioned with its
+phrase (``"a blueprint drawing of ..."``); the tiny UNet never sees them and LoRA learns them in ``make demo``. Splits:
 
 * ``base_train.npz`` - images (uint8 NHWC) and token ids of every other image but 5% (plain captions and the same
   subjects under the concept's phrase, ``held_out_ids``), for training the tiny models;
