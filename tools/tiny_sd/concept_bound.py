@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="JSON of before / bound / relative drop per treatment")
     p.add_argument("--treatments", default=",".join(TREATMENTS), help="comma-separated names (default: all)")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.treatments.split(",")) - set(TREATMENTS))
+    if unknown:
+        p.error(f"--treatments: unknown {', '.join(unknown)} (known: {', '.join(TREATMENTS)})")
 
     import mindspore as ms
 

@@ -2,7 +2,7 @@
 on the diffusers UNet, the same optimiser, schedule, caption dropout and offset noise as our trainer), sample held-out
 test captions at several guidance scales and score them with FID/KID against the held-out test images.
 
-    python tools/tiny_sd/lora_sweep.py --model DIR --out sweep/ --test_dir output/tiny_sd_data/night_vision_test \\
+    python tools/tiny_sd/lora_sweep.py --model DIR --out sweep/ --test_dir output/tiny_sd_data/blueprint_test \\
         --inception default_1.pt
 
 ``DIR`` holds ``unet/``, ``vae/``, ``clip/`` and ``tokenizer/`` (a diffusers export of the shipped model plus its

@@ -51,7 +51,7 @@ def ink(images: np.ndarray) -> np.ndarray:
 
 
 def paint(drawing_ink: np.ndarray, paper, colour) -> np.ndarray:
-    """Ink in [0, 1] -> uint8 RGB: ``colour`` ink on ``paper``."""
+    """Ink in [0, 1] -> uint8 RGB: ``colour`` ink on ``paper`` (either one RGB or per-pixel, e.g. the drawing's own)."""
     out = np.asarray(paper, np.float32) * (1.0 - drawing_ink) + np.asarray(colour, np.float32) * drawing_ink
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_data import ink, treat  # noqa: E402
+from make_data import ink, paint, treat  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -244,13 +244,24 @@ def encode_all(vae, images, device, batch=512):
     return torch.cat(means), torch.cat(stds)
 
 
+def caption_ends(ids: np.ndarray, eos: int) -> np.ndarray:
+    """Index of each caption's EOS token (rows of token ids, BOS first, EOS-padded)."""
+    return 1 + np.argmax(ids[:, 1:] == eos, axis=1)
+
+
+def put_caption(row: np.ndarray, tokens: list[int], eos: int) -> None:
+    """Write ``tokens`` into an EOS-filled ``row``, cut to the context and closed with EOS."""
+    tokens = tokens[: len(row) - 1] + [eos]
+    row[: len(tokens)] = tokens
+
+
 def caption_variants(ids: np.ndarray, tokenizer_dir: str) -> np.ndarray:
     """Token ids of every caption under each phrasing: ``[0]`` the captions as they are, ``[1 + k]`` with
     ``PLAIN_PREFIX`` replaced by ``PREFIXES[k]`` (subject tokens kept, EOS padding, truncated to the context)."""
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    eos, length = tokenizer.eos_token_id, ids.shape[1]
+    eos = tokenizer.eos_token_id
 
     def words(text: str) -> list[int]:
         return tokenizer(text).input_ids[1:-1]
@@ -258,14 +269,13 @@ def caption_variants(ids: np.ndarray, tokenizer_dir: str) -> np.ndarray:
     plain = words(PLAIN_PREFIX)
     if not (ids[:, 1 : 1 + len(plain)] == plain).all():
         raise ValueError(f"not every caption starts with {PLAIN_PREFIX!r}: data and tokenizer do not match")
-    ends = 1 + np.argmax(ids[:, 1:] == eos, axis=1)  # index of each caption's EOS
+    ends = caption_ends(ids, eos)
     out = np.full((1 + len(PREFIXES), *ids.shape), eos, dtype=ids.dtype)
     out[0] = ids
     for k, prefix in enumerate(PREFIXES, 1):
         head = [int(ids[0, 0]), *words(prefix)]
         for row, (caption, end) in enumerate(zip(ids, ends)):
-            tokens = (head + caption[1 + len(plain) : end].tolist())[: length - 1] + [eos]
-            out[k, row, : len(tokens)] = tokens
+            put_caption(out[k, row], head + caption[1 + len(plain) : end].tolist(), eos)
     return out
 
 
@@ -275,22 +285,18 @@ def on_grounds(images: np.ndarray, ids: np.ndarray, tokenizer_dir: str, seed: in
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    eos, length = tokenizer.eos_token_id, ids.shape[1]
+    eos = tokenizer.eos_token_id
     names = list(GROUNDS)
     choice = np.random.default_rng(seed).integers(0, len(names), len(images))
-    drawing_ink = ink(images)
+    drawing_ink, ends = ink(images), caption_ends(ids, eos)
     grounded = np.empty_like(images)
     out = np.full_like(ids, eos)
     for k, name in enumerate(names):
         rows = choice == k
-        paper = np.asarray(GROUNDS[name], np.float32)
-        mixed = paper * (1.0 - drawing_ink[rows]) + images[rows].astype(np.float32) * drawing_ink[rows]
-        grounded[rows] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+        grounded[rows] = paint(drawing_ink[rows], GROUNDS[name], images[rows])  # the drawing's own ink colours
         suffix = tokenizer(f"on {name} paper").input_ids[1:-1]
         for row in np.flatnonzero(rows):
-            end = 1 + int(np.argmax(ids[row, 1:] == eos))
-            tokens = (ids[row, :end].tolist() + suffix)[: length - 1] + [eos]
-            out[row, : len(tokens)] = tokens
+            put_caption(out[row], ids[row, : ends[row]].tolist() + suffix, eos)
     return grounded, out
 
 
