@@ -1,10 +1,10 @@
 """`make demo`: LoRA teaches the shipped tiny SD a style it never saw, measured with FID, KID and CLIP score.
 
-Steps, each one the CLI a user would run: (1) ``text_to_image.py`` renders the held-out "night vision" prompts with
-the base model (DPM-Solver++, 20 steps); (2) ``train_text_to_image.py --train_config
-configs/train/train_config_lora_tiny_sd_night_vision.yaml`` LoRA fine-tunes it on the 200 night-vision training
-images (validation grids on the way); (3) ``text_to_image.py --use_lora True`` renders the prompts again; (4)
-``eval_fid.py --kid`` against the Inception features of the 612 held-out night-vision test images and
+Steps, each one the CLI a user would run: (1) ``text_to_image.py`` renders the held-out concept's prompts
+(``CONCEPT``, "blueprint") with the base model (DPM-Solver++, 20 steps); (2) ``train_text_to_image.py --train_config
+configs/train/train_config_lora_tiny_sd_blueprint.yaml`` LoRA fine-tunes it on the concept's 200 training images
+(validation grids on the way); (3) ``text_to_image.py --use_lora True`` renders the prompts again; (4)
+``eval_fid.py --kid`` against the Inception features of the concept's 612 held-out test images and
 ``eval_clip_score.py`` with the tiny CLIP score both sets. Prints a table, the grid paths and, last, one line
 ``FID before=.. after=.. KID before=.. after=.. CLIP before=.. after=..``.
 """

@@ -1,6 +1,7 @@
 """Pick the demo's LoRA recipe fast: train each candidate on the held-out concept's 200 images in PyTorch (peft LoRA
-on the diffusers UNet, the same optimiser, schedule, caption dropout and offset noise as our trainer), sample held-out
-test captions at several guidance scales and score them with FID/KID against the held-out test images.
+on the diffusers UNet, the same optimiser, schedule, caption dropout, offset noise and min-SNR weight as our
+trainer), sample held-out test captions at several guidance scales and score them with FID/KID against the held-out
+test images.
 
     python tools/tiny_sd/lora_sweep.py --model DIR --out sweep/ --test_dir output/tiny_sd_data/blueprint_test \\
         --inception default_1.pt
@@ -24,6 +25,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,7 +39,21 @@ EXTENDED = ATTENTION + ["ff.net.0.proj", "ff.net.2"]  # our "extended" preset mi
 CONV = EXTENDED + ["proj_in", "proj_out", "conv1", "conv2"]  # + the 1x1 projections and ResNet convs (peft conv LoRA)
 FULL = None  # no LoRA: every UNet weight trains
 TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
-RECIPES = {  # name: (rank, targets, peak lr, steps, batch, noise offset, text-encoder LoRA)
+
+
+class Recipe(NamedTuple):
+    rank: int
+    targets: list[str] | None
+    lr: float
+    steps: int
+    batch: int
+    offset: float  # offset-noise strength
+    train_text: bool  # + text-encoder LoRA
+    snr_gamma: float | None = None  # min-SNR loss weight min(snr, gamma) / snr, as our trainer's snr_gamma
+    caption_dropout: float = 0.1
+
+
+_RECIPES = {  # name: Recipe fields in order
     "r4_ext_lr5e-3_100x8_off0.1": (4, EXTENDED, 5e-3, 100, 8, 0.1, False),
     "r4_ext_lr5e-3_200x8_off0.1": (4, EXTENDED, 5e-3, 200, 8, 0.1, False),
     "r4_ext_lr5e-3_400x8_off0.1": (4, EXTENDED, 5e-3, 400, 8, 0.1, False),
@@ -64,7 +80,35 @@ RECIPES = {  # name: (rank, targets, peak lr, steps, batch, noise offset, text-e
     "full_lr1e-4_400x8_off0.1": (0, FULL, 1e-4, 400, 8, 0.1, False),
     "full_lr3e-4_1000x8_off0.1": (0, FULL, 3e-4, 1000, 8, 0.1, False),
     "full_lr3e-4_3000x8_off0.1": (0, FULL, 3e-4, 3000, 8, 0.1, False),
+    # min-SNR with a small gamma: the eps loss weighs an error of the clean image by snr, so at the noisiest steps,
+    # where a sample's overall colour is settled, it hardly counts; a small gamma shifts the weight there
+    "r4_ext_lr5e-3_100x8_off0.1_g1": (4, EXTENDED, 5e-3, 100, 8, 0.1, False, 1.0),
+    "r4_ext_lr5e-3_100x8_off0.1_g0.1": (4, EXTENDED, 5e-3, 100, 8, 0.1, False, 0.1),
+    "r4_ext_lr5e-3_100x8_off0.1_g0.02": (4, EXTENDED, 5e-3, 100, 8, 0.1, False, 0.02),
+    "r4_ext_lr5e-3_100x8_off0.5_g0.1": (4, EXTENDED, 5e-3, 100, 8, 0.5, False, 0.1),
+    "r4_ext_lr5e-3_100x8_off1.0_g0.1": (4, EXTENDED, 5e-3, 100, 8, 1.0, False, 0.1),
+    "r4_ext_lr5e-3_300x8_off0.1_g0.1": (4, EXTENDED, 5e-3, 300, 8, 0.1, False, 0.1),
+    "r4_ext_lr5e-3_300x8_off0.5_g0.1": (4, EXTENDED, 5e-3, 300, 8, 0.5, False, 0.1),
+    "full_lr3e-4_1000x8_off0.1_g0.1": (0, FULL, 3e-4, 1000, 8, 0.1, False, 0.1),
+    "r4_ext_lr5e-3_100x8_off0.5_g0.05": (4, EXTENDED, 5e-3, 100, 8, 0.5, False, 0.05),
+    "r4_ext_lr5e-3_100x8_off0.5_g0.3": (4, EXTENDED, 5e-3, 100, 8, 0.5, False, 0.3),
+    "r4_ext_lr5e-3_100x8_off0.7_g0.1": (4, EXTENDED, 5e-3, 100, 8, 0.7, False, 0.1),
+    "r4_ext_lr1e-2_100x8_off0.5_g0.1": (4, EXTENDED, 1e-2, 100, 8, 0.5, False, 0.1),
+    "r8_ext_lr5e-3_100x8_off0.5_g0.1": (8, EXTENDED, 5e-3, 100, 8, 0.5, False, 0.1),
+    "r4_ext_lr5e-3_200x8_off0.5_g0.1": (4, EXTENDED, 5e-3, 200, 8, 0.5, False, 0.1),
+    "r4_ext_lr5e-3_100x16_off0.5_g0.1": (4, EXTENDED, 5e-3, 100, 16, 0.5, False, 0.1),
+    # no caption dropout, to keep the empty prompt out of the adapter's training data: guidance extrapolates from
+    # the unconditional prediction, and prompts the adapter moves less than the empty one came out in the opposite
+    # colours (it did not help: the shift comes from layers every prompt passes through; model card)
+    "r4_ext_lr5e-3_100x8_off0.1_d0": (4, EXTENDED, 5e-3, 100, 8, 0.1, False, None, 0.0),
+    "r4_ext_lr5e-3_100x8_off0.5_d0": (4, EXTENDED, 5e-3, 100, 8, 0.5, False, None, 0.0),
+    "r4_ext_lr5e-3_100x8_off1.0_d0": (4, EXTENDED, 5e-3, 100, 8, 1.0, False, None, 0.0),
+    "r4_ext_lr5e-3_100x8_off0.5_g0.1_d0": (4, EXTENDED, 5e-3, 100, 8, 0.5, False, 0.1, 0.0),
+    "r4_ext_lr5e-3_300x8_off0.5_d0": (4, EXTENDED, 5e-3, 300, 8, 0.5, False, None, 0.0),
+    "r4_ext_lr5e-3_300x8_off0.5_g0.1_d0": (4, EXTENDED, 5e-3, 300, 8, 0.5, False, 0.1, 0.0),
+    "full_lr3e-4_1000x8_off0.1_d0": (0, FULL, 3e-4, 1000, 8, 0.1, False, None, 0.0),
 }
+RECIPES = {name: Recipe(*fields) for name, fields in _RECIPES.items()}
 
 
 def lr_at(step, total, peak, end=1e-4, warmup=10):
@@ -202,7 +246,8 @@ def main() -> int:
     report["base_plain_caption_then_treated"] = ideal
     print("ideal", json.dumps(ideal), flush=True)
     save()
-    for name, (rank, targets, lr, steps, batch, offset, train_text) in RECIPES.items():
+    snr = alphas / (1 - alphas)
+    for name, (rank, targets, lr, steps, batch, offset, train_text, gamma, dropout) in RECIPES.items():
         if args.only and name not in args.only:
             continue
         steps = min(steps, args.max_steps or steps)
@@ -227,14 +272,16 @@ def main() -> int:
                 g["lr"] = lr_at(step, steps, lr)
             idx = torch.randint(0, len(train_ids), (batch,), device=dev, generator=gen)
             z = (post.mean[idx] + post.std[idx] * torch.randn(post.mean[idx].shape, device=dev, generator=gen)) * scale
-            drop = (torch.rand(batch, device=dev, generator=gen) < 0.1).view(-1, 1)
+            drop = (torch.rand(batch, device=dev, generator=gen) < dropout).view(-1, 1)
             ids = torch.where(drop, empty_ids, train_ids[idx])
             ctx = encoder(ids).last_hidden_state
             t = torch.randint(0, 1000, (batch,), device=dev, generator=gen)
             noise = torch.randn(z.shape, device=dev, generator=gen)
             noise = noise + offset * torch.randn((*z.shape[:2], 1, 1), device=dev, generator=gen)
             a = alphas[t].view(-1, 1, 1, 1)
-            loss = ((unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, ctx).sample - noise) ** 2).mean()
+            per_sample = ((unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, ctx).sample - noise) ** 2).mean((1, 2, 3))
+            weight = 1.0 if gamma is None else snr[t].clamp(max=gamma) / snr[t]
+            loss = (per_sample * weight).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
