@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 EXTENDED = ATTENTION + ["ff.net.0.proj", "ff.net.2"]  # our "extended" preset minus the 1x1-conv proj_in/out
 CONV = EXTENDED + ["proj_in", "proj_out", "conv1", "conv2"]  # + the 1x1 projections and ResNet convs (peft conv LoRA)
+CROSS_KV = ["attn2.to_k", "attn2.to_v"]  # cross-attention keys/values: they see only the text (Custom Diffusion)
+CROSS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 FULL = None  # no LoRA: every UNet weight trains
 TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -107,6 +109,13 @@ _RECIPES = {  # name: Recipe fields in order
     "r4_ext_lr5e-3_300x8_off0.5_d0": (4, EXTENDED, 5e-3, 300, 8, 0.5, False, None, 0.0),
     "r4_ext_lr5e-3_300x8_off0.5_g0.1_d0": (4, EXTENDED, 5e-3, 300, 8, 0.5, False, 0.1, 0.0),
     "full_lr3e-4_1000x8_off0.1_d0": (0, FULL, 3e-4, 1000, 8, 0.1, False, None, 0.0),
+    # cross-attention only: the adapter acts through the text, so the empty prompt's prediction moves less
+    "r4_xkv_lr5e-3_100x8_off0.5_g0.1": (4, CROSS_KV, 5e-3, 100, 8, 0.5, False, 0.1),
+    "r4_xkv_lr5e-3_100x8_off0.5_g0.1_d0": (4, CROSS_KV, 5e-3, 100, 8, 0.5, False, 0.1, 0.0),
+    "r4_xkv_lr1e-2_100x8_off0.5_g0.1_d0": (4, CROSS_KV, 1e-2, 100, 8, 0.5, False, 0.1, 0.0),
+    "r16_xkv_lr1e-2_100x8_off0.5_g0.1_d0": (16, CROSS_KV, 1e-2, 100, 8, 0.5, False, 0.1, 0.0),
+    "r4_x_lr5e-3_100x8_off0.5_g0.1_d0": (4, CROSS, 5e-3, 100, 8, 0.5, False, 0.1, 0.0),
+    "r4_xkv_lr1e-2_300x8_off0.5_g0.1_d0": (4, CROSS_KV, 1e-2, 300, 8, 0.5, False, 0.1, 0.0),
 }
 RECIPES = {name: Recipe(*fields) for name, fields in _RECIPES.items()}
 
