@@ -4,7 +4,8 @@ Jobs (each runs in a fresh child process whose peak RSS is read from ``wait4``):
 
 - ``train``: LoRA rank 4 on the UNet attention (``to_q/to_k/to_v/to_out.0``), batch ``--batch``, ``--steps`` steps,
   VAE encode + text encode of every batch included, no EMA. Ours runs ``train_text_to_image.py`` with
-  ``configs/train/train_config_lora_v2.yaml`` as a user does (with ``--use_recompute`` False and True); diffusers
+  ``configs/train/train_config_lora_v2.yaml`` as a user does (with ``--use_recompute`` False and True, and
+  ``--cache`` on/off for the recipe's cached latents and text embeddings); diffusers
   runs the loop of its ``train_text_to_image_lora.py`` (frozen VAE/text encoder under ``no_grad``, peft LoRA,
   AdamW, clipping at 1.0).
 - ``generate``: one 512x512 image, DPM-Solver++ ``--gen_steps`` steps, guidance 9 (UNet batch 2), VAE decode. Ours
@@ -28,7 +29,7 @@ files; memory does not depend on the weights' values, the load path aside).
 Slow (minutes per job) and memory-hungry (up to ~8 GiB per job); not part of CI. Run:
 
     python benchmarks/bench_full_size.py --work /tmp/fullsize [--jobs train,generate,convert,load] [--load file]
-        [--steps 3] [--gen_steps 20]
+        [--steps 3] [--gen_steps 20] [--recompute off,on] [--cache on,off]
 """
 
 import ldm  # noqa: F401, I001  (CPU defaults before mindspore)
@@ -138,8 +139,8 @@ def child_json(result: dict) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def ours_train(paths: dict, work: Path, args, recompute: bool) -> dict:
-    out = work / f"ours-train-{args.precision}-rc{int(recompute)}"
+def ours_train(paths: dict, work: Path, args, recompute: bool, cache: bool) -> dict:
+    out = work / f"ours-train-{args.precision}-rc{int(recompute)}-cache{int(cache)}"
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
@@ -165,8 +166,13 @@ def ours_train(paths: dict, work: Path, args, recompute: bool) -> dict:
         str(args.memory_efficient_attention),
         "--precision",
         args.precision,
+        "--cache_latents",
+        str(cache),
+        "--cache_text_embeddings",
+        str(cache),
     ]
-    label = f"ours train {args.precision} (recompute {'on' if recompute else 'off'}){_source(paths)}"
+    caching = "cached latents + text embeddings" if cache else "uncached"
+    label = f"ours train {args.precision} (recompute {'on' if recompute else 'off'}, {caching}){_source(paths)}"
     result = run_child(cmd, label, must_succeed=False)
     steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     times = [s["step_time_s"] for s in steps]
@@ -350,6 +356,9 @@ def main() -> None:
     )
     parser.add_argument("--frameworks", default="ours,diffusers")
     parser.add_argument("--recompute", default="off,on", help="our training runs: off, on or off,on")
+    parser.add_argument(
+        "--cache", default="on", help="our training runs: cached latents and text embeddings on, off or on,off"
+    )
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (the first includes set-up)")
     parser.add_argument("--gen_steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=1)
@@ -403,7 +412,11 @@ def main() -> None:
             rows.append(ref)
         if "ours" in frameworks:
             runs = (
-                [ours_train(paths, work, args, rc == "on") for rc in args.recompute.split(",")]
+                [
+                    ours_train(paths, work, args, rc == "on", cache == "on")
+                    for rc in args.recompute.split(",")
+                    for cache in args.cache.split(",")
+                ]
                 if job == "train"
                 else [ours_generate(paths, work, args)]
             )
