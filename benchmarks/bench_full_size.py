@@ -380,6 +380,9 @@ def main() -> None:
     if args.child:
         diffusers_child(args.child, args)
         return
+    for option in ("recompute", "cache"):
+        if not set(getattr(args, option).split(",")) <= {"on", "off"}:
+            raise SystemExit(f"error: --{option} takes on, off or on,off, got {getattr(args, option)!r}")
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     jobs, frameworks = args.jobs.split(","), args.frameworks.split(",")
