@@ -128,8 +128,9 @@ def lr_at(step, total, peak, end=1e-4, warmup=10):
 
 
 @torch.no_grad()
-def sample(unet, vae, ctx, empty, scale, seed, guidance, steps=20):
-    """DPM-Solver++ (2M, 20 steps) with classifier-free guidance; one latent per context row -> uint8 NHWC."""
+def sample(unet, vae, ctx, empty, scale, seed, guidance, steps=20, uncond_unet=None):
+    """DPM-Solver++ (2M, 20 steps) with classifier-free guidance; one latent per context row -> uint8 NHWC.
+    ``uncond_unet``: a second network for the unconditional prediction (default: ``unet`` for both)."""
     from diffusers import DPMSolverMultistepScheduler
 
     sched = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -137,7 +138,10 @@ def sample(unet, vae, ctx, empty, scale, seed, guidance, steps=20):
     z = torch.randn((ctx.shape[0], 4, 16, 16), generator=torch.Generator().manual_seed(seed)).to(ctx.device)
     both = torch.cat([empty.expand_as(ctx), ctx])
     for t in sched.timesteps:
-        u, c = unet(torch.cat([z, z]), t, both).sample.chunk(2)
+        if uncond_unet is None:
+            u, c = unet(torch.cat([z, z]), t, both).sample.chunk(2)
+        else:
+            u, c = uncond_unet(z, t, both[: len(z)]).sample, unet(z, t, ctx).sample
         z = sched.step(u + guidance * (c - u), t, z).prev_sample
     return ((vae.decode(z / scale).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
@@ -173,6 +177,11 @@ def main() -> int:
     p.add_argument("--grid_guidance", type=float, default=5.0)
     p.add_argument("--only", action="append", help="run only these recipes (repeatable)")
     p.add_argument("--max_steps", type=int, help="cap every recipe's steps (a quick dry run)")
+    p.add_argument(
+        "--uncond_base",
+        action="store_true",
+        help="also sample each recipe with the base model (no adapter) for the unconditional prediction",
+    )
     args = p.parse_args()
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
@@ -235,6 +244,12 @@ def main() -> int:
             result[f"g{g}"]["mean_rgb"] = imgs.reshape(-1, 3).mean(0).round(1).tolist()
             if g == args.grid_guidance:
                 grid.append(imgs[:16])
+            if args.uncond_base and name != "base":
+                imgs = sample(unet, vae, ctx, embed(text, empty_ids), scale, args.seed + 1, g, uncond_unet=base)
+                result[f"g{g}_uncond_base"] = scores(features(net, imgs, dev), ref, sizes)
+                result[f"g{g}_uncond_base"]["mean_rgb"] = imgs.reshape(-1, 3).mean(0).round(1).tolist()
+                if g == args.grid_guidance:
+                    grid.append(imgs[:16])
         return result
 
     base = UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=torch.float32).to(dev).eval()
