@@ -242,3 +242,31 @@ if __name__ == "__main__":
     np.savez_compressed(REFERENCE, images=_generate(model, seed=0))
     print(f"wrote {REFERENCE}")
     sys.exit(0)
+
+
+def test_sweep_recipe_names_state_their_fields():
+    """lora_sweep.py's results are reported by recipe name (model card, sweep JSONs): every name must spell its rank,
+    targets, learning rate, updates x batch, offset noise, min-SNR gamma, caption dropout and text-encoder LoRA."""
+    import re
+
+    import pytest
+
+    pytest.importorskip("torch")  # lora_sweep.py is a PyTorch script
+    sys.path.insert(0, str(ROOT / "tools/tiny_sd"))
+    import lora_sweep
+
+    targets = {"ext": lora_sweep.EXTENDED, "conv": lora_sweep.CONV, "xkv": lora_sweep.CROSS_KV, "x": lora_sweep.CROSS}
+    pattern = re.compile(
+        r"(?:r(?P<rank>\d+)_(?P<targets>ext|conv|xkv|x)|full)_lr(?P<lr>[\d.e-]+)_(?P<steps>\d+)x(?P<batch>\d+)"
+        r"_off(?P<offset>[\d.]+)(?:_g(?P<gamma>[\d.]+))?(?P<no_dropout>_d0)?(?P<text>_te)?"
+    )
+    for name, recipe in lora_sweep.RECIPES.items():
+        m = pattern.fullmatch(name)
+        assert m, name
+        assert recipe.rank == int(m["rank"] or 0), name
+        assert recipe.targets == (targets[m["targets"]] if m["targets"] else lora_sweep.FULL), name
+        assert (recipe.lr, recipe.steps, recipe.batch) == (float(m["lr"]), int(m["steps"]), int(m["batch"])), name
+        assert recipe.offset == float(m["offset"]), name
+        assert recipe.snr_gamma == (float(m["gamma"]) if m["gamma"] else None), name
+        assert recipe.caption_dropout == (0.0 if m["no_dropout"] else 0.1), name
+        assert recipe.train_text == bool(m["text"]), name
