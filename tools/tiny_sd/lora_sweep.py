@@ -141,7 +141,7 @@ def sample(unet, vae, ctx, empty, scale, seed, guidance, steps=20, uncond_unet=N
         if uncond_unet is None:
             u, c = unet(torch.cat([z, z]), t, both).sample.chunk(2)
         else:
-            u, c = uncond_unet(z, t, both[: len(z)]).sample, unet(z, t, ctx).sample
+            u, c = uncond_unet(z, t, empty.expand_as(ctx)).sample, unet(z, t, ctx).sample
         z = sched.step(u + guidance * (c - u), t, z).prev_sample
     return ((vae.decode(z / scale).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
@@ -228,6 +228,7 @@ def main() -> int:
     with torch.no_grad():
         post = vae.encode(x).latent_dist
     train_ids, empty_ids = ids_of(train_captions), ids_of([""])
+    base_empty = embed(text, empty_ids)  # the base model's unconditional context (the bound, --uncond_base)
     prompts = test_captions[: args.prompts]
     sample_ids = ids_of([prompts[i % len(prompts)] for i in range(args.samples)])
     report["prompts"] = prompts
@@ -245,7 +246,7 @@ def main() -> int:
             if g == args.grid_guidance:
                 grid.append(imgs[:16])
             if args.uncond_base and name != "base":
-                imgs = sample(unet, vae, ctx, embed(text, empty_ids), scale, args.seed + 1, g, uncond_unet=base)
+                imgs = sample(unet, vae, ctx, base_empty, scale, args.seed + 1, g, uncond_unet=base)
                 result[f"g{g}_uncond_base"] = scores(features(net, imgs, dev), ref, sizes)
                 result[f"g{g}_uncond_base"]["mean_rgb"] = imgs.reshape(-1, 3).mean(0).round(1).tolist()
                 if g == args.grid_guidance:
@@ -263,7 +264,7 @@ def main() -> int:
         ctx_plain = text(ids_of(plain)).last_hidden_state
     ideal = {}
     for g in guidances:
-        imgs = treat(sample(base, vae, ctx_plain, embed(text, empty_ids), scale, args.seed + 1, g), args.concept)
+        imgs = treat(sample(base, vae, ctx_plain, base_empty, scale, args.seed + 1, g), args.concept)
         ideal[f"g{g}"] = scores(features(net, imgs, dev), ref, sizes)
         if g == args.grid_guidance:
             grid.append(imgs[:16])
