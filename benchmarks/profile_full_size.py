@@ -1,0 +1,147 @@
+"""Where the full-size SD2 512px LoRA step spends its time: oneDNN's kernels in ours, torch's profiler in diffusers.
+
+Our side is the training CLI as ``bench_full_size.py`` runs it (v2 recipe, cached latents and text embeddings,
+``--use_recompute False``, batch 1), twice with ``ONEDNN_VERBOSE=1``: one step, then ``1 + --steps`` steps; the
+difference of oneDNN's logged execution times between the two runs is what the later steps spent in oneDNN
+(convolutions and matmuls, per primitive and direction), and the rest of the step time (``metrics.jsonl``) is every
+other kernel plus MindSpore's op-by-op dispatch (full-size CPU runs are PyNative, see the README). The diffusers side
+is the same UNet step (diffusers UNet + peft LoRA on ``to_q/to_k/to_v/to_out.0``, AdamW, clipping) on precomputed
+latents and text embeddings, one warm-up step, then one step under ``torch.profiler``, self CPU time grouped the same
+way. Both use the weights ``bench_full_size.py`` prepares in ``--work`` (made there if missing). Run alone:
+
+    python benchmarks/profile_full_size.py --work /tmp/fullsize [--steps 2] [--threads 2]
+"""
+
+import ldm  # noqa: F401, I001  (CPU defaults before mindspore)
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from bench_full_size import PROMPT, RANK, TARGETS, child_json, prepare, run_child
+
+# torch operators by what they compute (self CPU time; anything else is "other")
+TORCH_GROUPS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "convolution": ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward"),
+    "attention (fused)": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    ),
+    "group/layer norm": (
+        "aten::native_group_norm",
+        "aten::native_group_norm_backward",
+        "aten::native_layer_norm",
+        "aten::native_layer_norm_backward",
+    ),
+}
+
+
+def onednn_totals(log: str) -> dict[str, float]:
+    """{"<primitive> <direction> (<implementation>)": total exec ms} over a oneDNN verbose log."""
+    totals = collections.defaultdict(float)
+    for line in log.splitlines():
+        if line.startswith("onednn_verbose,") and ",primitive,exec," in line:
+            fields = line.split(",")
+            totals[f"{fields[5]} {fields[7] or '-'} ({fields[6]})"] += float(fields[-1])
+    return dict(totals)
+
+
+def ours_run(paths: dict, work: Path, steps: int) -> dict:
+    out = work / f"profile-ours-{steps}"
+    cmd = [sys.executable, "examples/stable_diffusion_v2/train_text_to_image.py"]
+    cmd += ["--train_config", "configs/train/train_config_lora_v2.yaml", "--data_path", str(paths["data"])]
+    cmd += ["--output_path", str(out), "--pretrained_model_path", str(paths["weights"]), "--train_batch_size", "1"]
+    cmd += ["--max_train_steps", str(steps), "--use_ema", "False", "--use_recompute", "False"]
+    cmd += ["--cache_latents", "True", "--cache_text_embeddings", "True"]
+    os.environ["ONEDNN_VERBOSE"] = "1"
+    try:
+        result = run_child(cmd, f"ours, {steps} steps")
+    finally:
+        del os.environ["ONEDNN_VERBOSE"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"onednn": onednn_totals(result["stdout"]), "step_s": [m["step_time_s"] for m in metrics]}
+
+
+def torch_child(args) -> None:
+    """One profiled diffusers + peft UNet step after a warm-up step; prints {operator: self ms} and the step time."""
+    import numpy as np
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel
+
+    from ldm.tokenizer import CLIPTokenizer
+
+    torch.set_num_threads(args.threads)
+    folder = Path(args.work) / "sd2-base-diffusers"
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    with torch.no_grad():
+        ids = torch.from_numpy(np.asarray(CLIPTokenizer.for_family("sd2")([PROMPT]), dtype=np.int64))
+        context = CLIPTextModel.from_pretrained(folder / "text_encoder")(ids)[0]
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    noise_sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn((1, 4, 64, 64), generator=gen)
+
+    def step():
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, 1000, (1,), generator=gen)
+        pred = unet(noise_sched.add_noise(latents, noise, t), t, context).sample
+        torch.nn.functional.mse_loss(pred, noise).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    wall = time.perf_counter() - start
+    ops = {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
+    print(json.dumps({"step_s": wall, "ops_ms": ops}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", required=True, help="folder of bench_full_size.py's weights and data")
+    parser.add_argument("--steps", type=int, default=2, help="later steps profiled on our side")
+    parser.add_argument("--threads", type=int, default=2, help="torch's threads (ours: the CLI's default, the CPUs)")
+    parser.add_argument("--torch_child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.torch_child:
+        return torch_child(args)
+    work = Path(args.work)
+    paths = prepare(work)
+    one, more = ours_run(paths, work, 1), ours_run(paths, work, 1 + args.steps)
+    ours_step = sum(more["step_s"][1:]) / args.steps
+    ours = {k: (v - one["onednn"].get(k, 0.0)) / args.steps / 1000 for k, v in more["onednn"].items()}
+    ours = {k: v for k, v in sorted(ours.items(), key=lambda kv: -kv[1]) if v > 0.05}
+    cmd = [sys.executable, __file__, "--torch_child", "--work", str(work), "--threads", str(args.threads)]
+    ref = child_json(run_child(cmd, "diffusers + peft"))
+    groups = collections.defaultdict(float)
+    for name, ms in ref["ops_ms"].items():
+        group = next((g for g, names in TORCH_GROUPS.items() if name in names), "other")
+        groups[group] += ms / 1000
+
+    print(f"ours: v2 recipe, cached, recompute off, batch 1, mean of {args.steps} later steps: {ours_step:.1f} s")
+    for name, seconds in ours.items():
+        print(f"  oneDNN {name:<58} {seconds:7.1f} s  {seconds / ours_step:6.1%}")
+    in_onednn = sum(ours.values())
+    rest = ours_step - in_onednn
+    print(f"  {'every other kernel + dispatch':<65} {rest:7.1f} s  {rest / ours_step:6.1%}")
+    print(f"diffusers + peft, one profiled UNet step: {ref['step_s']:.1f} s (self CPU time by operator group)")
+    for name, seconds in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<65} {seconds:7.1f} s  {seconds / ref['step_s']:6.1%}")
+    print(f"ratio_step={ours_step / ref['step_s']:.2f} onednn_s={in_onednn:.1f} rest_s={rest:.1f}")
+
+
+if __name__ == "__main__":
+    main()
