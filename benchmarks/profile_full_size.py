@@ -7,9 +7,10 @@ difference of oneDNN's logged execution times between the two runs is what the l
 other kernel plus MindSpore's op-by-op dispatch (full-size CPU runs are PyNative, see the README). The diffusers side
 is the same UNet step (diffusers UNet + peft LoRA on ``to_q/to_k/to_v/to_out.0``, AdamW, clipping) on precomputed
 latents and text embeddings, one warm-up step, then one step under ``torch.profiler``, self CPU time grouped the same
-way. Both use the weights ``bench_full_size.py`` prepares in ``--work`` (made there if missing). Run alone:
+way. The ``attention`` part times one self-attention at 64x64 latents alone, forward + backward, in each
+framework. Both use the weights ``bench_full_size.py`` prepares in ``--work`` (made there if missing). Run alone:
 
-    python benchmarks/profile_full_size.py --work /tmp/fullsize [--steps 2] [--threads 2]
+    python benchmarks/profile_full_size.py --work /tmp/fullsize [--parts step,attention] [--steps 2] [--threads 2]
 """
 
 import ldm  # noqa: F401, I001  (CPU defaults before mindspore)
@@ -109,16 +110,81 @@ def torch_child(args) -> None:
     print(json.dumps({"step_s": wall, "ops_ms": ops}))
 
 
+ATTENTION_SHAPE = (5, 4096, 64)  # (batch x heads, tokens, head size) of SD2's self-attention at 64x64 latents
+
+
+def attention_child(args) -> None:
+    """One such self-attention, forward + backward, median of 3 after a warm-up: torch's fused kernel, or ours as
+    the v2 recipe runs it (``MemoryEfficientAttention`` in PyNative); prints the seconds as JSON."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    q, k, v, grad = (rng.standard_normal(ATTENTION_SHAPE, dtype=np.float32) for _ in range(4))
+    q *= ATTENTION_SHAPE[-1] ** -0.5  # the scale is folded into q, as our CrossAttention does
+    if args.attention_child == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        tq, tk, tv, tg = (torch.from_numpy(a).unsqueeze(0) for a in (q, k, v, grad))
+
+        def call():
+            leaves = [t.clone().requires_grad_(True) for t in (tq, tk, tv)]
+            torch.nn.functional.scaled_dot_product_attention(*leaves, scale=1.0).backward(tg)
+
+    else:
+        import mindspore as ms
+
+        from ldm.env import init_env
+        from ldm.models.attention import MemoryEfficientAttention
+
+        init_env("CPU", mode=1)
+        cell = MemoryEfficientAttention()
+        mq, mk, mv, mg = (ms.Tensor(a) for a in (q, k, v, grad))
+
+        def call():
+            ms.vjp(cell, mq, mk, mv)[1](mg)[0].asnumpy()
+
+    call()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"s": sorted(times)[1]}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", required=True, help="folder of bench_full_size.py's weights and data")
+    parser.add_argument("--work", help="folder of bench_full_size.py's weights and data (the step part)")
+    parser.add_argument("--parts", default="step,attention", help="step (the training step), attention, or both")
     parser.add_argument("--steps", type=int, default=2, help="later steps profiled on our side")
     parser.add_argument("--threads", type=int, default=2, help="torch's threads (ours: the CLI's default, the CPUs)")
     parser.add_argument("--torch_child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--attention_child", choices=["torch", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_child:
         return torch_child(args)
-    work = Path(args.work)
+    if args.attention_child:
+        return attention_child(args)
+    parts = args.parts.split(",")
+    if not set(parts) <= {"step", "attention"}:
+        parser.error(f"--parts: expected step and/or attention, got {args.parts!r}")
+    if "step" in parts:
+        if not args.work:
+            parser.error("the step part needs --work")
+        profile_step(Path(args.work), args)
+    if "attention" in parts:
+        attention = {}
+        for side in ("torch", "ours"):
+            cmd = [sys.executable, __file__, "--attention_child", side, "--threads", str(args.threads)]
+            attention[side] = child_json(run_child(cmd, f"attention, {side}"))["s"]
+        print(
+            f"one self-attention at 64x64 latents {ATTENTION_SHAPE}, forward + backward (SD2's UNet has five per "
+            f"step): ours {attention['ours']:.2f} s, torch {attention['torch']:.2f} s"
+        )
+
+
+def profile_step(work: Path, args) -> None:
     paths = prepare(work)
     one, more = ours_run(paths, work, 1), ours_run(paths, work, 1 + args.steps)
     ours_step = sum(more["step_s"][1:]) / args.steps
