@@ -27,7 +27,7 @@ from ldm.io.checkpoint import read_state_dict
 from ldm.io.model_io import save_model
 from ldm.models.diffusion import build_model_from_config
 from ldm.train.losses import NoiseSampler
-from ldm.train.options import check_cache_options, parse_options
+from ldm.train.options import parse_options, resolve_cache_options
 from ldm.train.trainer import (
     CachedLatents,
     LatentEncoder,
@@ -36,7 +36,7 @@ from ldm.train.trainer import (
     cache_encoders,
     release_cached_networks,
 )
-from ldm.util import CONFIG_DIR, ConfigError, load_config
+from ldm.util import CONFIG_DIR, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples/stable_diffusion_v2/train_text_to_image.py"
@@ -72,38 +72,53 @@ def fake_encoders() -> CacheEncoders:
 
 # ----------------------------------------------------------------------------------------------- options
 @pytest.mark.parametrize(
-    "options, named",
+    "options, turned_off, named",
     [
-        ({"cache_latents": True, "random_crop": True}, "'random_crop'"),
-        ({"cache_text_embeddings": True, "lora_ft_text_encoder": True}, "'lora_ft_text_encoder'"),
+        ({"cache_latents": True, "random_crop": True}, "cache_latents", "'random_crop'"),
+        (
+            {"cache_text_embeddings": True, "lora_ft_text_encoder": True},
+            "cache_text_embeddings",
+            "'lora_ft_text_encoder'",
+        ),
     ],
 )
-def test_options_refuse_uncacheable_inputs(options, named):
-    """Refused when parsed and when options are built in code; each cache option alone is accepted."""
+def test_uncacheable_inputs_turn_the_cache_off_with_a_warning(options, turned_off, named, caplog):
+    """A cache whose inputs change between visits is turned off, with a warning naming both options, when parsed and
+    when options are built in code; the other options are kept, and each cache option alone stays on."""
     argv = ["--data_path", "d"] + [arg for key, value in options.items() for arg in (f"--{key}", str(value))]
-    with pytest.raises(ConfigError, match=named):
-        parse_options(argv)
-    with pytest.raises(ConfigError, match=named):
-        check_cache_options(TrainOptions(**options))
-    cache_option = next(iter(options))
-    assert getattr(parse_options(["--data_path", "d", f"--{cache_option}", "True"]), cache_option) is True
+    builders = [
+        (lambda: parse_options(argv), "command line"),
+        (lambda: resolve_cache_options(TrainOptions(**options)), ""),
+    ]
+    for build, source in builders:
+        opts = build()
+        assert getattr(opts, turned_off) is False
+        assert all(getattr(opts, key) is True for key in options if key != turned_off)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and named in warnings[0] and f"'{turned_off}' is turned off" in warnings[0], warnings
+        assert warnings[0].startswith(source or "TrainOptions"), warnings
+        caplog.clear()
+    assert getattr(parse_options(["--data_path", "d", f"--{turned_off}", "True"]), turned_off) is True
+    assert not caplog.records
 
 
-def test_cli_names_the_option_and_exits_2(tmp_path):
-    """The CLI stops before MindSpore starts, with one error line naming the YAML and both options."""
+def test_cli_names_the_yaml_and_both_options_in_its_warning(tmp_path):
+    """The CLI warns before MindSpore starts, naming the YAML and both options, then goes on (here it stops at the
+    missing data set, which is checked next)."""
     config = tmp_path / "train.yaml"
     config.write_text("cache_latents: true\nrandom_crop: true\n")
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--train_config", str(config), "--data_path", str(tmp_path)],
+        [sys.executable, str(SCRIPT), "--train_config", str(config), "--data_path", str(tmp_path / "none")],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=300,
     )
-    assert run.returncode == 2, run.stderr[-2000:]
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and str(config) in warnings[0] and "'random_crop'" in warnings[0], run.stderr[-2000:]
+    assert "'cache_latents' is turned off" in warnings[0], warnings
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and str(config) in errors[0] and "'cache_latents'" in errors[0], run.stderr[-2000:]
-    assert not (tmp_path / "output").exists()
+    assert run.returncode == 2 and len(errors) == 1 and "no such folder" in errors[0], run.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------- cache contents

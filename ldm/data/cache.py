@@ -6,7 +6,7 @@ trainer still draws each step's posterior noise from the same stream and forms `
 the uncached step does. With ``random_flip`` every image is encoded in both orientations and a sample takes the one
 its flip draw selects (the draw :meth:`ImageCaptionSource.image` makes, from the same generator). Captions: every
 caption of every cached record, plus ``""`` when caption dropout is on; a sample's caption is chosen exactly as in
-the uncached source. A random crop differs at every visit and cannot be cached (the options refuse the combination).
+the uncached source. A random crop differs at every visit and cannot be cached (training options turn the cache off).
 
 Only the records this rank's sampler will still visit are encoded: its shard of the remaining epochs. Epochs are
 reshuffled across ranks (that keeps N ranks equal to one process with the global batch), so a run of several epochs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ldm.train.kinds import DEVICE_TARGETS, JIT_LEVELS, LOSS_SCALERS
 from ldm.train.lr_schedules import SCHEDULES
 from ldm.util import ConfigError
 
+LOGGER = logging.getLogger("ldm.train")
 DEFAULT_MODEL_CONFIG = "configs/v2-inference.yaml"
 
 
@@ -71,12 +73,13 @@ class TrainOptions:
     cache_latents: bool = _option(
         False,
         "encode each image once with the frozen VAE (both flips with random_flip) and train on the cached posteriors; "
-        "the VAE encoder is then released (same results as uncached; not with random_crop)",
+        "the VAE encoder is then released (same results as uncached; random_crop turns it off, with a warning)",
     )
     cache_text_embeddings: bool = _option(
         False,
         "encode each caption (and '' for caption_dropout, and the validation prompts) once with the frozen text "
-        "encoder, then release it (kohya's cache_text_encoder_outputs; not with lora_ft_text_encoder)",
+        "encoder, then release it (kohya's cache_text_encoder_outputs; lora_ft_text_encoder turns it off, with a "
+        "warning)",
     )
     train_batch_size: int = _option(1, "images per step per rank")
     epochs: int = _option(10, "passes over the data (ignored when max_train_steps > 0)")
@@ -236,18 +239,25 @@ def check_choices(opts: TrainOptions, source: str = "TrainOptions") -> None:
             )
 
 
-def check_cache_options(opts: TrainOptions, source: str = "TrainOptions") -> None:
-    """Cached inputs need inputs that do not change between visits and encoders that do not train."""
+def resolve_cache_options(opts: TrainOptions, source: str = "TrainOptions") -> TrainOptions:
+    """``opts`` with each cache turned off whose inputs change between visits, with a warning naming both options:
+    ``random_crop`` crops anew at every visit (one cached latent per image cannot reproduce that), and
+    ``lora_ft_text_encoder`` trains the encoder whose outputs ``cache_text_embeddings`` would keep."""
     if opts.cache_latents and opts.random_crop:
-        raise ConfigError(
-            f"{source}: option 'cache_latents' cannot be combined with 'random_crop' (each visit crops anew, one "
-            "cached latent per image cannot reproduce that); set random_crop: false or cache_latents: false"
+        LOGGER.warning(
+            "%s: 'random_crop' is on, so 'cache_latents' is turned off: each visit crops anew, which one cached latent "
+            "per image cannot reproduce; the VAE encodes every batch",
+            source,
         )
+        opts = dataclasses.replace(opts, cache_latents=False)
     if opts.cache_text_embeddings and opts.lora_ft_text_encoder:
-        raise ConfigError(
-            f"{source}: option 'cache_text_embeddings' needs a frozen text encoder, but 'lora_ft_text_encoder' "
-            "trains it; set one of them to false"
+        LOGGER.warning(
+            "%s: 'lora_ft_text_encoder' trains the text encoder, so 'cache_text_embeddings' is turned off; the text "
+            "encoder encodes every batch",
+            source,
         )
+        opts = dataclasses.replace(opts, cache_text_embeddings=False)
+    return opts
 
 
 def precision_policy(opts: TrainOptions) -> PrecisionPolicy:
@@ -298,7 +308,7 @@ def parse_options(argv=None) -> TrainOptions:
     args = parser.parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k not in ("train_config", "debug")}
     opts = TrainOptions(**values, model_config_on_command_line="model_config" in explicit)
-    check_cache_options(opts, args.train_config or "command line")
+    opts = resolve_cache_options(opts, args.train_config or "command line")
     precision_policy(opts)  # a use_fp16/precision conflict is reported before MindSpore starts
     return opts
 

@@ -34,11 +34,11 @@ from ldm.train.losses import DiffusionLoss, NoiseSampler
 from ldm.train.lr_schedules import lr_table
 from ldm.train.options import (
     TrainOptions,
-    check_cache_options,
     check_choices,
     check_paths,
     loss_scaler_of,
     precision_policy,
+    resolve_cache_options,
 )
 from ldm.train.plot import plot_metrics
 from ldm.train.state import load_train_state, save_train_state
@@ -259,7 +259,7 @@ def run_training(opts: TrainOptions, config) -> dict:
     from ldm.env import init_env
 
     check_paths(opts)
-    check_cache_options(opts)
+    opts = resolve_cache_options(opts)
     dist = init_env(opts.device_target, opts.mode, opts.jit_level, seed=opts.seed, distributed=opts.use_parallel)
     policy = precision_policy(opts)
     check_device_supports(policy)
