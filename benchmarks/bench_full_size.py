@@ -280,11 +280,40 @@ def _source(paths: dict) -> str:
     return f", loading the {paths['load_kind']}" if paths.get("load") else ", random init"
 
 
+SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+
+
+def peft_lora_step(unet):
+    """The UNet step of diffusers' ``train_text_to_image_lora.py`` on a frozen ``unet``: peft LoRA (rank ``RANK`` on
+    ``TARGETS``), eps MSE on noised latents, clipping at 1.0, AdamW. Returns ``step(latents, context, generator)``."""
+    import torch
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    noise_sched = DDPMScheduler(**SCHEDULE)
+
+    def step(latents, context, gen):
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
+        pred = unet(noise_sched.add_noise(latents, noise, t), t, context).sample
+        torch.nn.functional.mse_loss(pred, noise).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
 def diffusers_child(job: str, args) -> None:
     """Run one diffusers job in this (child) process and print its timings as one JSON line."""
     import numpy as np
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from ldm.tokenizer import CLIPTokenizer
@@ -296,18 +325,11 @@ def diffusers_child(job: str, args) -> None:
     text = CLIPTextModel.from_pretrained(folder / "text_encoder")
     tokenizer = CLIPTokenizer.for_family("sd2")
     ids = torch.from_numpy(np.asarray(tokenizer([PROMPT] * args.batch), dtype=np.int64))
-    sched_kwargs = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
     times = []
     if job == "train":
-        from peft import LoraConfig
-
-        for m in (unet, vae, text):
+        for m in (vae, text):
             m.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
-        unet.train()
-        params = [p for p in unet.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-        noise_sched = DDPMScheduler(**sched_kwargs)
+        step = peft_lora_step(unet)
         gen = torch.Generator().manual_seed(0)
         for _ in range(args.steps):
             start = time.perf_counter()
@@ -315,18 +337,11 @@ def diffusers_child(job: str, args) -> None:
             with torch.no_grad():
                 latents = vae.encode(images).latent_dist.sample(generator=gen) * 0.18215
                 context = text(ids)[0]
-            noise = torch.randn(latents.shape, generator=gen)
-            t = torch.randint(0, 1000, (args.batch,), generator=gen)
-            pred = unet(noise_sched.add_noise(latents, noise, t), t, context).sample
-            loss = torch.nn.functional.mse_loss(pred, noise)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad()
+            step(latents, context, gen)
             times.append(time.perf_counter() - start)
         print(json.dumps({"first_s": times[0], "steady_s": _mean(times[1:])}))
         return
-    sampler = DPMSolverMultistepScheduler(**sched_kwargs, algorithm_type="dpmsolver++")
+    sampler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++")
     sampler.set_timesteps(args.gen_steps)
     start = time.perf_counter()
     with torch.no_grad():

@@ -3,7 +3,7 @@
 ``import ldm`` caps oneDNN at AVX2 because MindSpore's convolutions are many times slower above it. This probe shows
 why and what the cap costs: for each ISA it starts a fresh process (oneDNN reads the variable once), runs a 3x3
 convolution forward, its input gradient and a Dense-sized matmul in MindSpore's graph mode with ``ONEDNN_VERBOSE=1``,
-and reports the implementation oneDNN chose and its median execution time per call (from oneDNN's own log, so
+and reports the implementation oneDNN chose and its mean execution time per call (from oneDNN's own log, so
 MindSpore's dispatch is not counted). torch runs the same three ops in another process as the reference (its
 matmul is MKL's, not oneDNN's). Run alone on the machine:
 
@@ -90,6 +90,15 @@ def torch_child(repeats: int, threads: int) -> None:
     print(json.dumps(times))
 
 
+def onednn_exec_records(log: str):
+    """(primitive, direction, implementation, exec ms) of each primitive execution in a oneDNN verbose log
+    (``onednn_verbose,v1,primitive,exec,cpu,<primitive>,<implementation>,<direction>,...,<ms>``)."""
+    for line in log.splitlines():
+        if line.startswith("onednn_verbose,") and ",primitive,exec," in line:
+            fields = line.split(",")
+            yield fields[5], fields[7] or "-", fields[6], float(fields[-1])
+
+
 def parse_verbose(log: str, repeats: int) -> dict[str, dict]:
     """{op: {"impl": oneDNN implementation(s), "ms": exec ms per call}} from the child's verbose log; a call's time
     is the sum of the oneDNN primitives it ran (the gradient call runs the forward convolution and the backward)."""
@@ -101,10 +110,12 @@ def parse_verbose(log: str, repeats: int) -> dict[str, dict]:
             impls = sorted({impl for impl, _ in calls})
             result[op] = {"impl": " + ".join(impls), "ms": sum(ms for _, ms in calls) / repeats}
             op = None
-        elif op and line.startswith("onednn_verbose,") and ",primitive,exec," in line:
-            fields = line.split(",")
-            if fields[5] in ("convolution", "matmul", "inner_product"):
-                calls.append((f"{fields[5]}:{fields[6]}", float(fields[-1])))
+        elif op:
+            calls += [
+                (f"{primitive}:{impl}", ms)
+                for primitive, _, impl, ms in onednn_exec_records(line)
+                if primitive in ("convolution", "matmul", "inner_product")
+            ]
     return result
 
 

@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_full_size import PROMPT, RANK, TARGETS, child_json, prepare, run_child
+from bench_full_size import PROMPT, child_json, peft_lora_step, prepare, run_child
+from probe_isa import onednn_exec_records
 
 # torch operators by what they compute (self CPU time; anything else is "other")
 TORCH_GROUPS = {
@@ -44,10 +45,8 @@ TORCH_GROUPS = {
 def onednn_totals(log: str) -> dict[str, float]:
     """{"<primitive> <direction> (<implementation>)": total exec ms} over a oneDNN verbose log."""
     totals = collections.defaultdict(float)
-    for line in log.splitlines():
-        if line.startswith("onednn_verbose,") and ",primitive,exec," in line:
-            fields = line.split(",")
-            totals[f"{fields[5]} {fields[7] or '-'} ({fields[6]})"] += float(fields[-1])
+    for primitive, direction, impl, ms in onednn_exec_records(log):
+        totals[f"{primitive} {direction} ({impl})"] += ms
     return dict(totals)
 
 
@@ -71,8 +70,7 @@ def torch_child(args) -> None:
     """One profiled diffusers + peft UNet step after a warm-up step; prints {operator: self ms} and the step time."""
     import numpy as np
     import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from peft import LoraConfig
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from ldm.tokenizer import CLIPTokenizer
@@ -83,23 +81,12 @@ def torch_child(args) -> None:
     with torch.no_grad():
         ids = torch.from_numpy(np.asarray(CLIPTokenizer.for_family("sd2")([PROMPT]), dtype=np.int64))
         context = CLIPTextModel.from_pretrained(folder / "text_encoder")(ids)[0]
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-    noise_sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    lora_step = peft_lora_step(unet)
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn((1, 4, 64, 64), generator=gen)
 
     def step():
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, 1000, (1,), generator=gen)
-        pred = unet(noise_sched.add_noise(latents, noise, t), t, context).sample
-        torch.nn.functional.mse_loss(pred, noise).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
+        lora_step(latents, context, gen)
 
     step()
     start = time.perf_counter()

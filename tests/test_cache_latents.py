@@ -119,6 +119,7 @@ def test_cli_names_the_yaml_and_both_options_in_its_warning(tmp_path):
     assert "'cache_latents' is turned off" in warnings[0], warnings
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert run.returncode == 2 and len(errors) == 1 and "no such folder" in errors[0], run.stderr[-2000:]
+    assert not (tmp_path / "output").exists()
 
 
 # ----------------------------------------------------------------------------------------------- cache contents
