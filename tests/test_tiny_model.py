@@ -1,7 +1,8 @@
 """The shipped tiny SD (models/tiny_sd): every file loads strictly, a fixed-seed generation matches a committed
 reference, a short LoRA run lowers the diffusion loss on the held-out blueprint concept, and the recipe's tools do what
-they claim: caption-prefix and ground augmentation (``train_tiny_sd.py``) never show the concept, every held-out
-concept's ink reads back, and a decoder-only VAE fine-tune keeps the encoder.
+they claim: caption-prefix, ground and negative augmentation (``train_tiny_sd.py``) never show the concept, a held-out
+category leaves the base split whole, every held-out concept's ink reads back, and a decoder-only VAE fine-tune keeps
+the encoder.
 
 Regenerate the reference (only after retraining the model on purpose): ``python tests/test_tiny_model.py``.
 """
@@ -207,6 +208,75 @@ def test_ground_augmentation_paints_the_paper_and_names_it(tmp_path):
     for image, row, subject in zip(grounded, grounded_ids, subjects):
         name = next(n for n, rgb in GROUNDS.items() if (image[3, 3] == rgb).all())
         assert (row == np.asarray(tokenizer([f"{CAPTION.format(subject)} on {name} paper"])[0])).all()
+
+
+def test_negative_augmentation_inverts_the_drawing_and_names_it(tmp_path):
+    """train_tiny_sd.py --negative_augment: every RGB value inverted (white paper -> black, black ink -> white), the
+    caption gains NEGATIVE_SUFFIX and names no held-out concept."""
+    import pytest
+
+    pytest.importorskip("torch")  # train_tiny_sd.py is a PyTorch script
+    pytest.importorskip("transformers")
+    from ldm.tokenizer import CLIPTokenizer
+
+    sys.path.insert(0, str(ROOT / "tools/tiny_sd"))
+    from make_data import CAPTION, CONCEPTS
+    from train_tiny_sd import NEGATIVE_SUFFIX, negatives
+
+    assert not any(name.split("_")[0] in NEGATIVE_SUFFIX for name in CONCEPTS)
+    tokenizer = CLIPTokenizer.for_family("sd1")
+    tokenizer.save_hf_vocab(str(tmp_path))
+    drawings = np.full((2, 4, 4, 3), 255, np.uint8)
+    drawings[:, :2] = (200, 20, 20)  # red ink on the top half
+    subjects = ["a red apple (fruit, food)", "thing 1"]
+    ids = np.asarray(tokenizer([CAPTION.format(s) for s in subjects]), np.int64)
+    inverted, inverted_ids = negatives(drawings, ids, str(tmp_path))
+    assert (inverted[:, 2:] == 0).all() and (inverted[:, :2] == (55, 235, 235)).all()
+    expected = tokenizer([f"{CAPTION.format(s)} {NEGATIVE_SUFFIX}" for s in subjects])
+    assert (inverted_ids == np.asarray(expected)).all()
+
+
+def test_held_out_category_leaves_the_base_split_and_keeps_plain_captions(tmp_path):
+    """make_data.py --concept flags: every drawing under the category's folder, and no other, lands in flags_train /
+    flags_test with its ordinary caption; base_train and base_test hold none of them; the images are not treated."""
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "tools/tiny_sd"))
+    import make_data
+
+    src = tmp_path / "png"
+    folder = src / make_data.CATEGORIES["flags"]
+    for i in range(6):  # 6 flags in two sub-folders, 30 other drawings
+        (folder / f"land{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (0, 0, 200 + i)).save(folder / f"land{i % 2}/flag_{i}.png")
+    (src / "shapes").mkdir()
+    for i in range(30):
+        Image.new("RGB", (8, 8), (i, 100, 0)).save(src / f"shapes/star_{i}.png")
+    (src / "signs_and_symbols/flagpoles").mkdir(parents=True)  # a folder whose name only starts like the category
+    Image.new("RGB", (8, 8), (7, 7, 7)).save(src / "signs_and_symbols/flagpoles/pole.png")
+    old_count = make_data.HELD_OUT_TRAIN_COUNT
+    make_data.HELD_OUT_TRAIN_COUNT = 4
+    try:
+        assert (
+            make_data.main(["--src", str(src), "--out", str(tmp_path / "out"), "--size", "8", "--concept", "flags"])
+            == 0
+        )
+    finally:
+        make_data.HELD_OUT_TRAIN_COUNT = old_count
+
+    def read(split):
+        rows = [json.loads(line) for line in (tmp_path / "out" / split / "metadata.jsonl").read_text().splitlines()]
+        blues = [np.asarray(Image.open(tmp_path / "out" / split / r["file_name"]))[0, 0, 2] for r in rows]
+        return [r["text"] for r in rows], blues
+
+    held = read("flags_train")[0] + read("flags_test")[0]
+    assert len(read("flags_train")[0]) == 4 and len(held) == 6
+    assert all(t.startswith(make_data.CAPTION.format("flag (land")) and "flags" in t for t in held)
+    assert sorted(read("flags_train")[1] + read("flags_test")[1]) == list(range(200, 206))  # untreated pixels
+    base_test = read("base_test")[0]
+    data = np.load(tmp_path / "out/base_train.npz")
+    assert len(base_test) + len(data["images"]) == 31 and str(data["concept"]) == "flags"
+    assert not any("flags" in t for t in base_test) and (data["images"][..., 2] < 200).all()
 
 
 def test_decoder_only_vae_training_keeps_the_encoder(tmp_path):

@@ -17,7 +17,9 @@ phrase (``"a blueprint drawing of ..."``); the tiny UNet never sees them and LoR
 * ``<concept>_train/`` - 200 held-out images + ``metadata.jsonl`` (the LoRA training set the demo commits);
 * ``<concept>_test/`` - the remaining held-out images + ``metadata.jsonl`` (FID reference of the demo).
 
-The split does not depend on the concept, so every concept holds out the same images.
+The split does not depend on the concept, so every colour treatment holds out the same images. A subject category
+from ``CATEGORIES`` (``--concept flags``, tried; see the model card) instead holds out every drawing under its folder,
+untreated and with its ordinary caption; ``held_out_ids`` are then the captions of ``<concept>_train``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from pathlib import Path
 import numpy as np
 
 CAPTION = "a clip art drawing of {}"
+CATEGORIES = {  # held-out subject categories: name -> folder under --src (every drawing below it is held out)
+    "flags": "signs_and_symbols/flags",
+}
 CONCEPTS = {  # held-out colour treatments of a drawing's ink: name -> (caption, paper RGB, ink RGB)
     "blueprint": ("a blueprint drawing of {}", (24, 56, 140), (255, 255, 255)),
     "night_vision": ("a night vision drawing of {}", (10, 30, 10), (60, 255, 60)),
@@ -105,7 +110,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="output/tiny_sd_data")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--concept", default=HELD_OUT, choices=sorted(CONCEPTS), help="the held-out colour treatment")
+    p.add_argument(
+        "--concept",
+        default=HELD_OUT,
+        choices=sorted(CONCEPTS) + sorted(CATEGORIES),
+        help="the held-out colour treatment or subject category",
+    )
     args = p.parse_args(argv)
     root = Path(args.src)
     paths = sorted(root.rglob("*.png"))
@@ -117,7 +127,8 @@ def main(argv=None) -> int:
         print(f"error: {out} is not empty; remove it or pick another --out", file=sys.stderr)
         return 2
 
-    images, subjects = [], []
+    images, subjects, in_category = [], [], []
+    category = CATEGORIES.get(args.concept)
     for path in paths:
         image = load_square(path, args.size)
         if image is None:
@@ -125,14 +136,18 @@ def main(argv=None) -> int:
             continue
         images.append(image)
         subjects.append(subject(path, root))
+        in_category.append(category is not None and path.relative_to(root).as_posix().startswith(category + "/"))
     images = np.stack(images)
     order = np.random.default_rng(args.seed).permutation(len(images))
-    n_held = int(round(HELD_OUT_FRACTION * len(images)))
-    held, rest = order[:n_held], order[n_held:]
+    if category:  # every drawing of the category, in the seeded order
+        held, rest = order[np.asarray(in_category)[order]], order[~np.asarray(in_category)[order]]
+    else:
+        n_held = int(round(HELD_OUT_FRACTION * len(images)))
+        held, rest = order[:n_held], order[n_held:]
     n_test = int(round(BASE_TEST_FRACTION * len(rest)))
     base_test, base_train = rest[:n_test], rest[n_test:]
     held_train, held_test = held[:HELD_OUT_TRAIN_COUNT], held[HELD_OUT_TRAIN_COUNT:]
-    held_caption = CONCEPTS[args.concept][0]
+    held_caption = CAPTION if category else CONCEPTS[args.concept][0]
 
     from ldm.tokenizer import CLIPTokenizer
 
@@ -143,14 +158,19 @@ def main(argv=None) -> int:
         out / "base_train.npz",
         images=images[base_train],
         ids=tokenizer([CAPTION.format(s) for s in train_subjects]),
-        held_out_ids=tokenizer([held_caption.format(s) for s in train_subjects]),
+        held_out_ids=tokenizer(  # a category: its LoRA training captions (what the base model draws for them)
+            [CAPTION.format(subjects[i]) for i in held_train]
+            if category
+            else [held_caption.format(s) for s in train_subjects]
+        ),
         concept=np.array(args.concept),
         empty_ids=tokenizer([""]),
     )
     write_split(out / "base_test", images[base_test], [CAPTION.format(subjects[i]) for i in base_test])
     splits = {f"{args.concept}_train": held_train, f"{args.concept}_test": held_test}
     for name, idx in splits.items():
-        write_split(out / name, treat(images[idx], args.concept), [held_caption.format(subjects[i]) for i in idx])
+        held_images = images[idx] if category else treat(images[idx], args.concept)
+        write_split(out / name, held_images, [held_caption.format(subjects[i]) for i in idx])
     counts = {"base_train": len(base_train), "base_test": len(base_test)}
     counts.update({name: len(idx) for name, idx in splits.items()})
     print(json.dumps(counts))

@@ -24,13 +24,21 @@ transformers CLIP folder (``clip/``), which ``python -m ldm.convert`` and ``tool
   updates, to move an image's whole ground, which a colour-treatment concept asks for. No ground is black or green
   and no ink is recoloured, so a held-out colour treatment such as night vision (green ink on near-black) stays
   unseen. Needs the tokenizer too. Tried once; it made the LoRA's FID drop smaller (model card, "night vision").
+* ``--negative_augment P`` shows the VAE and the UNet each drawing, with probability P, as a photographic negative
+  (every RGB value inverted: light, complementary-coloured ink on a black ground) with NEGATIVE_SUFFIX added to its
+  caption. Real SD has seen light-on-dark images; a UNet that saw only dark ink on white has no features for them,
+  and a light-on-dark style (blueprint) cannot be learnt by a LoRA's few hundred updates on top of it (model card).
+  A negative is no blueprint: its ground is black, its ink keeps the drawing's (inverted) colours, and the caption
+  names neither the word nor the blue. Needs the tokenizer too.
 
 ``--init DIR`` continues from an earlier run instead of starting from scratch (a diffusers folder, e.g. ``python -m
 ldm.convert models/tiny_sd/tiny_sd.safetensors DIR``, plus the transformers CLIP folder as ``DIR/clip``): the UNet
 training starts from ``DIR/unet``; CLIP and the VAE are taken as they are, unless ``--clip_steps`` / ``--vae_steps``
 ask for more training. That is how a new held-out concept is taught to an existing family: CLIP goes on training on
 the new phrase, only the VAE's decoder trains (the frozen encoder keeps the latents the UNet learned from), and the
-UNet learns the new text encoder's embeddings, still without a held-out image.
+UNet learns the new text encoder's embeddings, still without a held-out image. ``--fresh_unet`` keeps CLIP and the VAE
+of ``--init`` but trains the UNet from scratch: for a held-out subject category (``make_data.py --concept flags``),
+which the kept UNet has seen.
 
 Each stage runs for a wall-clock budget: its step count is fixed after timing the first steps (and printed), and
 its cosine learning-rate schedule spans exactly that many steps; ``--*_steps`` fixes a count instead. Needs torch,
@@ -51,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_data import ink, paint, treat  # noqa: E402
+from make_data import CONCEPTS, ink, paint, treat  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -93,6 +101,7 @@ GROUNDS = {  # what --ground_augment puts behind a drawing: no black and no gree
     "brown": (110, 70, 35),
     "grey": (128, 128, 128),
 }
+NEGATIVE_SUFFIX = "as a negative"  # what --negative_augment adds to a caption
 
 TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
 VISION = dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4)
@@ -213,9 +222,10 @@ def train_vae(data, device, args, history, vae=None):
         idx = torch.randint(0, n, (args.vae_batch,), device=device, generator=gen)
         draw = torch.rand(args.vae_batch, device=device, generator=gen).view(-1, 1, 1, 1)
         images = torch.where(draw < HELD_OUT_RATE, data["held_out"][idx], data["images"][idx])
-        if "grounded" in data:  # --ground_augment: the codec must draw those grounds too
-            grounded = (draw >= HELD_OUT_RATE) & (draw < HELD_OUT_RATE + args.ground_augment)
-            images = torch.where(grounded, data["grounded"][idx], images)
+        low = HELD_OUT_RATE
+        for rate, extra_images, _ in data.get("extras", ()):  # --ground/negative_augment: the codec must draw them too
+            images = torch.where((draw >= low) & (draw < low + rate), extra_images[idx], images)
+            low += rate
         x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             with torch.set_grad_enabled(not decoder_only):
@@ -279,6 +289,20 @@ def caption_variants(ids: np.ndarray, tokenizer_dir: str) -> np.ndarray:
     return out
 
 
+def negatives(images: np.ndarray, ids: np.ndarray, tokenizer_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every drawing as a photographic negative (255 - RGB) and its caption with NEGATIVE_SUFFIX before the EOS
+    token (truncated to the context)."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    eos = tokenizer.eos_token_id
+    suffix = tokenizer(NEGATIVE_SUFFIX).input_ids[1:-1]
+    out = np.full_like(ids, eos)
+    for row, end in enumerate(caption_ends(ids, eos)):
+        put_caption(out[row], ids[row, :end].tolist() + suffix, eos)
+    return 255 - images, out
+
+
 def on_grounds(images: np.ndarray, ids: np.ndarray, tokenizer_dir: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Every drawing on a seeded random ground from ``GROUNDS`` (the paper shows where the drawing has no ink), and
     its caption with " on <colour> paper" before the EOS token (truncated to the context)."""
@@ -300,12 +324,13 @@ def on_grounds(images: np.ndarray, ids: np.ndarray, tokenizer_dir: str, seed: in
     return grounded, out
 
 
-def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args, history, grounded=None):
-    """``grounded``: (mean, std) of the ``--ground_augment`` images' latents, drawn at that rate with their captions."""
+def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args, history, extras=()):
+    """``extras``: (rate, latent mean, latent std, caption ids) of each augmentation (``--ground_augment``,
+    ``--negative_augment``), drawn at its rate in place of the plain drawing."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(args.seed + 2)
-    if args.init:
+    if args.init and not args.fresh_unet:
         unet = UNet2DConditionModel.from_pretrained(Path(args.init) / "unet", torch_dtype=torch.float32)
         unet = unet.to(device).train()
     else:
@@ -329,9 +354,10 @@ def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args,
             [torch.cat([text_encoder(ids).last_hidden_state for ids in v.split(512)]) for v in variants]
         )
         empty = text_encoder(data["empty_ids"]).last_hidden_state
-        if grounded is not None:
-            on_paper = data["grounded_ids"].split(512)
-            grounded_contexts = torch.cat([text_encoder(ids).last_hidden_state for ids in on_paper])
+        extras = [
+            (rate, mean, std, torch.cat([text_encoder(part).last_hidden_state for part in ids.split(512)]))
+            for rate, mean, std, ids in extras
+        ]
 
     def step(i):
         idx = torch.randint(0, n, (args.unet_batch,), device=device, generator=gen)
@@ -341,11 +367,14 @@ def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args,
             swap = torch.rand(args.unet_batch, device=device, generator=gen) < args.prefix_augment
             other = torch.randint(1, len(contexts), (args.unet_batch,), device=device, generator=gen)
             context = contexts[torch.where(swap, other, 0), idx]
-        if grounded is not None:  # --ground_augment
-            on_ground = torch.rand(args.unet_batch, device=device, generator=gen) < args.ground_augment
-            mean = torch.where(on_ground.view(-1, 1, 1, 1), grounded[0][idx], mean)
-            std = torch.where(on_ground.view(-1, 1, 1, 1), grounded[1][idx], std)
-            context = torch.where(on_ground.view(-1, 1, 1), grounded_contexts[idx], context)
+        if extras:  # --ground_augment, --negative_augment: one draw picks plain or one augmentation
+            draw, low = torch.rand(args.unet_batch, device=device, generator=gen), 0.0
+            for rate, extra_mean, extra_std, extra_contexts in extras:
+                pick = (draw >= low) & (draw < low + rate)
+                mean = torch.where(pick.view(-1, 1, 1, 1), extra_mean[idx], mean)
+                std = torch.where(pick.view(-1, 1, 1, 1), extra_std[idx], std)
+                context = torch.where(pick.view(-1, 1, 1), extra_contexts[idx], context)
+                low += rate
         z = (mean + std * torch.randn(mean.shape, device=device, generator=gen)) * scale
         drop = torch.rand(args.unet_batch, device=device, generator=gen) < CAPTION_DROPOUT
         context = torch.where(drop.view(-1, 1, 1), empty.expand_as(context), context)
@@ -440,10 +469,12 @@ def main(argv=None) -> int:
         help="continue from this folder (vae/, text_encoder/, unet/, clip/): CLIP kept unless --clip_steps, the VAE "
         "unless --vae_steps (then its decoder alone is trained)",
     )
+    p.add_argument("--fresh_unet", action="store_true", help="with --init: train the UNet from scratch")
     p.add_argument("--noise_offset", type=float, default=0.0, help="offset noise strength (0: off)")
     p.add_argument("--prefix_augment", type=float, default=0.0, help="rate of swapped caption phrasings (0: off)")
     p.add_argument("--ground_augment", type=float, default=0.0, help="rate of drawings on coloured grounds (0: off)")
-    p.add_argument("--tokenizer", help="CLIP tokenizer folder for the two augmentations (default: <--init>/tokenizer)")
+    p.add_argument("--negative_augment", type=float, default=0.0, help="rate of drawings as negatives (0: off)")
+    p.add_argument("--tokenizer", help="CLIP tokenizer folder for the augmentations (default: <--init>/tokenizer)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (faster steps, ~1 min compile)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -457,12 +488,22 @@ def main(argv=None) -> int:
     data["ids"], data["held_out_ids"], data["empty_ids"] = (
         data[k].long() for k in ("ids", "held_out_ids", "empty_ids")
     )
-    data["held_out"] = torch.from_numpy(treat(raw["images"], concept)).to(device)
+    if concept in CONCEPTS:  # a colour treatment: CLIP and the VAE see it on the fly
+        data["held_out"] = torch.from_numpy(treat(raw["images"], concept)).to(device)
+    elif not args.init or args.clip_steps or args.vae_steps:
+        raise SystemExit(f"held-out category {concept!r}: CLIP and the VAE are kept from --init (no --clip/vae_steps)")
+    tokenizer_dir = args.tokenizer or (args.init and str(Path(args.init) / "tokenizer"))
+    extras = {}  # name -> (rate, images, caption ids)
     if args.ground_augment:
-        tokenizer_dir = args.tokenizer or str(Path(args.init) / "tokenizer")
-        grounded, grounded_ids = on_grounds(raw["images"], raw["ids"], tokenizer_dir, args.seed + 3)
-        data["grounded"] = torch.from_numpy(grounded).to(device)
-        data["grounded_ids"] = torch.from_numpy(grounded_ids).to(device).long()
+        extras["grounds"] = (args.ground_augment, *on_grounds(raw["images"], raw["ids"], tokenizer_dir, args.seed + 3))
+    if args.negative_augment:
+        extras["negatives"] = (args.negative_augment, *negatives(raw["images"], raw["ids"], tokenizer_dir))
+    if HELD_OUT_RATE + sum(rate for rate, _, _ in extras.values()) > 1:
+        raise SystemExit("the augmentation rates add up to more than the images left after the held-out share")
+    data["extras"] = [
+        (rate, torch.from_numpy(images).to(device), torch.from_numpy(ids).to(device).long())
+        for rate, images, ids in extras.values()
+    ]
     history: list = []
     summary = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "seed": args.seed}
     summary["images"] = int(data["images"].shape[0])
@@ -489,9 +530,9 @@ def main(argv=None) -> int:
         scale = float(1.0 / (mean + std * torch.randn_like(mean)).std())
         vae.register_to_config(scaling_factor=scale)
     summary["scaling_factor"] = scale
-    grounded = encode_all(vae, data["grounded"], device) if "grounded" in data else None
+    unet_extras = [(rate, *encode_all(vae, images, device), ids) for rate, images, ids in data["extras"]]
     unet, summary["unet_steps"], summary["unet_seconds"] = train_unet(
-        data, clip.text_model, mean, std, scale, device, args, history, grounded
+        data, clip.text_model, mean, std, scale, device, args, history, unet_extras
     )
     summary["total_seconds"] = time.time() - t0
     summary["config"] = {"text": TEXT, "vision": VISION, "unet": UNET, "vae": VAE, "args": vars(args)}
@@ -501,9 +542,8 @@ def main(argv=None) -> int:
     sample_grid(unet, vae, clip.text_model, data["ids"][:8], data["empty_ids"], scale, out / "samples.png")
     held_out = data["held_out_ids"][:8]  # the held-out word: the subject should survive it
     sample_grid(unet, vae, clip.text_model, held_out, data["empty_ids"], scale, out / f"samples_{concept}.png")
-    if "grounded" in data:
-        grounds_png = out / "samples_grounds.png"
-        sample_grid(unet, vae, clip.text_model, data["grounded_ids"][:8], data["empty_ids"], scale, grounds_png)
+    for name, (_, _, ids) in zip(extras, data["extras"]):
+        sample_grid(unet, vae, clip.text_model, ids[:8], data["empty_ids"], scale, out / f"samples_{name}.png")
     return 0
 
 
