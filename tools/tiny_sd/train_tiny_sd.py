@@ -493,6 +493,8 @@ def main(argv=None) -> int:
     elif not args.init or args.clip_steps or args.vae_steps:
         raise SystemExit(f"held-out category {concept!r}: CLIP and the VAE are kept from --init (no --clip/vae_steps)")
     tokenizer_dir = args.tokenizer or (args.init and str(Path(args.init) / "tokenizer"))
+    if (args.prefix_augment or args.ground_augment or args.negative_augment) and not tokenizer_dir:
+        raise SystemExit("--prefix/ground/negative_augment need the tokenizer folder: pass --tokenizer or --init")
     extras = {}  # name -> (rate, images, caption ids)
     if args.ground_augment:
         extras["grounds"] = (args.ground_augment, *on_grounds(raw["images"], raw["ids"], tokenizer_dir, args.seed + 3))
