@@ -236,6 +236,26 @@ def test_negative_augmentation_inverts_the_drawing_and_names_it(tmp_path):
     assert (inverted_ids == np.asarray(expected)).all()
 
 
+def test_augmentation_without_a_tokenizer_folder_is_one_clear_error(tmp_path):
+    """train_tiny_sd.py --negative_augment (or --ground/prefix_augment) with neither --tokenizer nor --init: one message
+    naming both options, before any training or output."""
+    import pytest
+
+    pytest.importorskip("torch")  # train_tiny_sd.py is a PyTorch script
+    sys.path.insert(0, str(ROOT / "tools/tiny_sd"))
+    from train_tiny_sd import main
+
+    ids = np.full((2, 77), 49407, np.int64)
+    data = tmp_path / "base_train.npz"
+    np.savez(
+        data, images=np.zeros((2, 4, 4, 3), np.uint8), ids=ids, held_out_ids=ids, concept="blueprint", empty_ids=ids[:1]
+    )
+    for flag in ("--negative_augment", "--ground_augment", "--prefix_augment"):
+        with pytest.raises(SystemExit, match="--tokenizer or --init"):
+            main(["--data", str(data), "--out", str(tmp_path / "out"), flag, "0.2"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_held_out_category_leaves_the_base_split_and_keeps_plain_captions(tmp_path):
     """make_data.py --concept flags: every drawing under the category's folder, and no other, lands in flags_train /
     flags_test with its ordinary caption; base_train and base_test hold none of them; the images are not treated."""
