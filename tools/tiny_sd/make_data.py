@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     images = np.stack(images)
     order = np.random.default_rng(args.seed).permutation(len(images))
     if category:  # every drawing of the category, in the seeded order
-        held, rest = order[np.asarray(in_category)[order]], order[~np.asarray(in_category)[order]]
+        held_mask = np.asarray(in_category)[order]
+        held, rest = order[held_mask], order[~held_mask]
     else:
         n_held = int(round(HELD_OUT_FRACTION * len(images)))
         held, rest = order[:n_held], order[n_held:]

@@ -289,39 +289,39 @@ def caption_variants(ids: np.ndarray, tokenizer_dir: str) -> np.ndarray:
     return out
 
 
+def with_suffixes(ids: np.ndarray, suffixes: list[list[int]], eos: int) -> np.ndarray:
+    """Each caption (a row of token ids, EOS-padded) with its row's suffix tokens before the EOS token (truncated to
+    the context)."""
+    out = np.full_like(ids, eos)
+    for row, (end, suffix) in enumerate(zip(caption_ends(ids, eos), suffixes)):
+        put_caption(out[row], ids[row, :end].tolist() + suffix, eos)
+    return out
+
+
 def negatives(images: np.ndarray, ids: np.ndarray, tokenizer_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    """Every drawing as a photographic negative (255 - RGB) and its caption with NEGATIVE_SUFFIX before the EOS
-    token (truncated to the context)."""
+    """Every drawing as a photographic negative (255 - RGB) and its caption with NEGATIVE_SUFFIX."""
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    eos = tokenizer.eos_token_id
     suffix = tokenizer(NEGATIVE_SUFFIX).input_ids[1:-1]
-    out = np.full_like(ids, eos)
-    for row, end in enumerate(caption_ends(ids, eos)):
-        put_caption(out[row], ids[row, :end].tolist() + suffix, eos)
-    return 255 - images, out
+    return 255 - images, with_suffixes(ids, [suffix] * len(ids), tokenizer.eos_token_id)
 
 
 def on_grounds(images: np.ndarray, ids: np.ndarray, tokenizer_dir: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Every drawing on a seeded random ground from ``GROUNDS`` (the paper shows where the drawing has no ink), and
-    its caption with " on <colour> paper" before the EOS token (truncated to the context)."""
+    its caption with " on <colour> paper"."""
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    eos = tokenizer.eos_token_id
     names = list(GROUNDS)
     choice = np.random.default_rng(seed).integers(0, len(names), len(images))
-    drawing_ink, ends = ink(images), caption_ends(ids, eos)
+    drawing_ink = ink(images)
     grounded = np.empty_like(images)
-    out = np.full_like(ids, eos)
     for k, name in enumerate(names):
         rows = choice == k
         grounded[rows] = paint(drawing_ink[rows], GROUNDS[name], images[rows])  # the drawing's own ink colours
-        suffix = tokenizer(f"on {name} paper").input_ids[1:-1]
-        for row in np.flatnonzero(rows):
-            put_caption(out[row], ids[row, : ends[row]].tolist() + suffix, eos)
-    return grounded, out
+    words = [tokenizer(f"on {name} paper").input_ids[1:-1] for name in names]
+    return grounded, with_suffixes(ids, [words[k] for k in choice], tokenizer.eos_token_id)
 
 
 def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args, history, extras=()):
@@ -347,8 +347,7 @@ def train_unet(data, text_encoder, latent_mean, latent_std, scale, device, args,
     n = latent_mean.shape[0]
     variants = data["ids"][None]
     if args.prefix_augment:
-        tokenizer_dir = args.tokenizer or str(Path(args.init) / "tokenizer")
-        variants = torch.from_numpy(caption_variants(data["ids"].cpu().numpy(), tokenizer_dir)).to(device)
+        variants = torch.from_numpy(caption_variants(data["ids"].cpu().numpy(), args.tokenizer)).to(device)
     with torch.no_grad():  # frozen text encoder: embed every caption (under every phrasing) once
         contexts = torch.stack(
             [torch.cat([text_encoder(ids).last_hidden_state for ids in v.split(512)]) for v in variants]
@@ -492,14 +491,14 @@ def main(argv=None) -> int:
         data["held_out"] = torch.from_numpy(treat(raw["images"], concept)).to(device)
     elif not args.init or args.clip_steps or args.vae_steps:
         raise SystemExit(f"held-out category {concept!r}: CLIP and the VAE are kept from --init (no --clip/vae_steps)")
-    tokenizer_dir = args.tokenizer or (args.init and str(Path(args.init) / "tokenizer"))
-    if (args.prefix_augment or args.ground_augment or args.negative_augment) and not tokenizer_dir:
+    args.tokenizer = args.tokenizer or (args.init and str(Path(args.init) / "tokenizer"))
+    if (args.prefix_augment or args.ground_augment or args.negative_augment) and not args.tokenizer:
         raise SystemExit("--prefix/ground/negative_augment need the tokenizer folder: pass --tokenizer or --init")
     extras = {}  # name -> (rate, images, caption ids)
     if args.ground_augment:
-        extras["grounds"] = (args.ground_augment, *on_grounds(raw["images"], raw["ids"], tokenizer_dir, args.seed + 3))
+        extras["grounds"] = (args.ground_augment, *on_grounds(raw["images"], raw["ids"], args.tokenizer, args.seed + 3))
     if args.negative_augment:
-        extras["negatives"] = (args.negative_augment, *negatives(raw["images"], raw["ids"], tokenizer_dir))
+        extras["negatives"] = (args.negative_augment, *negatives(raw["images"], raw["ids"], args.tokenizer))
     if HELD_OUT_RATE + sum(rate for rate, _, _ in extras.values()) > 1:
         raise SystemExit("the augmentation rates add up to more than the images left after the held-out share")
     data["extras"] = [
