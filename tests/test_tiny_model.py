@@ -272,8 +272,8 @@ def test_held_out_category_leaves_the_base_split_and_keeps_plain_captions(tmp_pa
     (src / "shapes").mkdir()
     for i in range(30):
         Image.new("RGB", (8, 8), (i, 100, 0)).save(src / f"shapes/star_{i}.png")
-    (src / "signs_and_symbols/flagpoles").mkdir(parents=True)  # a folder whose name only starts like the category
-    Image.new("RGB", (8, 8), (7, 7, 7)).save(src / "signs_and_symbols/flagpoles/pole.png")
+    (src / "signs_and_symbols/flagstaffs").mkdir(parents=True)  # a folder whose name only starts like the category
+    Image.new("RGB", (8, 8), (7, 7, 7)).save(src / "signs_and_symbols/flagstaffs/pole.png")
     old_count = make_data.HELD_OUT_TRAIN_COUNT
     make_data.HELD_OUT_TRAIN_COUNT = 4
     try:
