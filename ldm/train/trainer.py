@@ -14,7 +14,9 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mindspore as ms
 import numpy as np
@@ -251,10 +253,37 @@ def _validation_images(model, prompts, step: int, folder: Path, seed: int, image
     os.replace(tmp, path)
 
 
-def run_training(opts: TrainOptions, config) -> dict:
-    """Train; returns a summary dict (final step, last loss, paths)."""
-    from tqdm import tqdm
+@dataclass
+class TrainRun:
+    """Everything the loop needs, built by :func:`set_up_run`: the model, the compiled step and its schedule, the
+    data (already positioned after the resumed micro-steps), the noise stream and where files go."""
 
+    opts: TrainOptions
+    dist: Any
+    model: Any
+    params: list
+    step: TrainStep
+    lrs: np.ndarray
+    ema: EMA | None
+    noise: NoiseSampler
+    encode_latents: nn.Cell
+    data: Any
+    micro_total: int
+    done: int
+    out: Path
+    ckpt_dir: Path
+    metrics_path: Path
+    latent: int
+    prompt_contexts: dict | None
+
+    @property
+    def validating(self) -> bool:
+        return bool(self.opts.validation_steps and self.opts.validation_prompts)
+
+
+def set_up_run(opts: TrainOptions, config) -> TrainRun:
+    """Check the options, start MindSpore, build the trainable model and the step, restore a resumed state and
+    build the data (caching through the frozen encoders, which are then released)."""
     from ldm.data import build_dataset
     from ldm.env import init_env
 
@@ -355,32 +384,58 @@ def run_training(opts: TrainOptions, config) -> dict:
     metrics_path = out / "metrics.jsonl"
     if dist.is_main and opts.resume:
         _trim_metrics(metrics_path, done)
-    losses: list[tuple[int, float]] = []
-    shape = (opts.train_batch_size * dist.world_size, model.channels, latent, latent)
-    bar = tqdm(total=micro_total, initial=done, disable=not dist.is_main, desc="train", unit="step")
+    return TrainRun(
+        opts=opts,
+        dist=dist,
+        model=model,
+        params=params,
+        step=step,
+        lrs=lrs,
+        ema=ema,
+        noise=noise,
+        encode_latents=encode_latents,
+        data=data,
+        micro_total=micro_total,
+        done=done,
+        out=out,
+        ckpt_dir=ckpt_dir,
+        metrics_path=metrics_path,
+        latent=latent,
+        prompt_contexts=prompt_contexts,
+    )
+
+
+def train_loop(run: TrainRun) -> float:
+    """Run the micro-steps left (logging, periodic checkpoints and validation grids on rank 0); returns the last
+    loss. Stops with :class:`TrainingDiverged` after ``MAX_NONFINITE_STEPS`` non-finite losses in a row."""
+    from tqdm import tqdm
+
+    opts, dist, model = run.opts, run.dist, run.model
+    shape = (opts.train_batch_size * dist.world_size, model.channels, run.latent, run.latent)
+    bar = tqdm(total=run.micro_total, initial=run.done, disable=not dist.is_main, desc="train", unit="step")
     last_loss = float("nan")
     nonfinite: list[int] = []
     t_prev = time.perf_counter()
-    for images, tokens in data.create_tuple_iterator(num_epochs=1, output_numpy=True):
-        if done >= micro_total:
+    for images, tokens in run.data.create_tuple_iterator(num_epochs=1, output_numpy=True):
+        if run.done >= run.micro_total:
             break
-        t, eps, offset = _rank_rows(noise.draw(shape), dist)
-        (post_noise,) = _rank_rows([noise.normal(shape)], dist)
-        x0 = encode_latents(ms.Tensor(images), post_noise)  # images: posterior moments with cache_latents
+        t, eps, offset = _rank_rows(run.noise.draw(shape), dist)
+        (post_noise,) = _rank_rows([run.noise.normal(shape)], dist)
+        x0 = run.encode_latents(ms.Tensor(images), post_noise)  # images: posterior moments with cache_latents
         if opts.lora_ft_text_encoder or opts.cache_text_embeddings:  # tokens: contexts with cache_text_embeddings
             text = ms.Tensor(tokens)
         else:
             text = model.get_learned_conditioning(ms.Tensor(tokens))
-        result = step(x0, text, t, eps, offset)
-        done += 1
+        result = run.step(x0, text, t, eps, offset)
+        run.done += 1
+        done = run.done
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now
         last_loss = result.loss
         nonfinite = [*nonfinite, done] if not np.isfinite(last_loss) else []
-        update = step.step
-        lr = float(lrs[min(max(update - 1, 0), len(lrs) - 1)])
+        update = run.step.step
+        lr = float(run.lrs[min(max(update - 1, 0), len(run.lrs) - 1)])
         if dist.is_main:
-            losses.append((done, last_loss))
             bar.set_postfix(
                 loss=f"{last_loss:.4f}",
                 lr=f"{lr:.2e}",
@@ -389,7 +444,7 @@ def run_training(opts: TrainOptions, config) -> dict:
             )
             bar.update(1)
             _append_metrics(
-                metrics_path,
+                run.metrics_path,
                 {
                     "step": done,
                     "update": update,
@@ -403,16 +458,16 @@ def run_training(opts: TrainOptions, config) -> dict:
                 },
             )
             boundary = done % opts.gradient_accumulation_steps == 0
-            if opts.ckpt_save_interval and boundary and done % opts.ckpt_save_interval == 0 and done < micro_total:
-                _checkpoint(model, params, step, noise, ema, done, ckpt_dir, opts)
-            if validating and done % opts.validation_steps == 0:
-                prompts, grids = opts.validation_prompts, out / "validation"
-                _validation_images(model, prompts, done, grids, opts.seed, opts.image_size, prompt_contexts)
+            if opts.ckpt_save_interval and boundary and done % opts.ckpt_save_interval == 0 and done < run.micro_total:
+                _checkpoint(model, run.params, run.step, run.noise, run.ema, done, run.ckpt_dir, opts)
+            if run.validating and done % opts.validation_steps == 0:
+                prompts, grids = opts.validation_prompts, run.out / "validation"
+                _validation_images(model, prompts, done, grids, opts.seed, opts.image_size, run.prompt_contexts)
         if nonfinite:
             LOGGER.warning("step %d: loss is %s; the update is skipped (weights unchanged)", done, last_loss)
         if len(nonfinite) >= MAX_NONFINITE_STEPS:
             bar.close()
-            state = ckpt_dir / STATE_FILE
+            state = run.ckpt_dir / STATE_FILE
             resume = (
                 f"the last checkpoint is {state}, resume with --resume True" if state.is_file() else "no checkpoint"
             )
@@ -421,12 +476,24 @@ def run_training(opts: TrainOptions, config) -> dict:
                 f"saving ({resume}); check the data, the base weights and the learning rate"
             )
     bar.close()
-    summary = {"steps": done, "last_loss": last_loss}
-    if dist.is_main:
-        summary["weights"] = str(_checkpoint(model, params, step, noise, ema, done, ckpt_dir, opts))
-        plot_metrics(metrics_path, out / "loss.png")
-        summary.update({"metrics": str(metrics_path), "loss_plot": str(out / "loss.png")})
+    return last_loss
+
+
+def finish_run(run: TrainRun, last_loss: float) -> dict:
+    """Write the final weights and train state and draw the loss plot (rank 0); returns the run's summary."""
+    summary = {"steps": run.done, "last_loss": last_loss}
+    if run.dist.is_main:
+        path = _checkpoint(run.model, run.params, run.step, run.noise, run.ema, run.done, run.ckpt_dir, run.opts)
+        summary["weights"] = str(path)
+        plot_metrics(run.metrics_path, run.out / "loss.png")
+        summary.update({"metrics": str(run.metrics_path), "loss_plot": str(run.out / "loss.png")})
     return summary
+
+
+def run_training(opts: TrainOptions, config) -> dict:
+    """Train; returns a summary dict (final step, last loss, paths)."""
+    run = set_up_run(opts, config)
+    return finish_run(run, train_loop(run))
 
 
 def _append_metrics(path: Path, record: dict) -> None:
