@@ -1,15 +1,16 @@
 """Data-parallel launch as the README documents it: ``scripts/run_train_parallel.sh`` under msrun (2 CPU workers,
 mccl), from a shell whose ``python`` is not the project's, plus the ways it must fail loudly.
 
-The README's command is taken from README.md and run verbatim by bash in a scratch folder that looks like a
-checkout after ``make demo`` (``scripts/`` and ``configs/`` link to this repository; the data set and base model it
-names are tiny stand-ins). Its adapter must equal a single process's run with the global batch (2 x per-rank batch):
-``ShardedSampler`` gives rank r the samples ``order[r::2]`` of each epoch, so step k of rank r holds
-``order[2kB + r + 2j]`` (j < B) and the two ranks together hold exactly ``order[2kB:2(k+1)B]``, the single process's
-step-k batch. The trainer draws the noise of the whole global batch from one stream on every rank and keeps rows
-``r::2``, so every sample also gets the same timestep and noise in both runs. The loss is a per-sample mean, so the
-mean of the two ranks' gradients (``DistributedGradReducer``, ``gradients_mean``) is the full-batch gradient; only
-the float summation order differs.
+The README's command is taken from README.md and run verbatim by bash in a scratch folder that looks like a checkout
+after ``make demo`` (``scripts/``, ``configs/`` and ``models/`` link to this repository: the command trains on the
+shipped tiny SD and the demo's data, nothing is built for it). Its adapter must equal a single process's run with
+the global batch (2 x per-rank batch): ``ShardedSampler`` gives rank r the samples ``order[r::2]`` of each epoch, so
+step k of rank r holds ``order[2kB + r + 2j]`` (j < B) and the two ranks together hold exactly
+``order[2kB:2(k+1)B]``, the single process's step-k batch. The trainer draws the noise of the whole global batch
+from one stream on every rank and keeps rows ``r::2``, so every sample also gets the same timestep and noise in both
+runs. The loss is a per-sample mean, so the mean of the two ranks' gradients (``DistributedGradReducer``,
+``gradients_mean``) is the full-batch gradient; caption dropout draws from each sample's own generator, so the same
+captions are dropped; only the float summation order differs.
 """
 
 from __future__ import annotations
@@ -26,11 +27,9 @@ import numpy as np
 import pytest
 
 from ldm.data.synthetic import make_shapes_dataset
-from ldm.env import LAUNCHER_VARS, set_seed
+from ldm.env import LAUNCHER_VARS
 from ldm.io.checkpoint import read_state_dict
-from ldm.io.model_io import save_model
-from ldm.models.diffusion import build_model_from_config
-from ldm.train.options import parse_options, resolve_train_config
+from ldm.train.options import parse_options
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "scripts/run_train_parallel.sh"
@@ -71,27 +70,10 @@ def _fresh_shell_env() -> dict:
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "PATH": path}
 
 
-def _checkout_after_demo(folder: Path) -> None:
-    """A working folder with the repository's scripts and configs (the launcher finds the repository itself)."""
-    for name in ("scripts", "configs"):
+def _checkout(folder: Path, names=("scripts", "configs", "models")) -> None:
+    """A working folder holding the repository's shipped ``names`` (the launcher finds the repository itself)."""
+    for name in names:
         (folder / name).symlink_to(ROOT / name, target_is_directory=True)
-
-
-def _make_inputs(folder: Path, options: list[str]):
-    """Tiny stand-ins for the data set and base model the command names; returns the parsed options."""
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        opts = parse_options(options)
-        config = resolve_train_config(opts).config
-        set_seed(0)
-        base = Path(opts.pretrained_model_path)
-        base.parent.mkdir(parents=True, exist_ok=True)
-        save_model(build_model_from_config(config), base, config=config)
-        make_shapes_dataset(opts.data_path, count=4 * NPROC * opts.train_batch_size, size=opts.image_size)
-    finally:
-        os.chdir(cwd)
-    return opts
 
 
 def _launch(command: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -110,8 +92,8 @@ def _prefixed(state: dict, prefix: str) -> dict:
 def test_readme_command_matches_one_process_with_the_global_batch(tmp_path):
     command = readme_command()
     options = _command_options(command)
-    _checkout_after_demo(tmp_path)
-    opts = _make_inputs(tmp_path, options)
+    _checkout(tmp_path)
+    opts = parse_options(options)
     steps, batch = opts.max_train_steps, opts.train_batch_size
     assert 0 < steps <= 10, "keep the README's example run short"
 
@@ -161,10 +143,10 @@ def test_readme_command_matches_one_process_with_the_global_batch(tmp_path):
 
 @pytest.mark.skipif(not (VENV / "bin/msrun").exists(), reason=f"{VENV} not set up (make demo / make test do it)")
 def test_failing_workers_make_the_launcher_fail_with_their_error(tmp_path):
-    """The README's command before its inputs exist: every worker stops on the missing data set."""
+    """The README's command in a checkout without ``models/``: every worker stops on the missing data set."""
     command = readme_command()
     opts = parse_options(_command_options(command))
-    _checkout_after_demo(tmp_path)
+    _checkout(tmp_path, names=("scripts", "configs"))
     run = _launch(command, tmp_path, _fresh_shell_env())
     assert run.returncode != 0, run.stdout[-2000:] + run.stderr[-2000:]
     worker_error = f"error: data_path {opts.data_path}: no such folder"

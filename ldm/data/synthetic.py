@@ -1,4 +1,4 @@
-"""A captioned toy image set drawn on the fly (coloured shapes), for the demo and tests: no download needed."""
+"""A captioned toy image set drawn on the fly (coloured shapes), for tests and benchmarks: no download needed."""
 
 from __future__ import annotations
 
