@@ -8,7 +8,6 @@ from the latents of seed ``seed + i``, so a run is reproducible image by image.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm.atomic import save_image, write_json
 from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
 from ldm.names import DEFAULT_GUIDANCE, SAMPLER_NAMES, family_of_config, model_node
 from ldm.precision import resolve_policy
@@ -128,12 +128,6 @@ def _next_index(folder: Path, pattern: re.Pattern) -> int:
     return max(found) + 1 if found else 0
 
 
-def _save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(image).save(path)
-
-
 def default_settings(config) -> tuple[int, int, float]:
     """(height, width, guidance scale) a model config implies: its latent size times the VAE's downsampling factor
     (``2 ** (len(ch_mult) - 1)``) and the family's guidance scale, whatever the config's source."""
@@ -225,16 +219,16 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
             batch_seconds.append(time.perf_counter() - start)
             for j, image in enumerate(images):
                 png = samples / f"{index:05d}.png"
-                _save_png(image, png)
+                save_image(png, image)
                 meta = {"prompt": prompt, "seed": seed, "batch_index": j, "iteration": i, **common}
-                png.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+                write_json(png.with_suffix(".json"), meta)
                 written.append(str(png))
                 index += 1
             images_of_prompt.append(images)
             n_images += len(images)
             bar.update(1)
         grid = out / f"grid-{grid_index}.png"
-        _save_png(make_grid(np.concatenate(images_of_prompt), rows=job.n_iter), grid)
+        save_image(grid, make_grid(np.concatenate(images_of_prompt), rows=job.n_iter))
         grids.append(str(grid))
         grid_index += 1
     bar.close()

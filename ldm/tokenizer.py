@@ -34,6 +34,8 @@ import ftfy
 import numpy as np
 import regex
 
+from ldm.atomic import write_text
+
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
 SOT_ID = 49406
@@ -164,13 +166,6 @@ class CLIPTokenizer:
         os.makedirs(directory, exist_ok=True)
         vocab_path = os.path.join(directory, "vocab.json")
         merges_path = os.path.join(directory, "merges.txt")
-        _write_atomic(vocab_path, json.dumps(self.encoder, ensure_ascii=False))
-        _write_atomic(merges_path, "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
+        write_text(vocab_path, json.dumps(self.encoder, ensure_ascii=False))
+        write_text(merges_path, "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
         return vocab_path, merges_path
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from ldm.atomic import save_image, write_text
+
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models/tiny_sd"
 CONCEPT = "blueprint"  # the held-out concept (tools/tiny_sd/make_data.py): its data is models/tiny_sd/data/<it>_*
@@ -79,7 +81,7 @@ def side_by_side(before: Path, after: Path, path: Path, columns: int = SAMPLES_P
         for i, f in enumerate(files[: n_rows * columns]):
             x = side * (columns * size + gap) + (i % columns) * size
             grid.paste(Image.open(f).convert("RGB"), (x, (i // columns) * size))
-    grid.save(path)
+    save_image(path, grid)
 
 
 def main() -> int:
@@ -106,7 +108,7 @@ def main() -> int:
     prompts = MODEL / f"data/{CONCEPT}_prompts.txt"
     lines = [p for p in prompts.read_text(encoding="utf-8").splitlines() if p.strip()]
     image_prompts = out / "image_prompts.txt"  # one line per sample, in the samples' file order
-    image_prompts.write_text("".join(f"{p}\n" * SAMPLES_PER_PROMPT for p in lines), encoding="utf-8")
+    write_text(image_prompts, "".join(f"{p}\n" * SAMPLES_PER_PROMPT for p in lines))
 
     generate(out / "before", prompts, None)
     train = ["examples/stable_diffusion_v2/train_text_to_image.py", "--train_config", str(TRAIN_CONFIG)]

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from ldm.atomic import atomic_path
 from ldm.io.errors import CheckpointError, CheckpointWriteError, bfloat16_bits_to_float32
 from ldm.io.torch_pickle import load_torch_file
 
@@ -214,12 +215,7 @@ def write_state_dict(path, state_dict: dict, metadata: dict[str, str] | None = N
         if not isinstance(key, str) or not isinstance(value, str):
             raise CheckpointError(f"{path}: metadata key {key!r} must map a str to a str, got {type(value).__name__}")
     arrays = {name: np.asarray(value, order="C") for name, value in state_dict.items()}
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    except OSError as e:
-        raise CheckpointWriteError(f"{path}: cannot write into {path.parent} ({e.strerror})") from e
-    os.close(fd)
-    try:
+    with checkpoint_write(path, "any previous file") as tmp:
         if suffix == ".safetensors":
             from safetensors.numpy import save_file
 
@@ -227,16 +223,15 @@ def write_state_dict(path, state_dict: dict, metadata: dict[str, str] | None = N
         else:
             import mindspore as ms
 
-            ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 and MindSpore 0400; give the usual mode of a written file
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointWriteError(
-                f"{path}: write failed ({e.strerror or e}); any previous file is unchanged"
-            ) from e
-        raise
+            ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], str(tmp))
+
+
+@contextmanager
+def checkpoint_write(path, previous: str) -> Iterator[Path]:
+    """``ldm.atomic.atomic_path`` whose I/O errors become one ``CheckpointWriteError`` naming ``path`` and saying
+    that ``previous`` (e.g. "the previous state") is unchanged."""
+    try:
+        with atomic_path(path) as tmp:
+            yield tmp
+    except OSError as e:
+        raise CheckpointWriteError(f"{path}: write failed ({e.strerror or e}); {previous} is unchanged") from e

@@ -10,15 +10,13 @@ block types, attention in the VAE encoder, class embeddings...) are refused by n
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ldm.atomic import atomic_folder, write_json
 from ldm.io import text_encoder_keys, unet_keys, vae_keys
 from ldm.io.checkpoint import CheckpointError, read_state_dict, write_state_dict
 from ldm.names import TEXT_ENCODER_TARGETS, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, family_of_config, model_node
@@ -486,8 +484,9 @@ def write_diffusers_folder(
 ) -> Path:
     """Write a diffusers SD folder (weights, component configs, model_index.json, tokenizer files).
 
-    The folder is assembled beside the target and renamed into place, so an interrupted export leaves no partial
-    folder; an existing target is only replaced with ``overwrite``.
+    The folder is assembled beside the target and renamed into place by ``ldm.atomic.atomic_folder``, so an
+    interrupted export leaves no partial folder and an overwritten one is renamed aside, not deleted, until the new
+    one is in place; an existing target is only replaced with ``overwrite``.
     """
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -504,26 +503,15 @@ def write_diffusers_folder(
     configs = diffusers_configs(config)
     if family == "sd2":
         warnings.warn(f"{folder}: {SD2_EXCLAMATION_NOTE}", stacklevel=2)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder, overwrite=True) as staging:
         for component, sd in weights.items():
             (staging / component).mkdir()
             write_state_dict(staging / component / WEIGHT_FILES[component][0], sd, metadata={"format": "pt"})
-            with open(staging / component / "config.json", "w", encoding="utf-8") as f:
-                json.dump(configs[component], f, indent=2)
+            write_json(staging / component / "config.json", configs[component])
         (staging / "scheduler").mkdir()
-        with open(staging / "scheduler" / "scheduler_config.json", "w", encoding="utf-8") as f:
-            json.dump(configs["scheduler"], f, indent=2)
+        write_json(staging / "scheduler" / "scheduler_config.json", configs["scheduler"])
         _write_tokenizer(staging / "tokenizer", family, p["cond_stage_config"]["params"].get("max_length", 77))
-        with open(staging / "model_index.json", "w", encoding="utf-8") as f:
-            json.dump(_model_index(), f, indent=2)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_json(staging / "model_index.json", _model_index())
     return folder
 
 
@@ -540,14 +528,9 @@ def _write_tokenizer(directory: Path, family: str, max_length: int) -> None:
         "unk_token": "<|endoftext|>",
         "pad_token": pad,
     }
-    with open(directory / "special_tokens_map.json", "w", encoding="utf-8") as f:
-        json.dump(special, f, indent=2)
-    with open(directory / "tokenizer_config.json", "w", encoding="utf-8") as f:
-        json.dump(
-            {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True, **special},
-            f,
-            indent=2,
-        )
+    write_json(directory / "special_tokens_map.json", special)
+    tokenizer_config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True}
+    write_json(directory / "tokenizer_config.json", {**tokenizer_config, **special})
 
 
 def _model_index() -> dict:

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
+from ldm.atomic import atomic_folder, write_json
 from ldm.io.checkpoint import CheckpointError, read_state_dict, write_state_dict
 from ldm.lora.adapter import Adapter
 from ldm.lora.interop import (
@@ -217,9 +215,7 @@ def write_peft_folder(folder, adapter: Adapter, layout: UNetLayout, overwrite: b
     for component, path, module, conv in exported_modules(adapter, layout, folder):
         path = installed_text_path(path) if component == "text_encoder" else path
         networks.setdefault(component, []).append((path, module, conv))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
+    with atomic_folder(folder, overwrite=True) as build:
         for component, items in networks.items():
             state, entries = {}, []
             for path, module, conv in items:
@@ -243,15 +239,5 @@ def write_peft_folder(folder, adapter: Adapter, layout: UNetLayout, overwrite: b
             }
             (build / component).mkdir()
             write_state_dict(build / component / WEIGHTS_NAME, state, {"format": "pt"})
-            (build / component / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        old = None
-        if folder.exists():
-            old = folder.parent / f"{build.name}.old"
-            os.replace(folder, old)
-        os.replace(build, folder)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if build.exists():
-            shutil.rmtree(build)
+            write_json(build / component / CONFIG_NAME, config, sort_keys=True)
     return sorted(networks)

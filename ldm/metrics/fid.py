@@ -18,6 +18,8 @@ import warnings
 import numpy as np
 from scipy import linalg
 
+from ldm.atomic import atomic_open
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -166,9 +168,8 @@ def image_set(folder: str, role: str) -> list[str]:
 def save_stats(path: str, features: np.ndarray) -> None:
     """Write features and their mean/covariance to an ``.npz`` atomically (features keep KID possible)."""
     mu, sigma = feature_stats(features)
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma, features=np.asarray(features, np.float32))
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, features=np.asarray(features, np.float32))
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from ldm.atomic import save_image
 
 WIDTH, HEIGHT = 800, 450
 LEFT, RIGHT, TOP, BOTTOM = 78, 84, 34, 52
@@ -115,10 +116,7 @@ def draw_training_plot(steps, losses, lrs, path: str | Path, title: str = "train
         y = y0 + 10 + 14 * i
         draw.line([(lx, y), (lx + 18, y)], fill=colour, width=3)
         draw.text((lx + 24, y), name, font=font, fill=INK, anchor="lm")
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    img.save(tmp)
-    os.replace(tmp, path)
+    save_image(path, img)
 
 
 def plot_metrics(metrics_path: str | Path, path: str | Path) -> None:

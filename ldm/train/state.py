@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ldm.io.checkpoint import CheckpointWriteError
+from ldm.io.checkpoint import checkpoint_write
 from ldm.train.losses import NoiseSampler
 from ldm.train.step import TrainStep
 
@@ -64,26 +63,9 @@ def save_train_state(
         "extra": extra or {},
     }
     arrays = {k: np.array(v, order="C") for k, v in step.state_arrays().items()}  # keeps 0-d arrays 0-d
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".train_state.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise CheckpointWriteError(f"{path}: cannot write into {folder} ({e.strerror})") from e
-    os.close(fd)
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with checkpoint_write(path, "the previous state") as tmp:
         save_file(arrays, tmp, metadata={META_KEY: json.dumps(meta)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the rename must not reach the disk before the data (power loss)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointWriteError(
-                f"{path}: write failed ({e.strerror or e}); the previous state is unchanged"
-            ) from e
-        raise
 
 
 def read_train_state_meta(path: str) -> dict[str, Any]:

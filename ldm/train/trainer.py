@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from ldm.atomic import save_image, write_text
 from ldm.io.checkpoint import write_state_dict
 from ldm.io.model_io import load_pretrained, model_family
 from ldm.lora.adapter import write_adapter
@@ -239,7 +239,6 @@ def release_cached_networks(model, opts: TrainOptions, validating: bool) -> None
 
 
 def _validation_images(model, prompts, step: int, folder: Path, seed: int, image_size: int, contexts=None) -> None:
-    from PIL import Image
 
     pipe = Text2ImagePipeline(model, sampler="dpm_solver_pp")
     if contexts:  # encoded before the text encoder was released
@@ -247,10 +246,7 @@ def _validation_images(model, prompts, step: int, folder: Path, seed: int, image
     settings = GenerationSettings(steps=20, scale=7.5, height=image_size, width=image_size)
     images = pipe(list(prompts), settings=settings, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:06d}.png"
-    tmp = folder / f".{path.name}.tmp.png"
-    Image.fromarray(make_grid(images)).save(tmp)
-    os.replace(tmp, path)
+    save_image(folder / f"step-{step:06d}.png", make_grid(images))
 
 
 @dataclass
@@ -514,9 +510,7 @@ def _trim_metrics(path: Path, done: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", done + 1) <= done:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(kept))
 
 
 def _peak_rss_gib() -> float:

@@ -42,6 +42,7 @@ from ldm.models.diffusion import build_model_from_config
 from ldm.train.plot import draw_training_plot
 from ldm.train.state import read_train_state_meta
 from ldm.util import CONFIG_DIR, load_config
+from tests.reliability.kill_points import die, in_killed_child
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples/stable_diffusion_v2/train_text_to_image.py"
@@ -83,9 +84,6 @@ def _arm(primitive: str, nth: int, phase: str) -> None:
 
     calls = {"mkstemp": 0, "save_file": 0, "fsync": 0, "replace": 0}
 
-    def die():
-        os.kill(os.getpid(), signal.SIGKILL)
-
     def wrap(name, original):
         def hooked(*args, **kwargs):
             calls[name] += 1
@@ -109,18 +107,6 @@ def _arm(primitive: str, nth: int, phase: str) -> None:
     train_state.save_file = save_file
     os.fsync = wrap("fsync", os.fsync)
     os.replace = wrap("replace", os.replace)
-
-
-def _in_killed_child(action) -> int:
-    """Run ``action`` in a forked child; return the signal that ended it (0 if it exited)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            action()
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
 
 
 # (primitive, nth call, phase): call 1 belongs to the weights file, call 2 to the train state
@@ -150,7 +136,7 @@ def test_sigkill_during_checkpoint_write_leaves_a_resumable_folder(tmp_path, pri
     _write_checkpoint(ckpt, 2)
     before = {name: (ckpt / name).read_bytes() for name in _final_files(ckpt)}
 
-    assert _in_killed_child(lambda: (_arm(primitive, nth, phase), _write_checkpoint(ckpt, 4))) == signal.SIGKILL
+    assert in_killed_child(lambda: (_arm(primitive, nth, phase), _write_checkpoint(ckpt, 4))) == signal.SIGKILL
 
     names = _final_files(ckpt)
     assert set(names) <= {"unet-000002.safetensors", "unet-000004.safetensors", "train_state.safetensors"}
@@ -179,9 +165,9 @@ def test_sigkill_mid_metrics_line_is_dropped_on_resume(tmp_path):
         with open(path, "a", encoding="utf-8") as f:
             f.write('{"step": 4, "lo')
             f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            die()
 
-    assert _in_killed_child(torn_append) == signal.SIGKILL
+    assert in_killed_child(torn_append) == signal.SIGKILL
     trainer._trim_metrics(path, 2)
     trainer._append_metrics(path, {"step": 3, "loss": 0.25})
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
@@ -197,7 +183,7 @@ def test_sigkill_mid_loss_plot_keeps_previous_plot(tmp_path):
     draw_training_plot([1, 2], [1.0, 0.5], [1e-4, 1e-4], path)
     before = path.read_bytes()
     redraw = lambda: draw_training_plot([1, 2, 3], [1.0, 1.0, 1.0], [], path)  # noqa: E731
-    killed = _in_killed_child(lambda: (_arm("replace", 1, "before"), redraw()))
+    killed = in_killed_child(lambda: (_arm("replace", 1, "before"), redraw()))
     assert killed == signal.SIGKILL
     assert path.read_bytes() == before
 
