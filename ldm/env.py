@@ -14,6 +14,8 @@ import random
 import sys
 from dataclasses import dataclass
 
+from ldm.names import DEVICE_TARGETS
+
 ONEDNN_ISA_VAR = "ONEDNN_MAX_CPU_ISA"
 DEFAULT_ONEDNN_ISA = "AVX2"
 # Set by the launchers MindSpore's init() works under: msrun (MS_ROLE), OpenMPI's mpirun, Ascend rank tables.
@@ -122,8 +124,8 @@ def init_env(
         check_launcher()
 
     device_target = device_target.upper() if device_target.lower() != "ascend" else "Ascend"
-    if device_target not in ("CPU", "GPU", "Ascend"):
-        raise ValueError(f"device_target must be CPU, GPU or Ascend, got {device_target!r}")
+    if device_target not in DEVICE_TARGETS:
+        raise ValueError(f"device_target must be one of {', '.join(DEVICE_TARGETS)}, got {device_target!r}")
     if mode not in (0, 1):
         raise ValueError(f"mode must be 0 (graph) or 1 (pynative), got {mode!r}")
     ms.set_device(device_target)

@@ -11,79 +11,33 @@ from __future__ import annotations
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from ldm.atomic import save_image, write_json
+from ldm.generate_options import GenerateOptions, GenerationError
 from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
 from ldm.names import DEFAULT_GUIDANCE, SAMPLER_NAMES, family_of_config, model_node
 from ldm.precision import resolve_policy
-from ldm.util import read_text_utf8
 
 DEFAULT_VERSION = "2.1"
 _NUMBERED = re.compile(r"(\d{5})\.(?:png|json)")
 _GRID = re.compile(r"grid-(\d+)\.png")
 
 
-class GenerationError(ValueError):
-    """Bad generation input (prompts, sizes, adapter options); the message names the culprit."""
-
-
-@dataclass
-class GenerationJob:
-    """Everything one generation run needs; field names follow the CLI options."""
-
-    prompts: list[str]
-    negative_prompt: str = ""
-    config: str | None = None
-    version: str | None = None
-    ckpt_path: str | None = None
-    allow_pickle: bool = False
-    sampler: str = "dpm_solver_pp"
-    sampling_steps: int = 20
-    scale: float | None = None
-    ddim_eta: float = 0.0
-    n_samples: int = 1
-    n_iter: int = 2
-    height: int | None = None
-    width: int | None = None
-    seed: int = 42
-    seed_per_prompt: bool = False  # prompt k's iteration i uses seed + k * n_iter + i: no two images share noise
-    lora_ckpt_paths: list[str] = field(default_factory=list)
-    lora_scales: list[float] | None = None
-    lora_ft_text_encoder: bool = False
-    output_path: str = "output/"
-    attention_slice_size: int = 0
-    vae_slicing: bool = False
-    vae_tile_latent_size: int = 0
-    precision: str = "fp32"
-    vae_precision: str | None = None
-    text_encoder_precision: str | None = None
-    enable_flash_attention: bool = False
-
-
-def batch_seed(job: GenerationJob, prompt_index: int, iteration: int) -> int:
+def batch_seed(job: GenerateOptions, prompt_index: int, iteration: int) -> int:
     """Seed of one batch: ``seed + iteration``, offset by ``prompt_index * n_iter`` with ``seed_per_prompt``."""
     return job.seed + (prompt_index * job.n_iter if job.seed_per_prompt else 0) + iteration
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Non-blank lines of a prompt file; a missing or empty file is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise GenerationError(f"{path}: prompt file not found")
-    prompts = [line.strip() for line in read_text_utf8(path).splitlines() if line.strip()]
-    if not prompts:
-        raise GenerationError(f"{path}: prompt file holds no prompts")
-    return prompts
-
-
-def resolve_config(job: GenerationJob) -> ResolvedConfig:
+def resolve_config(job: GenerateOptions) -> ResolvedConfig:
     """``--config`` wins, then ``--version``, then the config a diffusers folder carries or our checkpoint embeds,
     then the default version."""
-    return resolve_model_config(job.config, job.version, checkpoint=job.ckpt_path, fallback_version=DEFAULT_VERSION)
+    return resolve_model_config(
+        job.config or None, job.version, checkpoint=job.ckpt_path or None, fallback_version=DEFAULT_VERSION
+    )
 
 
 def resolve_lora_scales(paths: list[str], scales: list[float] | None) -> list[float]:
@@ -96,7 +50,7 @@ def resolve_lora_scales(paths: list[str], scales: list[float] | None) -> list[fl
     return [float(s) for s in scales]
 
 
-def validate_job(job: GenerationJob) -> list[float]:
+def validate_job(job: GenerateOptions) -> list[float]:
     """Checks that need no model (cheap, MindSpore-free: the CLI runs them before start-up); returns the scales."""
     if not job.prompts or not all(p.strip() for p in job.prompts):
         raise GenerationError("empty prompt")
@@ -104,20 +58,20 @@ def validate_job(job: GenerationJob) -> list[float]:
         raise GenerationError(f"unknown sampler {job.sampler!r}; choose from {', '.join(SAMPLER_NAMES)}")
     if job.sampling_steps < 1 or job.n_samples < 1 or job.n_iter < 1:
         raise GenerationError("--sampling_steps, --n_samples and --n_iter must be at least 1")
-    for flag, value in (("--H", job.height), ("--W", job.width)):
+    for flag, value in (("--H", job.H), ("--W", job.W)):
         if value is not None and (value <= 0 or value % 8):
             raise GenerationError(f"{flag} {value} must be a positive multiple of 8")
     if job.attention_slice_size < 0:
         raise GenerationError(f"--attention_slice_size {job.attention_slice_size} must be >= 0 (0: no slicing)")
     if job.vae_tile_latent_size < 0 or job.vae_tile_latent_size == 1:
         raise GenerationError(f"--vae_tile_latent_size {job.vae_tile_latent_size} must be 0 (off) or >= 2")
-    resolve_policy(job.precision, job.vae_precision, job.text_encoder_precision)
+    resolve_policy(job.unet_precision(), job.vae_precision, job.text_encoder_precision)
     if job.ckpt_path and not Path(job.ckpt_path).exists():
         raise GenerationError(f"{job.ckpt_path}: checkpoint not found")
     if job.config:
         find_config_file(job.config)  # ConfigError naming the places looked in
-    scales = resolve_lora_scales(job.lora_ckpt_paths, job.lora_scales)
-    for path in job.lora_ckpt_paths:
+    scales = resolve_lora_scales(job.adapters(), job.lora_scale)
+    for path in job.adapters():
         if not Path(path).is_file():
             raise GenerationError(f"{path}: LoRA adapter file not found")
     return scales
@@ -137,7 +91,7 @@ def default_settings(config) -> tuple[int, int, float]:
     return native, native, DEFAULT_GUIDANCE[family_of_config(config)]
 
 
-def generate(job: GenerationJob, log=print, warn=None) -> dict:
+def generate(job: GenerateOptions, log=print, warn=None) -> dict:
     """Run ``job``; returns a summary (written files, images, seconds, images/s)."""
     from tqdm import tqdm
 
@@ -152,9 +106,9 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
     resolved = resolve_config(job)
     config, config_label = resolved.config, resolved.label
     native_h, native_w, default_scale = default_settings(config)
-    height, width = job.height or native_h, job.width or native_w
+    height, width = job.H or native_h, job.W or native_w
     scale = default_scale if job.scale is None else job.scale
-    policy = resolve_policy(job.precision, job.vae_precision, job.text_encoder_precision)
+    policy = resolve_policy(job.unet_precision(), job.vae_precision, job.text_encoder_precision)
     check_device_supports(policy)
     model = build_model_from_config(config_with_policy(config, policy), uninitialised=bool(job.ckpt_path))
     check_size(model, height, width)
@@ -163,10 +117,10 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
         log(f"loaded {job.ckpt_path}: {report.summary()}")
     else:
         warn("WARNING: no --ckpt_path given: the model has RANDOM weights; the images are noise (smoke tests only)")
-    if job.lora_ckpt_paths:
-        adapters = list(zip(job.lora_ckpt_paths, scales))
+    adapters = list(zip(job.adapters(), scales))
+    if adapters:
         apply_adapters(model, adapters, text_encoder=job.lora_ft_text_encoder, log=log)
-        log("merged LoRA: " + ", ".join(f"{p} x {s:g}" for p, s in zip(job.lora_ckpt_paths, scales)))
+        log("merged LoRA: " + ", ".join(f"{p} x {s:g}" for p, s in adapters))
     if not policy.is_fp32:
         for param in model.get_parameters():
             param.requires_grad = False
@@ -198,8 +152,8 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
         "H": height,
         "W": width,
         "config": config_label,
-        "ckpt_path": job.ckpt_path,
-        "adapters": [{"path": p, "scale": s} for p, s in zip(job.lora_ckpt_paths, scales)],
+        "ckpt_path": job.ckpt_path or None,
+        "adapters": [{"path": p, "scale": s} for p, s in adapters],
         "lora_ft_text_encoder": job.lora_ft_text_encoder,
         "precision": policy.describe(),
     }
@@ -251,10 +205,8 @@ def generate(job: GenerationJob, log=print, warn=None) -> dict:
 
 __all__ = [
     "GenerationError",
-    "GenerationJob",
     "default_settings",
     "generate",
-    "read_prompts",
     "resolve_config",
     "resolve_lora_scales",
     "validate_job",

@@ -20,6 +20,8 @@ TEXT_ENCODER_TARGETS = {
     "sd2": "ldm.models.text_encoders.FrozenOpenCLIPEmbedder",
 }
 
+DEVICE_TARGETS = ("CPU", "GPU", "Ascend")  # MindSpore's device_target values, for every CLI
+
 SAMPLER_NAMES = ("ddim", "plms", "dpm_solver_pp", "unipc")
 
 # Default guidance scale per family (Stability's sampling scripts: 7.5 for SD1, 9.0 for SD2).

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ldm.generate import GenerationJob, default_settings, resolve_config
+from ldm.generate import default_settings, resolve_config
+from ldm.generate_options import GenerateOptions
 from ldm.io.model_io import save_model
 from ldm.models.diffusion import build_model_from_config
 from ldm.util import CONFIG_DIR, load_config
@@ -39,7 +40,7 @@ def test_cli_takes_size_and_guidance_from_the_embedded_config(tmp_path):
     config = load_config(CONFIG_DIR / "tiny/sd1-tiny.yaml")
     weights = tmp_path / "sd1-tiny.safetensors"
     save_model(build_model_from_config(config), weights, config=config)
-    job = GenerationJob(prompts=["a fox"], ckpt_path=str(weights))
+    job = GenerateOptions(prompts=["a fox"], ckpt_path=str(weights))
     assert resolve_config(job).label == f"{weights} (embedded config)"
 
     out = tmp_path / "out"

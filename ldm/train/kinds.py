@@ -2,4 +2,3 @@
 
 LOSS_SCALERS = ("none", "static", "dynamic")
 JIT_LEVELS = ("O0", "O1", "O2")
-DEVICE_TARGETS = ("CPU", "GPU", "Ascend")

@@ -1,11 +1,12 @@
 """Options of a training run: the schema (``TrainOptions``, with help and choices in each field's metadata), the
-parser (defaults < ``--train_config`` YAML < command line) and the checks that need no MindSpore.
+parser (defaults < ``--train_config`` YAML < command line, through :mod:`ldm.options`) and the checks that need no
+MindSpore.
 
-Every field is a ``--flag`` (kebab spelling accepted); a YAML key that is not an option, a value of the wrong type
-or outside the field's choices is an error naming the file (or flag) and key. ``model_config`` given in a YAML is
-found relative to that YAML, then in the repository's ``configs/``; on the command line, relative to the working
-directory first. :func:`resolve_train_config` picks the model config: ``--model_config`` on the command line, else
-the one ``pretrained_model_path`` carries (diffusers folder or embedded config), else the YAML's or the default.
+Every field is a ``--flag`` (kebab spelling accepted) and a YAML key, checked as :mod:`ldm.options` describes.
+``model_config`` given in a YAML is found relative to that YAML, then in the repository's ``configs/``; on the
+command line, relative to the working directory first. :func:`resolve_train_config` picks the model config:
+``--model_config`` on the command line, else the one ``pretrained_model_path`` carries (diffusers folder or
+embedded config), else the YAML's or the default.
 This module imports neither MindSpore nor the trainer, so ``-h`` and bad options answer at once.
 """
 
@@ -14,169 +15,136 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ldm.cli import Parser, str2bool
+from ldm.cli import Parser
 from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
 from ldm.lora.targets import UNET_TARGET_PRESETS
+from ldm.names import DEVICE_TARGETS
+from ldm.options import add_options, option, optional_float, parse_over_file, read_options_file
 from ldm.precision import PRECISIONS, PrecisionPolicy, default_loss_scaler, resolve_policy
-from ldm.train.kinds import DEVICE_TARGETS, JIT_LEVELS, LOSS_SCALERS
+from ldm.train.kinds import JIT_LEVELS, LOSS_SCALERS
 from ldm.train.lr_schedules import SCHEDULES
-from ldm.util import ConfigError
 
 LOGGER = logging.getLogger("ldm.train")
 DEFAULT_MODEL_CONFIG = "configs/v2-inference.yaml"
-
-
-def _optional_float(value):
-    return None if value in ("", "None", "none", None) else float(value)
-
-
-def _option(default, help: str, choices=None, parse=None, items=None, cli: bool = True):
-    """A dataclass field whose metadata holds what the parser needs: help, choices, value parser, list item type,
-    and whether it is a flag at all (``cli=False``: set by the parser itself)."""
-    meta = {"help": help, "choices": choices, "parse": parse, "items": items, "cli": cli}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainOptions:
     """Every option of a run; the CLI fills it from defaults < YAML < command line."""
 
-    data_path: str = _option("", "folder with images + img_txt.csv (dir,text) or metadata.jsonl (file_name,text)")
-    output_path: str = _option("output", "where checkpoints, metrics.jsonl, loss.png and validation images go")
-    model_config: str = _option(
+    data_path: str = option("", "folder with images + img_txt.csv (dir,text) or metadata.jsonl (file_name,text)")
+    output_path: str = option("output", "where checkpoints, metrics.jsonl, loss.png and validation images go")
+    model_config: str = option(
         "",
         "model YAML (configs/v1-inference.yaml, v2-inference.yaml, v2-inference-v.yaml, tiny/...); empty: the "
         f"config pretrained_model_path carries, else {DEFAULT_MODEL_CONFIG}",
     )
-    pretrained_model_path: str = _option(
+    pretrained_model_path: str = option(
         "", "base weights: our/Stability single file or a diffusers folder (empty: random init)"
     )
-    allow_pickle: bool = _option(False, "read PyTorch pickle checkpoints with the restricted tensor-only unpickler")
-    device_target: str = _option("CPU", "CPU, GPU or Ascend", choices=DEVICE_TARGETS)
-    mode: int = _option(0, "0 = GRAPH_MODE (compiled, default), 1 = PYNATIVE_MODE", choices=(0, 1))
-    jit_level: str | None = _option(None, "O0/O1/O2 (default O2 on Ascend, O0 elsewhere)", choices=JIT_LEVELS)
-    use_parallel: bool = _option(
+    allow_pickle: bool = option(False, "read PyTorch pickle checkpoints with the restricted tensor-only unpickler")
+    device_target: str = option("CPU", "CPU, GPU or Ascend", choices=DEVICE_TARGETS)
+    mode: int = option(0, "0 = GRAPH_MODE (compiled, default), 1 = PYNATIVE_MODE", choices=(0, 1))
+    jit_level: str | None = option(None, "O0/O1/O2 (default O2 on Ascend, O0 elsewhere)", choices=JIT_LEVELS)
+    use_parallel: bool = option(
         False, "data parallel under msrun (gradients averaged over ranks, only rank 0 writes files)"
     )
-    seed: int = _option(3407, "seed of data order, augmentation, timesteps and noise")
-    image_size: int = _option(512, "training resolution (shorter side resized, then cropped square)")
-    random_crop: bool = _option(False, "random instead of center crop")
-    random_flip: bool = _option(False, "random horizontal flip")
-    caption_dropout: float = _option(0.0, "probability of replacing a caption by '' (trains the unconditional branch)")
-    num_workers: int = _option(1, "data loader workers")
-    cache_latents: bool = _option(
+    seed: int = option(3407, "seed of data order, augmentation, timesteps and noise")
+    image_size: int = option(512, "training resolution (shorter side resized, then cropped square)")
+    random_crop: bool = option(False, "random instead of center crop")
+    random_flip: bool = option(False, "random horizontal flip")
+    caption_dropout: float = option(0.0, "probability of replacing a caption by '' (trains the unconditional branch)")
+    num_workers: int = option(1, "data loader workers")
+    cache_latents: bool = option(
         False,
         "encode each image once with the frozen VAE (both flips with random_flip) and train on the cached posteriors; "
         "the VAE encoder is then released (same results as uncached; random_crop turns it off, with a warning)",
     )
-    cache_text_embeddings: bool = _option(
+    cache_text_embeddings: bool = option(
         False,
         "encode each caption (and '' for caption_dropout, and the validation prompts) once with the frozen text "
         "encoder, then release it (kohya's cache_text_encoder_outputs; lora_ft_text_encoder turns it off, with a "
         "warning)",
     )
-    train_batch_size: int = _option(1, "images per step per rank")
-    epochs: int = _option(10, "passes over the data (ignored when max_train_steps > 0)")
-    max_train_steps: int = _option(0, "optimizer updates to run (0: use epochs)")
-    gradient_accumulation_steps: int = _option(1, "micro-batches per optimizer update")
-    start_learning_rate: float = _option(1e-4, "peak learning rate")
-    end_learning_rate: float = _option(0.0, "final learning rate of linear/cosine decay")
-    scheduler: str = _option("constant", "learning-rate schedule (all with linear warmup)", choices=SCHEDULES)
-    warmup_steps: int = _option(0, "warmup updates from 0 to start_learning_rate")
-    betas: list = _option([0.9, 0.999], "AdamW betas", items=float)
-    weight_decay: float = _option(1e-2, "AdamW decoupled weight decay")
-    adam_epsilon: float = _option(1e-8, "AdamW epsilon")
-    clip_grad: bool = _option(True, "clip gradients to max_grad_norm (global norm)")
-    max_grad_norm: float = _option(1.0, "global-norm clipping threshold")
-    loss_scaler_type: str | None = _option(
+    train_batch_size: int = option(1, "images per step per rank")
+    epochs: int = option(10, "passes over the data (ignored when max_train_steps > 0)")
+    max_train_steps: int = option(0, "optimizer updates to run (0: use epochs)")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer update")
+    start_learning_rate: float = option(1e-4, "peak learning rate")
+    end_learning_rate: float = option(0.0, "final learning rate of linear/cosine decay")
+    scheduler: str = option("constant", "learning-rate schedule (all with linear warmup)", choices=SCHEDULES)
+    warmup_steps: int = option(0, "warmup updates from 0 to start_learning_rate")
+    betas: list = option([0.9, 0.999], "AdamW betas", items=float)
+    weight_decay: float = option(1e-2, "AdamW decoupled weight decay")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    clip_grad: bool = option(True, "clip gradients to max_grad_norm (global norm)")
+    max_grad_norm: float = option(1.0, "global-norm clipping threshold")
+    loss_scaler_type: str | None = option(
         None,
         "dynamic skips overflowing updates and lowers the scale (not set: dynamic for fp16, none otherwise)",
         choices=LOSS_SCALERS,
     )
-    init_loss_scale: float = _option(65536.0, "initial loss scale")
-    loss_scale_factor: int = _option(2, "dynamic scale change factor")
-    scale_window: int = _option(1000, "finite updates before the dynamic scale grows")
-    use_ema: bool = _option(False, "keep an EMA of the trainable weights and save it")
-    ema_decay: float = _option(0.9999, "EMA decay")
-    ema_warmup_steps: int = _option(2000, "EMA warmup: decay * (1 - exp(-updates / warmup))")
-    use_lora: bool = _option(True, "train LoRA adapters (False: fine-tune the whole UNet)")
-    lora_rank: int = _option(4, "LoRA rank")
-    lora_alpha: float | None = _option(
-        None, "LoRA alpha (scale = alpha / rank; default alpha = rank)", parse=_optional_float
+    init_loss_scale: float = option(65536.0, "initial loss scale")
+    loss_scale_factor: int = option(2, "dynamic scale change factor")
+    scale_window: int = option(1000, "finite updates before the dynamic scale grows")
+    use_ema: bool = option(False, "keep an EMA of the trainable weights and save it")
+    ema_decay: float = option(0.9999, "EMA decay")
+    ema_warmup_steps: int = option(2000, "EMA warmup: decay * (1 - exp(-updates / warmup))")
+    use_lora: bool = option(True, "train LoRA adapters (False: fine-tune the whole UNet)")
+    lora_rank: int = option(4, "LoRA rank")
+    lora_alpha: float | None = option(
+        None, "LoRA alpha (scale = alpha / rank; default alpha = rank)", parse=optional_float
     )
-    lora_dropout: float = _option(0.0, "dropout on the LoRA input")
-    lora_fp16: bool = _option(False, "compute the LoRA branch in float16 (params stay float32)")
-    precision: str = _option(
+    lora_dropout: float = option(0.0, "dropout on the LoRA input")
+    lora_fp16: bool = option(False, "compute the LoRA branch in float16 (params stay float32)")
+    precision: str = option(
         "fp32",
         "compute dtype of the UNet (and by default the text encoder): Dense/Conv in it, frozen weights stored in it, "
         "trainable weights kept as fp32 masters, norms and softmax in fp32",
         choices=PRECISIONS,
     )
-    use_fp16: bool = _option(False, "mindone's alias: True means --precision fp16")
-    vae_precision: str | None = _option(
+    use_fp16: bool = option(False, "mindone's alias: True means --precision fp16")
+    vae_precision: str | None = option(
         None, "VAE compute dtype (not set: fp32 when the UNet is fp16, else the UNet's)", choices=PRECISIONS
     )
-    text_encoder_precision: str | None = _option(
+    text_encoder_precision: str | None = option(
         None, "text encoder compute dtype (not set: the UNet's)", choices=PRECISIONS
     )
-    enable_flash_attention: bool = _option(
+    enable_flash_attention: bool = option(
         False, "UNet attention through the fused FlashAttentionScore kernel (Ascend only; elsewhere a warning)"
     )
-    lora_targets: str = _option(
+    lora_targets: str = option(
         "attention",
         "attention (to_q/k/v/out.0) | extended (+ proj_in/out and feed-forward)",
         choices=tuple(UNET_TARGET_PRESETS),
     )
-    lora_ft_text_encoder: bool = _option(False, "also train LoRA on the text encoder attention")
-    use_recompute: bool = _option(
+    lora_ft_text_encoder: bool = option(False, "also train LoRA on the text encoder attention")
+    use_recompute: bool = option(
         False, "recompute each UNet block's activations in the backward pass (less memory, ~1 more forward)"
     )
-    attention_slice_size: int = _option(
+    attention_slice_size: int = option(
         0, "UNet attention over this many batch x head rows at a time (0: all; same result)"
     )
-    memory_efficient_attention: bool = _option(
+    memory_efficient_attention: bool = option(
         False,
         "UNet attention in slices with a backward that recomputes the scores instead of storing them (less memory; "
         "same forward, gradients equal to float rounding)",
     )
-    noise_offset: float = _option(0.0, "offset noise strength (0 disables)")
-    snr_gamma: float | None = _option(
-        None, "min-SNR-gamma loss weighting (e.g. 5.0; empty disables)", parse=_optional_float
+    noise_offset: float = option(0.0, "offset noise strength (0 disables)")
+    snr_gamma: float | None = option(
+        None, "min-SNR-gamma loss weighting (e.g. 5.0; empty disables)", parse=optional_float
     )
-    ckpt_save_interval: int = _option(0, "save weights + resume state every N micro-steps (0: only at the end)")
-    resume: str = _option("", "'True' (resume from <output_path>/ckpt/train_state.safetensors) or a train-state path")
-    validation_prompts: list = _option([], "prompts rendered as a grid every validation_steps", items=str)
-    validation_steps: int = _option(0, "micro-steps between validation grids (0 disables)")
-    log_interval: int = _option(10, "unused by the bar (it updates every step); kept for mindone configs")
-    model_config_on_command_line: bool = _option(
+    ckpt_save_interval: int = option(0, "save weights + resume state every N micro-steps (0: only at the end)")
+    resume: str = option("", "'True' (resume from <output_path>/ckpt/train_state.safetensors) or a train-state path")
+    validation_prompts: list = option([], "prompts rendered as a grid every validation_steps", items=str)
+    validation_steps: int = option(0, "micro-steps between validation grids (0 disables)")
+    log_interval: int = option(10, "unused by the bar (it updates every step); kept for mindone configs")
+    model_config_on_command_line: bool = option(
         False, "model_config was given on the command line (it then wins over the weights' own config)", cli=False
     )
-
-
-def _cli_fields() -> list:
-    return [f for f in dataclasses.fields(TrainOptions) if f.metadata["cli"]]
-
-
-def _default(f: dataclasses.Field):
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
-
-
-def _value_parser(f: dataclasses.Field):
-    """The function turning one command-line string into the field's value."""
-    if f.metadata["parse"] is not None:
-        return f.metadata["parse"]
-    if f.metadata["items"] is not None:
-        return f.metadata["items"]
-    default = _default(f)
-    if isinstance(default, bool):
-        return str2bool
-    return str if default is None else type(default)
 
 
 def build_parser() -> Parser:
@@ -186,57 +154,8 @@ def build_parser() -> Parser:
         allow_abbrev=False,
     )
     parser.add_argument("--train_config", default="", help="YAML with any of the options below (CLI wins)")
-    for f in _cli_fields():
-        kwargs: dict[str, Any] = {"default": _default(f), "help": f.metadata["help"], "type": _value_parser(f)}
-        if f.metadata["items"] is not None:
-            kwargs["nargs"] = "*"
-        if f.metadata["choices"] is not None:
-            kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(f"--{f.name}", **kwargs)
+    add_options(parser, TrainOptions)
     return parser
-
-
-def _yaml_value(f: dataclasses.Field, value, path) -> Any:
-    parse = _value_parser(f)
-    try:
-        if f.metadata["items"] is not None:
-            if not isinstance(value, list):
-                raise TypeError("expected a list")
-            return [parse(v) for v in value]
-        if parse is str2bool:
-            if not isinstance(value, bool):
-                raise TypeError("expected true/false")
-            return value
-        if value is None:
-            return None
-        if parse is int and isinstance(value, float) and value != int(value):
-            raise TypeError("expected an integer")
-        return parse(value)
-    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
-        raise ConfigError(f"{path}: option {f.name!r} has a wrong value {value!r}: {exc}") from None
-
-
-def _check_yaml(cfg: dict, path: str) -> dict:
-    valid = {f.name: f for f in _cli_fields()}
-    out = {}
-    for key, value in cfg.items():
-        if key not in valid:
-            raise ConfigError(f"{path}: unknown option {key!r} (valid: {', '.join(sorted(valid))})")
-        out[key] = _yaml_value(valid[key], value, path)
-        choices = valid[key].metadata["choices"]
-        if choices is not None and out[key] is not None and out[key] not in choices:
-            raise ConfigError(f"{path}: option {key!r} is {value!r}; choose from {', '.join(map(str, choices))}")
-    return out
-
-
-def check_choices(opts: TrainOptions, source: str = "TrainOptions") -> None:
-    """Every field with choices holds one of them (for options built in code; the parser checks its own input)."""
-    for f in dataclasses.fields(TrainOptions):
-        choices, value = f.metadata["choices"], getattr(opts, f.name)
-        if choices is not None and value is not None and value not in choices:
-            raise ConfigError(
-                f"{source}: option {f.name!r} is {value!r}; choose from {', '.join(str(c) for c in choices)}"
-            )
 
 
 def resolve_cache_options(opts: TrainOptions, source: str = "TrainOptions") -> TrainOptions:
@@ -293,33 +212,15 @@ def parse_options(argv=None) -> TrainOptions:
     ``model_config`` made absolute (found next to the YAML, then in ``configs/``)."""
     parser = build_parser()
     args, _ = parser.parse_known_args(argv)
-    if args.train_config:
-        from omegaconf import OmegaConf
-
-        from ldm.util import load_config
-
-        cfg = OmegaConf.to_container(load_config(args.train_config), resolve=True)
-        values = _check_yaml(cfg, args.train_config)
-        if values.get("model_config"):
-            base = Path(args.train_config).parent
-            values["model_config"] = str(find_config_file(values["model_config"], base))
-        parser.set_defaults(**values)
-    explicit = _given_on_command_line(parser, argv)
-    args = parser.parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k not in ("train_config", "debug")}
+    file_values = read_options_file(TrainOptions, args.train_config) if args.train_config else {}
+    if file_values.get("model_config"):
+        base = Path(args.train_config).parent
+        file_values["model_config"] = str(find_config_file(file_values["model_config"], base))
+    values, explicit = parse_over_file(parser, argv, file_values, drop=("train_config",))
     opts = TrainOptions(**values, model_config_on_command_line="model_config" in explicit)
     opts = resolve_cache_options(opts, args.train_config or "command line")
     precision_policy(opts)  # a use_fp16/precision conflict is reported before MindSpore starts
     return opts
-
-
-def _given_on_command_line(parser: Parser, argv) -> set:
-    """Names of the options the command line sets explicitly (argparse skips defaults for names already present)."""
-    unset = object()
-    names = {a.dest for a in parser._actions if a.dest != "help"}
-    probe = argparse.Namespace(**dict.fromkeys(names, unset))
-    parsed, _ = parser.parse_known_args(argv, namespace=probe)
-    return {name for name in names if getattr(parsed, name) is not unset}
 
 
 def resolve_train_config(opts: TrainOptions) -> ResolvedConfig:

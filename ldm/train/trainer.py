@@ -29,6 +29,7 @@ from ldm.lora.network import inject_lora, to_adapter
 from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_TARGET_PRESETS
 from ldm.models.diffusion import build_model_from_config
 from ldm.names import UNET_PREFIX
+from ldm.options import check_choices
 from ldm.pipeline import GenerationSettings, Text2ImagePipeline, make_grid
 from ldm.precision import check_device_supports, config_with_policy, configure_attention, store_frozen_weights_low
 from ldm.train.ema import EMA
@@ -36,7 +37,6 @@ from ldm.train.losses import DiffusionLoss, NoiseSampler
 from ldm.train.lr_schedules import lr_table
 from ldm.train.options import (
     TrainOptions,
-    check_choices,
     check_paths,
     loss_scaler_of,
     precision_policy,

@@ -12,7 +12,7 @@ from PIL import Image
 import ldm  # noqa: F401  (must precede mindspore)
 from ldm.data import ImageCaptionSource, read_index
 from ldm.data.transforms import load_rgb
-from ldm.generate import GenerationError, read_prompts
+from ldm.generate_options import GenerationError, read_prompts
 from ldm.metrics.clip_score import preprocess_image
 from ldm.metrics.fid import load_rgb as fid_load_rgb
 from ldm.tokenizer import EOT_ID, SOT_ID, CLIPTokenizer

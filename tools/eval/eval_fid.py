@@ -8,12 +8,12 @@ tools/eval/README.md); images are resized to 299 with TF1-compatible bilinear. E
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import ldm  # noqa: F401  (CPU defaults before mindspore)
 from ldm.cli import Parser, call, debug_requested
+from ldm.names import DEVICE_TARGETS
 
 
 def parse_args(argv=None):
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--kid_subsets", type=int, default=100)
     p.add_argument("--kid_subset_size", type=int, default=1000, help="capped at the smaller set size")
     p.add_argument("--output_json", help="write the results here")
-    p.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    p.add_argument("--device_target", default="CPU", choices=DEVICE_TARGETS)
     p.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0 graph (default), 1 PyNative")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -48,73 +48,25 @@ def parse_args(argv=None):
     return args
 
 
-def run(args) -> dict:
-    from ldm.env import init_env
-    from ldm.metrics.fid import (
-        FIDError,
-        extract_features,
-        feature_stats,
-        frechet_distance,
-        image_set,
-        kernel_inception_distance,
-        load_stats,
-        save_stats,
-    )
-    from ldm.metrics.fid_weights import load_fid_inception, resolve
-
-    cached = args.real_stats and os.path.isfile(args.real_stats)
-    real_paths = None if cached else image_set(args.real_dir, "real")
-    gen_paths = image_set(args.gen_dir, "generated")
-    resolve(args.inception_ckpt)  # fail on missing weights before MindSpore starts
-    init_env(args.device_target, mode=args.mode)
-    net = load_fid_inception(args.inception_ckpt)
-    progress = not args.quiet
-    if cached:
-        mu_r, sigma_r, real_feats = load_stats(args.real_stats)
-        if args.kid and real_feats is None:
-            raise FIDError(f"{args.real_stats}: has no features, so KID cannot be computed; pass --real_dir instead")
-    else:
-        real_feats = extract_features(net, real_paths, args.batch_size, progress, desc="real")
-        mu_r, sigma_r = feature_stats(real_feats)
-        if args.real_stats:
-            save_stats(args.real_stats, real_feats)
-    gen_feats = extract_features(net, gen_paths, args.batch_size, progress, desc="generated")
-    result = {
-        "fid": frechet_distance(mu_r, sigma_r, *feature_stats(gen_feats), method=args.fid_method),
-        "fid_method": args.fid_method,
-        "num_real": int(real_feats.shape[0]) if real_feats is not None else None,
-        "num_gen": len(gen_paths),
-        "real": args.real_stats if cached else args.real_dir,
-        "gen": args.gen_dir,
-        "network": "inception-2015-12-05 pool3 (2048-d)",
-        "resize": "tf1_bilinear_299",
-    }
-    if args.kid:
-        kid_mean, kid_std = kernel_inception_distance(
-            real_feats, gen_feats, subsets=args.kid_subsets, subset_size=args.kid_subset_size
-        )
-        subset = min(args.kid_subset_size, len(real_feats), len(gen_feats))
-        result.update(kid_mean=kid_mean, kid_std=kid_std, kid_subsets=args.kid_subsets, kid_subset_size=subset)
-    return result
-
-
 def _evaluate(argv) -> int:
     args = parse_args(argv)
     if args.output_json:
         from ldm.util import check_output_folder
 
         check_output_folder(os.path.dirname(os.path.abspath(args.output_json)), "--output_json")
-    result = run(args)
+    from ldm.metrics.evaluate import evaluate_fid
+
+    options = {k: v for k, v in vars(args).items() if k not in ("output_json", "quiet", "debug")}
+    result = evaluate_fid(**options, progress=not args.quiet)
     print(f"FID: {result['fid']:.4f}  (real {result['num_real']}, generated {result['num_gen']})")
     if min(n for n in (result["num_real"], result["num_gen"]) if n) <= 2048:
         print("note: with <= 2048 images the covariance is rank-deficient; FID is biased upward, compare at equal N")
     if "kid_mean" in result:
         print(f"KID: {result['kid_mean']:.6f} +- {result['kid_std']:.6f}")
     if args.output_json:
-        tmp = f"{args.output_json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.output_json)
+        from ldm.atomic import write_json
+
+        write_json(args.output_json, result)
     return 0
 
 
