@@ -15,8 +15,16 @@ from pathlib import Path
 
 from ldm.cli import Parser
 from ldm.io.model_config import find_config_file
-from ldm.names import DEVICE_TARGETS, SAMPLER_NAMES
-from ldm.options import add_options, option, optional_float, optional_int, parse_over_file, read_options_file
+from ldm.names import SAMPLER_NAMES
+from ldm.options import (
+    RunOptions,
+    add_options,
+    option,
+    optional_float,
+    optional_int,
+    parse_over_file,
+    read_options_file,
+)
 from ldm.precision import PRECISIONS
 from ldm.util import VERSIONS, read_text_utf8
 
@@ -26,7 +34,7 @@ class GenerationError(ValueError):
 
 
 @dataclass
-class GenerateOptions:
+class GenerateOptions(RunOptions):
     """Every option of a generation run; the CLI fills it from defaults < ``--config_file`` < command line."""
 
     prompt: str = option("", "one prompt (or --data_path)")
@@ -59,8 +67,6 @@ class GenerateOptions:
     lora_scale: list = option([], "scale per adapter (repeatable; not set: 1.0 each)", items=float)
     lora_ft_text_encoder: bool = option(False, "also merge the adapters' text-encoder modules")
     output_path: str = option("output/", "folder of samples/ and grids")
-    device_target: str = option("CPU", "CPU, GPU or Ascend", choices=DEVICE_TARGETS)
-    mode: int = option(0, "0 = GRAPH_MODE (compiled, default), 1 = PYNATIVE_MODE", choices=(0, 1))
     attention_slice_size: int = option(0, "attention over this many batch x head rows at a time (0: all)")
     vae_slicing: bool = option(False, "decode one image of a batch at a time")
     vae_tile_latent_size: int = option(0, "decode in overlapping tiles of this many latents (0: off)")
@@ -68,16 +74,6 @@ class GenerateOptions:
         None,
         "compute dtype of the UNet and by default the text encoder (not set: fp32; norms and softmax stay fp32)",
         choices=PRECISIONS,
-    )
-    use_fp16: bool = option(False, "mindone's alias: True means --precision fp16")
-    vae_precision: str | None = option(
-        None, "VAE compute dtype (not set: fp32 under an fp16 UNet, else the UNet's)", choices=PRECISIONS
-    )
-    text_encoder_precision: str | None = option(
-        None, "text encoder compute dtype (not set: the UNet's)", choices=PRECISIONS
-    )
-    enable_flash_attention: bool = option(
-        False, "fused FlashAttentionScore kernel in the UNet (Ascend only; elsewhere a warning and the standard path)"
     )
     prompts: list = option([], "the prompts, from prompt or data_path", cli=False)
 

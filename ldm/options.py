@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any
 
 from ldm.cli import Parser, str2bool
+from ldm.names import DEVICE_TARGETS
+from ldm.precision import PRECISIONS
 from ldm.util import ConfigError
 
 _SEEN_LISTS = "_lists_given"  # namespace attribute: list options already given once on this command line
@@ -38,6 +40,25 @@ def option(default, help: str, choices=None, parse=None, items=None, cli: bool =
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunOptions:
+    """Options every run of the models has (training and generation spell and check them alike); a schema
+    inherits them, so they come first in its ``-h``."""
+
+    device_target: str = option("CPU", "CPU, GPU or Ascend", choices=DEVICE_TARGETS)
+    mode: int = option(0, "0 = GRAPH_MODE (compiled, default), 1 = PYNATIVE_MODE", choices=(0, 1))
+    use_fp16: bool = option(False, "mindone's alias: True means --precision fp16")
+    vae_precision: str | None = option(
+        None, "VAE compute dtype (not set: fp32 under an fp16 UNet, else the UNet's)", choices=PRECISIONS
+    )
+    text_encoder_precision: str | None = option(
+        None, "text encoder compute dtype (not set: the UNet's)", choices=PRECISIONS
+    )
+    enable_flash_attention: bool = option(
+        False, "UNet attention through the fused FlashAttentionScore kernel (Ascend only; elsewhere a warning)"
+    )
 
 
 def cli_fields(schema) -> list:

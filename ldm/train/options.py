@@ -21,8 +21,14 @@ from pathlib import Path
 from ldm.cli import Parser
 from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
 from ldm.lora.targets import UNET_TARGET_PRESETS
-from ldm.names import DEVICE_TARGETS
-from ldm.options import add_options, option, optional_float, parse_over_file, read_options_file
+from ldm.options import (
+    RunOptions,
+    add_options,
+    option,
+    optional_float,
+    parse_over_file,
+    read_options_file,
+)
 from ldm.precision import PRECISIONS, PrecisionPolicy, default_loss_scaler, resolve_policy
 from ldm.train.kinds import JIT_LEVELS, LOSS_SCALERS
 from ldm.train.lr_schedules import SCHEDULES
@@ -32,7 +38,7 @@ DEFAULT_MODEL_CONFIG = "configs/v2-inference.yaml"
 
 
 @dataclass
-class TrainOptions:
+class TrainOptions(RunOptions):
     """Every option of a run; the CLI fills it from defaults < YAML < command line."""
 
     data_path: str = option("", "folder with images + img_txt.csv (dir,text) or metadata.jsonl (file_name,text)")
@@ -46,8 +52,6 @@ class TrainOptions:
         "", "base weights: our/Stability single file or a diffusers folder (empty: random init)"
     )
     allow_pickle: bool = option(False, "read PyTorch pickle checkpoints with the restricted tensor-only unpickler")
-    device_target: str = option("CPU", "CPU, GPU or Ascend", choices=DEVICE_TARGETS)
-    mode: int = option(0, "0 = GRAPH_MODE (compiled, default), 1 = PYNATIVE_MODE", choices=(0, 1))
     jit_level: str | None = option(None, "O0/O1/O2 (default O2 on Ascend, O0 elsewhere)", choices=JIT_LEVELS)
     use_parallel: bool = option(
         False, "data parallel under msrun (gradients averaged over ranks, only rank 0 writes files)"
@@ -105,16 +109,6 @@ class TrainOptions:
         "compute dtype of the UNet (and by default the text encoder): Dense/Conv in it, frozen weights stored in it, "
         "trainable weights kept as fp32 masters, norms and softmax in fp32",
         choices=PRECISIONS,
-    )
-    use_fp16: bool = option(False, "mindone's alias: True means --precision fp16")
-    vae_precision: str | None = option(
-        None, "VAE compute dtype (not set: fp32 when the UNet is fp16, else the UNet's)", choices=PRECISIONS
-    )
-    text_encoder_precision: str | None = option(
-        None, "text encoder compute dtype (not set: the UNet's)", choices=PRECISIONS
-    )
-    enable_flash_attention: bool = option(
-        False, "UNet attention through the fused FlashAttentionScore kernel (Ascend only; elsewhere a warning)"
     )
     lora_targets: str = option(
         "attention",
