@@ -175,6 +175,12 @@ def test_pages_have_commands_and_links_resolve():
                 assert (page.parent / target).exists(), f"{page.relative_to(ROOT)}: link to missing {target}"
 
 
+def test_pages_do_not_name_the_deprecated_lora_module():
+    """``ldm.lora_tools`` is a deprecated alias of ``ldm.lora``: users are shown the module that stays."""
+    for page in PAGES:
+        assert "ldm.lora_tools" not in page.read_text(encoding="utf-8"), page.relative_to(ROOT)
+
+
 def test_readme_is_a_short_guide():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; depth goes to docs/"
