@@ -29,7 +29,7 @@ def child(precision: str) -> None:
 
     init_env("CPU", mode=1)
     opts = TrainOptions(precision=precision, lora_rank=4)
-    model, params = build_trainable_model(opts, load_config(ROOT / "configs" / "v2-inference.yaml"))
+    model, params = build_trainable_model(opts, load_config(ROOT / "ldm/configs/v2-inference.yaml"))
     gc.collect()
     rss = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS"))
     stored = sum(p.size * (2 if "16" in str(p.dtype) else 4) for p in model.get_parameters())

@@ -23,7 +23,7 @@ import numpy as np
 import ldm  # noqa: F401  (CPU defaults before mindspore)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = dict(  # configs/tiny_sd/tiny-sd.yaml's unet_config, model_channels aside
+SHIPPED = dict(  # ldm/configs/tiny_sd/tiny-sd.yaml's unet_config, model_channels aside
     in_channels=4,
     out_channels=4,
     attention_resolutions=[2, 1],

@@ -28,7 +28,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="python -m ldm.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="diffusers folder or single checkpoint file")
     parser.add_argument("dst", help="*.safetensors / *.ckpt (our names) or a folder path (diffusers layout)")
-    parser.add_argument("--config", help="model YAML config (e.g. configs/v2-inference.yaml)")
+    parser.add_argument("--config", help="model YAML config (e.g. ldm/configs/v2-inference.yaml)")
     parser.add_argument("--version", choices=sorted(VERSIONS), help="use the bundled config of this SD version")
     add_allow_pickle(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")

@@ -25,7 +25,7 @@ from ldm.options import (
     parse_over_file,
     read_options_file,
 )
-from ldm.precision import PRECISIONS
+from ldm.precision import PRECISIONS, unet_precision
 from ldm.util import VERSIONS, read_text_utf8
 
 
@@ -82,10 +82,9 @@ class GenerateOptions(RunOptions):
         return list(self.lora_ckpt_path) if self.use_lora else []
 
     def unet_precision(self) -> str:
-        """``precision``, or fp16 from mindone's ``use_fp16``; both at odds is an error."""
-        if self.use_fp16 and self.precision not in (None, "fp16"):
-            raise GenerationError(f"--use_fp16 True conflicts with --precision {self.precision}; give only one of them")
-        return "fp16" if self.use_fp16 else self.precision or "fp32"
+        """``precision``, or fp16 from mindone's ``use_fp16``, by the rule training uses too (both at odds: an error
+        naming both)."""
+        return unet_precision(self.precision, self.use_fp16)
 
 
 def read_prompts(path: str | Path) -> list[str]:

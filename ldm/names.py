@@ -15,7 +15,8 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
 TEXT_ROOTS = {"sd1": TEXT_PREFIX + "transformer.", "sd2": TEXT_PREFIX + "model."}
 
-TEXT_ENCODER_TARGETS = {
+# The text-encoder class each family's model config names (its ``cond_stage_config.target``).
+TEXT_ENCODER_CLASSES = {
     "sd1": "ldm.models.text_encoders.FrozenCLIPEmbedder",
     "sd2": "ldm.models.text_encoders.FrozenOpenCLIPEmbedder",
 }
@@ -32,10 +33,12 @@ class UnknownFamilyError(ValueError):
     """A config or file names a text encoder that is neither SD1's nor SD2's."""
 
 
-def check_family(family: Any) -> str:
-    """``family`` if it is one of :data:`FAMILIES`; raises :class:`UnknownFamilyError` otherwise."""
+def check_family(family: Any, source: Any = None) -> str:
+    """``family`` if it is one of :data:`FAMILIES`; raises :class:`UnknownFamilyError` otherwise, its message
+    starting with ``source`` (the file or object that named the family) when given."""
     if family not in FAMILIES:
-        raise UnknownFamilyError(f"family must be one of {FAMILIES}, got {family!r}")
+        where = f"{source}: " if source else ""
+        raise UnknownFamilyError(f"{where}family must be one of {FAMILIES}, got {family!r}")
     return family
 
 
@@ -52,11 +55,11 @@ def model_node(config: Any) -> dict:
 def family_of_config(config: Any) -> str:
     """``sd1``/``sd2`` from the text-encoder target of a model config: the one place a family is derived."""
     target = model_node(config)["params"]["cond_stage_config"]["target"]
-    for family, name in TEXT_ENCODER_TARGETS.items():
+    for family, name in TEXT_ENCODER_CLASSES.items():
         if target == name:
             return family
     raise UnknownFamilyError(
-        f"unknown text encoder target {target!r} (expected one of {sorted(TEXT_ENCODER_TARGETS.values())})"
+        f"unknown text encoder target {target!r} (expected one of {sorted(TEXT_ENCODER_CLASSES.values())})"
     )
 
 

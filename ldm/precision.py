@@ -56,20 +56,25 @@ def _check(name: str, value: str) -> str:
     return value
 
 
+def unet_precision(precision: str | None, use_fp16: bool = False) -> str:
+    """The UNet precision of ``--precision`` and mindone's alias ``--use_fp16``, the same rule for training and
+    generation: ``--use_fp16 True`` means fp16 and goes only with ``--precision`` unset or fp16; any other
+    ``--precision`` beside it is one error naming both (neither silently wins). Unset (None or "") means fp32."""
+    if use_fp16 and precision not in (None, "", "fp16"):
+        raise PrecisionError(f"--use_fp16 True conflicts with --precision {precision}; give only one of them")
+    return "fp16" if use_fp16 else _check("precision", precision or "fp32")
+
+
 def resolve_policy(
-    precision: str = "fp32",
+    precision: str | None = None,
     vae_precision: str | None = None,
     text_encoder_precision: str | None = None,
     use_fp16: bool = False,
 ) -> PrecisionPolicy:
-    """The policy of ``--precision`` (``use_fp16=True`` is mindone's spelling of fp16) with the per-network
-    overrides; an empty/None override takes the default: the VAE stays fp32 under an fp16 UNet and follows it
-    otherwise, the text encoder follows the UNet."""
-    precision = _check("precision", precision or "fp32")
-    if use_fp16:
-        if precision not in ("fp32", "fp16"):
-            raise PrecisionError(f"use_fp16 True conflicts with precision {precision!r}; give only one of them")
-        precision = "fp16"
+    """The policy of ``--precision`` and ``--use_fp16`` (:func:`unet_precision`) with the per-network overrides;
+    an empty/None override takes the default: the VAE stays fp32 under an fp16 UNet and follows it otherwise, the
+    text encoder follows the UNet."""
+    precision = unet_precision(precision, use_fp16)
     vae = _check("vae_precision", vae_precision) if vae_precision else ("fp32" if precision == "fp16" else precision)
     text = _check("text_encoder_precision", text_encoder_precision) if text_encoder_precision else precision
     return PrecisionPolicy(unet=precision, vae=vae, text_encoder=text)

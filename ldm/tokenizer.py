@@ -35,6 +35,7 @@ import numpy as np
 import regex
 
 from ldm.atomic import write_text
+from ldm.names import check_family
 
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
@@ -111,9 +112,7 @@ class CLIPTokenizer:
     @classmethod
     def for_family(cls, family: str, bpe_path: str | None = None, context_length: int = 77) -> CLIPTokenizer:
         """Tokenizer with the padding of ``family``: ``"sd1"`` pads with ``<|endoftext|>``, ``"sd2"`` with 0."""
-        if family not in FAMILY_PAD_TOKENS:
-            raise ValueError(f"family must be one of {sorted(FAMILY_PAD_TOKENS)}, got {family!r}")
-        return cls(bpe_path, context_length, FAMILY_PAD_TOKENS[family])
+        return cls(bpe_path, context_length, FAMILY_PAD_TOKENS[check_family(family)])
 
     @property
     def vocab_size(self) -> int:

@@ -110,7 +110,8 @@ def instantiate_from_config(config: Any, **overrides: Any) -> Any:
     return get_obj_from_str(str(config["target"]))(**dict(params), **overrides)
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The bundled model configs ship inside the package (package data), so an installed copy finds them too.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # --version shortcuts shared by the CLIs -> bundled model config (image size and family come from the config)
 VERSIONS = {

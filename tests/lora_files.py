@@ -5,7 +5,7 @@ import numpy as np
 from ldm.lora.adapter import delta_weight, make_adapter, modules
 from ldm.lora.interop import UNetLayout
 
-# configs/tiny/sd{1,2}-tiny.yaml: model_channels 32, channel_mult [1, 2], num_res_blocks 1, attention [2, 1],
+# ldm/configs/tiny/sd{1,2}-tiny.yaml: model_channels 32, channel_mult [1, 2], num_res_blocks 1, attention [2, 1],
 # context_dim 32, text width 32 with 2 layers.
 LAYOUT = UNetLayout(num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(2, 1))
 BLOCK_CHANNELS = {
@@ -81,6 +81,6 @@ def assert_same_factors(a, b):
     ma, mb = modules(a), modules(b)
     assert sorted(ma) == sorted(mb)
     for path, (down, up, alpha) in ma.items():
-        np.testing.assert_array_equal(mb[path][0], down, err_msg=path)
-        np.testing.assert_array_equal(mb[path][1], up, err_msg=path)
-        assert mb[path][2] == alpha, path
+        np.testing.assert_array_equal(mb[path].down, down, err_msg=path)
+        np.testing.assert_array_equal(mb[path].up, up, err_msg=path)
+        assert mb[path].alpha == alpha, path

@@ -21,21 +21,14 @@ from PIL import Image
 
 from ldm.data import ImageCaptionSource, ShardedSampler, build_cache, build_dataset
 from ldm.data.cache import CacheEncoders
+from ldm.data.cache_networks import ReleasedNetwork, cache_encoders, release_cached_networks
 from ldm.data.synthetic import make_shapes_dataset
 from ldm.env import set_seed
 from ldm.io.checkpoint import read_state_dict
 from ldm.io.model_io import save_model
 from ldm.models.diffusion import build_model_from_config
-from ldm.train.losses import NoiseSampler
-from ldm.train.options import parse_options, resolve_cache_options
-from ldm.train.trainer import (
-    CachedLatents,
-    LatentEncoder,
-    ReleasedNetwork,
-    TrainOptions,
-    cache_encoders,
-    release_cached_networks,
-)
+from ldm.train.losses import CachedLatents, LatentEncoder, NoiseSampler
+from ldm.train.options import TrainOptions, parse_options, resolve_cache_options
 from ldm.util import CONFIG_DIR, load_config
 
 ROOT = Path(__file__).resolve().parents[1]

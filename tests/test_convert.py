@@ -39,7 +39,7 @@ def tiny_folder(request, tmp_path_factory):
 def test_config_from_diffusers_matches_tiny_yaml(tiny_folder):
     family, folder = tiny_folder
     derived = config_from_diffusers(folder)
-    bundled = yaml.safe_load((ROOT / f"configs/tiny/{family}-tiny.yaml").read_text())
+    bundled = yaml.safe_load((ROOT / f"ldm/configs/tiny/{family}-tiny.yaml").read_text())
     for part in ("unet_config", "first_stage_config", "cond_stage_config"):
         assert derived["model"]["params"][part]["target"] == bundled["model"]["params"][part]["target"]
         ours = bundled["model"]["params"][part]["params"]
@@ -100,7 +100,7 @@ def test_stability_style_file_with_schedule_buffers(tmp_path):
     """A Stability single file carries DDPM buffers and (SD2) unused OpenCLIP keys; they are checked and dropped."""
     from ldm.schedule import alphas_cumprod, make_betas
 
-    config = load_config(ROOT / "configs/tiny/sd2-tiny.yaml")
+    config = load_config(ROOT / "ldm/configs/tiny/sd2-tiny.yaml")
     model = build_model_from_config(config)
     state = cell_state_dict(model)
     state["alphas_cumprod"] = alphas_cumprod(make_betas()).astype(np.float32)
@@ -137,12 +137,12 @@ def _one_line_error(run, *needles):
 @pytest.fixture(scope="module")
 def tiny_single(tmp_path_factory):
     path = tmp_path_factory.mktemp("single") / "tiny.safetensors"
-    config = load_config(ROOT / "configs/tiny/sd2-tiny.yaml")
+    config = load_config(ROOT / "ldm/configs/tiny/sd2-tiny.yaml")
     write_state_dict(path, cell_state_dict(build_model_from_config(config)))
     return path
 
 
-TINY = str(ROOT / "configs/tiny/sd2-tiny.yaml")
+TINY = str(ROOT / "ldm/configs/tiny/sd2-tiny.yaml")
 
 
 def test_cli_truncated_file(tiny_single, tmp_path):

@@ -32,7 +32,7 @@ from ldm.models.diffusion import build_model_from_config
 from ldm.util import load_config
 
 init_env("CPU", mode=1)
-config = load_config("configs/v2-inference.yaml")
+config = load_config("ldm/configs/v2-inference.yaml")
 save_model(build_model_from_config(config), sys.argv[1], config=config)
 """
 TRAIN_BOUND_GIB = 7.7  # diffusers + peft: 7.68 GiB (v2 recipe here: PyNative, recompute, memory-efficient attention)
@@ -52,7 +52,7 @@ def _peak_rss_gib(cmd: list[str]) -> float:
 
 @pytest.fixture(scope="module")
 def sd2_weights(tmp_path_factory) -> Path:
-    """SD2-base (``configs/v2-inference.yaml``) with its random initial values, saved as our ``.safetensors``."""
+    """SD2-base (``ldm/configs/v2-inference.yaml``) with its random initial values, saved as our ``.safetensors``."""
     path = tmp_path_factory.mktemp("sd2") / "sd2-base.safetensors"
     _peak_rss_gib([sys.executable, "-c", WRITE_WEIGHTS, str(path)])
     return path

@@ -32,9 +32,9 @@ def test_alpha_defaults(rng):
         "model.diffusion_model.middle_block.1.proj_in" + UP: u,
     }
     (m,) = modules(Adapter(state, {"family": "sd1"})).values()
-    assert m[2] == 4.0
+    assert m.alpha == 4.0
     (m,) = modules(Adapter(state, {"family": "sd1", "alpha": 1})).values()
-    assert module_scale(m[0], m[2]) == 0.25
+    assert module_scale(m.down, m.alpha) == 0.25
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,7 @@ def test_reads_ldm_lora_py_metadata(tmp_path, rng):
     }
     write_state_dict(tmp_path / "t.safetensors", {name + DOWN: down, name + UP: up}, metadata)
     adapter = read_adapter(tmp_path / "t.safetensors")
-    assert modules(adapter)[name][2] == 8.0
+    assert modules(adapter)[name].alpha == 8.0
     base = {"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": np.zeros((96, 32), np.float32)}
     merged = merge_into_base(base, adapter)
     np.testing.assert_allclose(merged[next(iter(base))], 4.0 * up.astype(np.float64) @ down, rtol=1e-6)

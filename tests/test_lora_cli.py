@@ -1,4 +1,4 @@
-"""``python -m ldm.lora`` (and its ``ldm.lora_tools`` alias): round trips and one-line errors."""
+"""``python -m ldm.lora``: round trips and one-line errors; its deprecated alias ``ldm.lora_tools`` warns."""
 
 import json
 import subprocess
@@ -28,7 +28,7 @@ def test_cli_round_trips(tmp_path, rng, capsys):
                 "--format",
                 "kohya",
                 "--config",
-                "configs/tiny/sd2-tiny.yaml",
+                "ldm/configs/tiny/sd2-tiny.yaml",
             ]
         )
         == 0
@@ -85,7 +85,7 @@ def test_cli_round_trips(tmp_path, rng, capsys):
     assert "relative Frobenius error" in capsys.readouterr().out
     base = {
         (p[: -len(".in_proj_lora")] + ".in_proj_weight" if p.endswith(".in_proj_lora") else p + ".weight"): np.zeros(
-            (m[1].shape[0], m[0].shape[1]), np.float32
+            (m.up.shape[0], m.down.shape[1]), np.float32
         )
         for p, m in modules(adapter).items()
     }
@@ -143,7 +143,7 @@ def test_cli_bad_input(tmp_path, rng, capsys):
             "--format",
             "diffusers",
             "--config",
-            "configs/tiny/sd2-tiny.yaml",
+            "ldm/configs/tiny/sd2-tiny.yaml",
         ],
         "does not match",
         out,
@@ -198,10 +198,10 @@ def test_cli_bad_input(tmp_path, rng, capsys):
     assert out.read_bytes() == b"keep"
 
 
-@pytest.mark.parametrize("module", ["ldm.lora", "ldm.lora_tools"])
-def test_cli_entry_point_help_and_error(tmp_path, module):
-    """``python -m ldm.lora`` and its one-release alias: help for every command, one error line (exit 2) for a
-    missing file, the traceback only with --debug; kebab spellings of the flags still work."""
+def test_cli_entry_point_help_and_error(tmp_path):
+    """``python -m ldm.lora``: help for every command, one error line (exit 2) for a missing file, the traceback only
+    with --debug; kebab spellings of the flags still work."""
+    module = "ldm.lora"
     run = [sys.executable, "-m", module]
     for command in ("export", "import", "merge", "combine"):
         res = subprocess.run([*run, command, "-h"], capture_output=True, text=True, check=True)
@@ -246,3 +246,14 @@ def test_peft_export_needs_a_folder_name(tmp_path, rng, capsys):
     assert "is a folder" in capsys.readouterr().err and not (tmp_path / "p.safetensors").exists()
     assert main([*argv[:2], str(tmp_path / "p"), "--format", "peft", "--fold_scale", *CLI_LAYOUT]) == 2
     assert "--fold_scale applies to --format diffusers only" in capsys.readouterr().err
+
+
+def test_lora_tools_alias_warns_naming_the_release_that_removes_it():
+    """``python -m ldm.lora_tools`` still works, with a DeprecationWarning shown by default; importing it warns too."""
+    run = subprocess.run([sys.executable, "-m", "ldm.lora_tools", "-h"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "export" in run.stdout, run.stderr[-2000:]
+    assert "DeprecationWarning: ldm.lora_tools is deprecated and will be removed in ldm 0.2.0" in run.stderr
+    assert "python -m ldm.lora" in run.stderr
+    sys.modules.pop("ldm.lora_tools", None)
+    with pytest.warns(DeprecationWarning, match=r"removed in ldm 0\.2\.0"):
+        import ldm.lora_tools  # noqa: F401

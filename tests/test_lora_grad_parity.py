@@ -5,7 +5,7 @@ to_q/to_k/to_v/to_out.0, Gaussian A, then random non-zero B so the gradients of 
 the loss of diffusers' ``train_text_to_image_lora.py`` written out in torch: ``DDPMScheduler.add_noise``, target
 noise or ``get_velocity``, Min-SNR weights ``min(snr, gamma) / snr`` (eps) or ``/ (snr + 1)`` (v) from diffusers'
 ``compute_snr``, per-sample mean then weighted mean, offset noise ``noise + noise_offset * offset_noise``.
-Ours: the UNet of ``configs/tiny/sd{1,2}-tiny.yaml`` with the same base weights (diffusers keys through
+Ours: the UNet of ``ldm/configs/tiny/sd{1,2}-tiny.yaml`` with the same base weights (diffusers keys through
 ``unet_keys``), ``inject_lora`` with the same rank/alpha and the same A/B (module paths mapped with ``unet_keys`` on
 fake ``<module>.weight`` keys), and ``DiffusionLoss`` differentiated with ``mindspore.value_and_grad`` over the LoRA
 parameters only. Both sides get the same fixed latents, context, timesteps, noise and offset noise.
@@ -87,7 +87,7 @@ def rel_err(a, b):
 
 @functools.cache
 def build_pair(family) -> Pair:
-    params = load_config(ROOT / f"configs/tiny/{family}-tiny.yaml")["model"]["params"]
+    params = load_config(ROOT / f"ldm/configs/tiny/{family}-tiny.yaml")["model"]["params"]
     unet_cfg = params["unet_config"]["params"]
     layout = {
         "num_res_blocks": unet_cfg["num_res_blocks"],

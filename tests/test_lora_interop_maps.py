@@ -72,8 +72,8 @@ def test_diffusers_import_variants(rng):
         te + ".alpha": 2.0,
     }
     mods = modules(from_diffusers(state, "sd1", LAYOUT))
-    assert mods["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"][2] == 4.0
-    assert mods["cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.out_proj"][2] == 2.0
+    assert mods["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"].alpha == 4.0
+    assert mods["cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.out_proj"].alpha == 2.0
     with pytest.raises(CheckpointError, match="not a diffusers/PEFT LoRA key"):
         from_diffusers({"unet.conv_in.weight": d}, "sd1", LAYOUT)
     with pytest.raises(CheckpointError, match="has no up factor"):
@@ -118,7 +118,7 @@ def test_kohya_alpha_conventions(rng):
     mods = modules(from_kohya(state, "sd1", LAYOUT))
     ma = mods["model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_v"]
     np.testing.assert_allclose(delta_weight(*ma), 0.25 * u.astype(np.float64) @ d)
-    assert mods["cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc2"][2] == 4.0
+    assert mods["cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc2"].alpha == 4.0
     out, _ = to_kohya(make_adapter(mods, {"family": "sd1"}), LAYOUT)
     assert out[a + ".alpha"] == 1.0 and out[b + ".alpha"] == 4.0
     with pytest.raises(CheckpointError, match="not a module"):
@@ -146,8 +146,8 @@ def test_fused_split_is_exact(rng):
     for i, n in enumerate("qkv"):
         prefix = f"text_encoder.encoder.layers.0.self_attn.{n}_proj"
         down, up = state[prefix + ".lora_A.weight"], state[prefix + ".lora_B.weight"]
-        np.testing.assert_array_equal(down, fused[0])  # the shared down
-        np.testing.assert_array_equal(up, fused[1][i * WIDTH : (i + 1) * WIDTH])  # its third of up
+        np.testing.assert_array_equal(down, fused.down)  # the shared down
+        np.testing.assert_array_equal(up, fused.up[i * WIDTH : (i + 1) * WIDTH])  # its third of up
         parts.append(up.astype(np.float64) @ down)
     np.testing.assert_allclose(0.5 * np.concatenate(parts), delta_weight(*fused), rtol=1e-12)
 
@@ -225,9 +225,9 @@ def test_fused_round_trip_keeps_rank_and_factors(rng):
     state, meta = to_diffusers(adapter, LAYOUT)
     back = modules(from_diffusers(state, "sd2", LAYOUT, meta))
     assert list(back) == [name]
-    np.testing.assert_array_equal(back[name][0], down)
-    np.testing.assert_array_equal(back[name][1], up)
-    assert back[name][2] == 2.0
+    np.testing.assert_array_equal(back[name].down, down)
+    np.testing.assert_array_equal(back[name].up, up)
+    assert back[name].alpha == 2.0
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])

@@ -40,9 +40,9 @@ def test_lpl_is_weighted_sum_of_factors(rng):
     c = combine_lpl(a, b, 0.3, 0.6)
     ma, mb = modules(a), modules(b)
     for path, (down, up, alpha) in modules(c).items():
-        np.testing.assert_allclose(down, 0.3 * ma[path][0] + 0.6 * mb[path][0], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(up, 0.3 * ma[path][1] + 0.6 * mb[path][1], rtol=1e-6, atol=1e-6)
-        assert alpha == ma[path][2]
+        np.testing.assert_allclose(down, 0.3 * ma[path].down + 0.6 * mb[path].down, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(up, 0.3 * ma[path].up + 0.6 * mb[path].up, rtol=1e-6, atol=1e-6)
+        assert alpha == ma[path].alpha
     with pytest.raises(CheckpointError, match="same modules"):
         combine_lpl(a, random_adapter("sd1", rng, shapes=unet_shapes(False)))
 
@@ -57,7 +57,7 @@ def test_svd_full_rank_is_exact(rng):
         scale = np.abs(exact).max()
         np.testing.assert_allclose(delta, exact, rtol=0, atol=1e-5 * scale, err_msg=path)
         assert report.per_module[path] < 1e-6
-    assert report.overall < 1e-6 and modules(combined)[path][2] == modules(combined)[path][0].shape[0]
+    assert report.overall < 1e-6 and modules(combined)[path].alpha == modules(combined)[path].down.shape[0]
 
 
 def test_svd_low_rank_error_is_discarded_energy(rng):
@@ -72,7 +72,7 @@ def test_svd_low_rank_error_is_discarded_energy(rng):
         assert report.per_module[path] == pytest.approx(expected, rel=1e-4)
         assert 0.05 < expected < 1
         res, ref = res + (s[3:] ** 2).sum(), ref + (s**2).sum()
-        assert modules(combined)[path][0].shape[0] == 3
+        assert modules(combined)[path].down.shape[0] == 3
     assert report.overall == pytest.approx(np.sqrt(res / ref), rel=1e-4)
 
 

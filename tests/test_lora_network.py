@@ -269,7 +269,7 @@ def test_state_dict_round_trip_and_strict_load(rng):
     assert all(v.dtype == np.float32 for v in sd.values())
     adapter = to_adapter(src, family="sd2")
     assert adapter.meta["family"] == "sd2" and adapter.meta["alpha"] == 8.0
-    assert {m[2] for m in modules(adapter).values()} == {8.0}
+    assert {m.alpha for m in modules(adapter).values()} == {8.0}
 
     dst = LatentDiffusion()
     inject_lora(dst, rank=4)  # alpha defaults to rank; the adapter restores 8

@@ -34,7 +34,7 @@ from ldm.models.diffusion import build_model_from_config
 from ldm.pipeline import GenerationSettings, Text2ImagePipeline
 from ldm.util import load_config
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "sd2-tiny.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "ldm/configs/tiny/sd2-tiny.yaml"
 
 
 ROUNDING = 1e-5

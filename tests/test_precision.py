@@ -38,7 +38,7 @@ from ldm.train.options import TrainOptions, loss_scaler_of, parse_options, preci
 from ldm.util import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "tiny" / "sd2-tiny.yaml"
+CONFIG = ROOT / "ldm/configs/tiny/sd2-tiny.yaml"
 FP16 = resolve_policy("fp16", vae_precision="fp16")
 NETWORK_TOLERANCE = 2e-2
 GREY_LEVELS = 8
@@ -77,10 +77,22 @@ def test_policy_defaults_and_errors():
     assert resolve_policy(use_fp16=True) == fp16  # mindone's alias
     bf16 = resolve_policy("bf16", text_encoder_precision="fp32")
     assert (bf16.unet, bf16.vae, bf16.text_encoder) == ("bf16", "bf16", "fp32")
-    with pytest.raises(PrecisionError, match="use_fp16 True conflicts with precision 'bf16'"):
+    with pytest.raises(PrecisionError, match="--use_fp16 True conflicts with --precision bf16"):
         resolve_policy("bf16", use_fp16=True)
     with pytest.raises(PrecisionError, match="vae_precision 'fp8'"):
         resolve_policy("fp16", vae_precision="fp8")
+
+
+def test_use_fp16_beside_another_precision_is_refused_not_overridden():
+    """Issue 26 defect 4: training's options read ``--use_fp16 True --precision fp32`` as fp16 without a word."""
+    message = "--use_fp16 True conflicts with --precision fp32; give only one of them"
+    with pytest.raises(PrecisionError, match=message):
+        resolve_policy("fp32", use_fp16=True)
+    with pytest.raises(PrecisionError, match=message):
+        parse_options(["--use_fp16", "True", "--precision", "fp32"])
+    assert precision_policy(parse_options(["--use_fp16", "True"])).unet == "fp16"
+    assert precision_policy(parse_options(["--use_fp16", "True", "--precision", "fp16"])).unet == "fp16"
+    assert precision_policy(parse_options([])).is_fp32
 
 
 def test_fp32_policy_leaves_config_untouched():
@@ -179,7 +191,7 @@ def test_upcast_attention_prevents_fp16_overflow():
 
 
 def test_upcast_attention_is_on_for_sd21_v_config():
-    params = load_config(ROOT / "configs" / "v2-inference-v.yaml")["model"]["params"]["unet_config"]["params"]
+    params = load_config(ROOT / "ldm/configs/v2-inference-v.yaml")["model"]["params"]["unet_config"]["params"]
     assert params["upcast_attention"] is True
 
 
@@ -224,7 +236,10 @@ def test_options_yaml_cli_round_trip(tmp_path):
     [
         (["--precision", "fp8"], None, "argument --precision: invalid choice: 'fp8'"),
         ([], "precision: half\n", "option 'precision' is 'half'; choose from fp32, fp16, bf16"),
-        (["--precision", "bf16", "--use_fp16", "True"], None, "use_fp16 True conflicts with precision 'bf16'"),
+        (["--precision", "bf16", "--use_fp16", "True"], None, "--use_fp16 True conflicts with --precision bf16"),
+        # issue 26 defect 4: training used to pick fp16 silently here, generation refused it
+        (["--precision", "fp32", "--use_fp16", "True"], None, "--use_fp16 True conflicts with --precision fp32"),
+        ([], "precision: fp32\nuse_fp16: true\n", "--use_fp16 True conflicts with --precision fp32"),
     ],
 )
 def test_bad_precision_is_one_error_line(tmp_path, args, yaml, message):
@@ -241,9 +256,9 @@ def test_bad_precision_is_one_error_line(tmp_path, args, yaml, message):
 
 @pytest.mark.slow  # fp16 kernels on this CPU make these 16 eager steps take ~7 minutes
 def test_fp16_lora_training_tracks_fp32(tmp_path):
-    from ldm.train.losses import NoiseSampler
+    from ldm.train.losses import LatentEncoder, LDMTrainLoss, NoiseSampler
     from ldm.train.step import TrainStep
-    from ldm.train.trainer import LatentEncoder, LDMTrainLoss, build_trainable_model
+    from ldm.train.trainer import build_trainable_model
 
     weights = tmp_path / "tiny.safetensors"
     ms.set_seed(0)
@@ -282,6 +297,7 @@ def test_fp16_lora_training_tracks_fp32(tmp_path):
     [
         (["--precision", "half"], "argument --precision: invalid choice: 'half'"),
         (["--precision", "bf16", "--use_fp16", "True"], "--use_fp16 True conflicts with --precision bf16"),
+        (["--precision", "fp32", "--use_fp16", "True"], "--use_fp16 True conflicts with --precision fp32"),
     ],
 )
 def test_generation_cli_bad_precision_is_one_error_line(tmp_path, args, message):

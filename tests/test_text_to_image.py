@@ -24,8 +24,8 @@ from ldm.util import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples/stable_diffusion_v2/text_to_image.py"
-CONFIG = ROOT / "configs/tiny/sd2-tiny.yaml"
-SD1_CONFIG = ROOT / "configs/tiny/sd1-tiny.yaml"
+CONFIG = ROOT / "ldm/configs/tiny/sd2-tiny.yaml"
+SD1_CONFIG = ROOT / "ldm/configs/tiny/sd1-tiny.yaml"
 N_SAMPLES, N_ITER, SIZE = 2, 2, 32
 PER_RUN = N_SAMPLES * N_ITER
 

@@ -40,7 +40,7 @@ def data(tmp_path_factory):
 
 
 def test_pretrained_diffusers_folder_gives_the_model_config(tmp_path, data):
-    """The SD2 recipe names configs/v2-inference.yaml (full size); with a tiny diffusers folder as the pretrained
+    """The SD2 recipe names ldm/configs/v2-inference.yaml (full size); with a tiny diffusers folder as the pretrained
     model the folder's config.json files decide, so the tiny weights load strictly and training runs."""
     pytest.importorskip("diffusers")
     from tests.tiny_diffusers import save_folder

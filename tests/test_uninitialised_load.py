@@ -17,7 +17,7 @@ from ldm.models.diffusion import build_model_from_config
 from ldm.models.layers import GroupNorm, uninitialised_names, uninitialised_parameters
 from ldm.util import load_config
 
-CONFIG = load_config("configs/tiny/sd2-tiny.yaml")
+CONFIG = load_config("ldm/configs/tiny/sd2-tiny.yaml")
 
 
 @pytest.fixture(scope="module")

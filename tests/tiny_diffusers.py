@@ -1,4 +1,5 @@
-"""A tiny random diffusers Stable Diffusion folder shaped like ``configs/tiny/sd{1,2}-tiny.yaml`` (reference side)."""
+"""A tiny random diffusers Stable Diffusion folder shaped like ``ldm/configs/tiny/sd{1,2}-tiny.yaml`` (reference
+side)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import numpy as np
 from ldm.atomic import atomic_folder, write_json
 from ldm.io import text_encoder_keys, unet_keys, vae_keys
 from ldm.io.checkpoint import CheckpointError, read_state_dict, write_state_dict
-from ldm.names import TEXT_ENCODER_TARGETS, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, family_of_config, model_node
+from ldm.names import TEXT_ENCODER_CLASSES, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, family_of_config, model_node
 
 WEIGHT_FILES = {
     "unet": (
@@ -324,7 +324,7 @@ def config_from_diffusers(folder: str | Path) -> dict:
                 "channels": unet_params["in_channels"],
                 "unet_config": {"target": "ldm.models.unet.UNetModel", "params": unet_params},
                 "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": vae_params},
-                "cond_stage_config": {"target": TEXT_ENCODER_TARGETS[family], "params": text_params},
+                "cond_stage_config": {"target": TEXT_ENCODER_CLASSES[family], "params": text_params},
             },
         }
     }

@@ -14,6 +14,8 @@ import re
 
 import numpy as np
 
+from ldm.names import check_family
+
 TEXT_PREFIX = "cond_stage_model.transformer."
 
 # UNet/VAE renames on the module path, applied in order (patterns use the mindone spelling).
@@ -89,8 +91,7 @@ def _text_key(rest: str, value: np.ndarray, family: str) -> dict[str, np.ndarray
 
 def mindone_to_ldm(state_dict: dict[str, np.ndarray], family: str) -> dict[str, np.ndarray]:
     """Full mindone state dict -> our full names (``family`` "sd1" or "sd2" picks the text-encoder layout)."""
-    if family not in _TEXT_TOP:
-        raise ValueError(f"family must be 'sd1' or 'sd2', got {family!r}")
+    check_family(family)
     out: dict[str, np.ndarray] = {}
     for key, value in state_dict.items():
         if key.startswith(TEXT_PREFIX):

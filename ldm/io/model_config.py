@@ -3,7 +3,7 @@
 A model config comes from, in this order: an explicit YAML path, a ``--version`` shortcut, the weights themselves
 (a diffusers folder's ``config.json`` files, or the config embedded in one of our ``.safetensors`` files), then a
 fallback YAML or version the caller names. Relative YAML paths are looked up next to the file that names them (a
-training YAML), then in the repository's ``configs/`` folder.
+training YAML), then in the working directory, then among the bundled configs (``ldm/configs/``, package data).
 """
 
 from __future__ import annotations
@@ -29,12 +29,17 @@ class ResolvedConfig:
 
 
 def find_config_file(path: str | Path, base_dir: str | Path | None = None) -> Path:
-    """``path`` as given when absolute or present; else relative to ``base_dir``, then to the repository's
-    ``configs/`` (a leading ``configs/`` is the repository's own folder). Raises ``ConfigError`` naming the places."""
+    """``path`` as given when absolute or present; else relative to ``base_dir``, then among the bundled configs
+    (``CONFIG_DIR``): a leading ``configs/`` or ``ldm/configs/`` names that folder, so ``ldm/configs/v1-inference.yaml``
+    (the spelling of the repository's old layout) still works. Raises ``ConfigError`` naming the places."""
     path = Path(path)
     candidates = [path] if path.is_absolute() else [*([Path(base_dir) / path] if base_dir else []), path]
     if not path.is_absolute():
-        parts = path.parts[1:] if path.parts and path.parts[0] == CONFIG_DIR.name else path.parts
+        parts = path.parts
+        for prefix in (("ldm", CONFIG_DIR.name), (CONFIG_DIR.name,)):
+            if parts[: len(prefix)] == prefix:
+                parts = parts[len(prefix) :]
+                break
         candidates.append(CONFIG_DIR.joinpath(*parts))
     for candidate in candidates:
         if candidate.is_file():

@@ -23,7 +23,8 @@ import re
 
 import numpy as np
 
-FAMILIES = ("sd1", "sd2")
+from ldm.names import check_family
+
 HF_POSITION_IDS = "text_model.embeddings.position_ids"
 OPENCLIP_BLOCK_PARAMS = (
     "ln_1.weight",
@@ -65,11 +66,6 @@ _QKV = ("q", "k", "v")
 _HF_ROOTS = ("embeddings", "encoder", "final_layer_norm")
 
 
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-
-
 def _hf_prefixed(key: str) -> str:
     return key if key.startswith("text_model.") or key.split(".")[0] not in _HF_ROOTS else "text_model." + key
 
@@ -85,7 +81,7 @@ def _unknown(key: str, family: str) -> KeyError:
 def diffusers_to_ldm(state_dict: dict[str, np.ndarray], family: str = "sd1") -> dict[str, np.ndarray]:
     """transformers ``CLIPTextModel`` keys (``text_model.*`` or unprefixed) -> ours, relative to
     ``cond_stage_model``."""
-    _check_family(family)
+    check_family(family)
     out, qkv, seen = {}, {}, set()
     for name, value in state_dict.items():
         key = _hf_prefixed(name)
@@ -120,7 +116,7 @@ def diffusers_to_ldm(state_dict: dict[str, np.ndarray], family: str = "sd1") -> 
 def ldm_to_diffusers(state_dict: dict[str, np.ndarray], family: str = "sd1") -> dict[str, np.ndarray]:
     """Ours (relative to ``cond_stage_model``) -> transformers ``CLIPTextModel`` keys; inverse of
     :func:`diffusers_to_ldm`."""
-    _check_family(family)
+    check_family(family)
     out = {}
     for key, value in state_dict.items():
         if family == "sd1":
@@ -152,7 +148,7 @@ def ldm_to_diffusers(state_dict: dict[str, np.ndarray], family: str = "sd1") -> 
 def checkpoint_ignored_keys(family: str, layers: int = 23) -> tuple[str, ...]:
     """Keys of a Stability checkpoint's ``cond_stage_model`` that import drops: SD1's ``position_ids`` buffer; for
     SD2 (``layers`` = blocks we build) ``text_projection``, ``logit_scale`` and block ``layers`` (the last one)."""
-    _check_family(family)
+    check_family(family)
     if family == "sd1":
         return ("transformer." + HF_POSITION_IDS,)
     block = f"model.transformer.resblocks.{layers}."

@@ -24,11 +24,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from ldm.io.checkpoint import CheckpointError, read_metadata, read_state_dict, write_state_dict
-from ldm.names import FAMILIES, TEXT_PREFIX, TEXT_ROOTS, UNET_PREFIX
+from ldm.names import TEXT_PREFIX, TEXT_ROOTS, UNET_PREFIX, check_family
 
 META_KEY = "ldm_lora"
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
@@ -36,7 +37,13 @@ FUSED_IN_PROJ = "in_proj_lora"  # the attribute of an OpenCLIP attention cell th
 _LEGACY_FUSED = re.compile(r"(.+\.attn)\.in_proj(\.lora_down\.weight|\.lora_up\.weight|\.alpha)")
 _LEGACY_METADATA = "lora.format"
 
-Module = tuple  # (down [r, in], up [out, r], alpha: float)
+
+class Module(NamedTuple):
+    """One LoRA module: ``dW = alpha / rank * up @ down``."""
+
+    down: np.ndarray  # [rank, in]
+    up: np.ndarray  # [out, rank]
+    alpha: float
 
 
 def delta_weight(down: np.ndarray, up: np.ndarray, alpha: float) -> np.ndarray:
@@ -76,15 +83,9 @@ class Adapter:
         self.state = {_canonical(k): v for k, v in self.state.items()}
 
 
-def check_family(family, source) -> str:
-    if family not in FAMILIES:
-        raise _err(source, f"metadata family must be one of {FAMILIES}, got {family!r}")
-    return family
-
-
 def modules(adapter: Adapter, source="adapter") -> dict:
     """``{module path: (down, up, alpha)}``, checking keys, shapes, ranks and the family of the text-encoder names."""
-    family = check_family(adapter.meta.get("family"), source)
+    family = check_family(adapter.meta.get("family"), f"{source} metadata")
     default_alpha = adapter.meta.get("alpha")
     parts: dict = {}
     for key, value in adapter.state.items():
@@ -118,7 +119,7 @@ def modules(adapter: Adapter, source="adapter") -> dict:
             alpha = float(default_alpha)
         else:
             alpha = float(down.shape[0])
-        out[path] = (down, up, alpha)
+        out[path] = Module(down, up, alpha)
     if not out:
         raise _err(source, "holds no LoRA modules")
     return out
@@ -141,8 +142,8 @@ def make_adapter(mods: dict, meta: dict) -> Adapter:
         state[path + DOWN] = np.ascontiguousarray(down, dtype=np.float32)
         state[path + UP] = np.ascontiguousarray(up, dtype=np.float32)
         state[path + ALPHA] = np.asarray(alpha, dtype=np.float32)
-    ranks = Counter(int(m[0].shape[0]) for m in mods.values())
-    alphas = Counter(float(np.float32(m[2])) for m in mods.values())
+    ranks = Counter(int(down.shape[0]) for down, _, _ in mods.values())
+    alphas = Counter(float(np.float32(alpha)) for _, _, alpha in mods.values())
     meta = {
         "family": meta.get("family"),
         "context_dim": meta.get("context_dim"),

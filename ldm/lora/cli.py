@@ -33,7 +33,7 @@ def _add_layout(p: Parser) -> None:
     g.add_argument(
         "--config",
         help="model YAML config; takes the layout (and family) from it instead of the options "
-        "below, e.g. configs/tiny/sd2-tiny.yaml",
+        "below, e.g. ldm/configs/tiny/sd2-tiny.yaml",
     )
     g.add_argument("--num_res_blocks", type=int, default=2, help="ResBlocks per level (default 2)")
     g.add_argument("--channel_mult", type=_int_list, default=(1, 2, 4, 4), help="channel multipliers (default 1,2,4,4)")
@@ -229,9 +229,7 @@ def _run(args) -> str:
     if args.mode == "lpl":
         write_adapter(out, combine_lpl(a, b, args.w1, args.w2))
         return f"wrote {out} (lpl, w1={args.w1}, w2={args.w2}; approximate by construction)"
-    rank = args.rank or max(m[0].shape[0] for m in modules(a).values()) + max(
-        m[0].shape[0] for m in modules(b).values()
-    )
+    rank = args.rank or sum(max(m.down.shape[0] for m in modules(x).values()) for x in (a, b))
     combined, report = combine_svd(a, b, args.w1, args.w2, rank)
     write_adapter(out, combined)
     worst = max(report.per_module.items(), key=lambda kv: kv[1])

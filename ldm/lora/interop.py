@@ -44,8 +44,8 @@ import numpy as np
 
 from ldm.io import text_encoder_keys, unet_keys
 from ldm.io.checkpoint import CheckpointError
-from ldm.lora.adapter import FUSED_IN_PROJ, Adapter, Module, check_family, make_adapter, module_scale, modules
-from ldm.names import TEXT_PREFIX, UNET_PREFIX
+from ldm.lora.adapter import FUSED_IN_PROJ, Adapter, Module, make_adapter, module_scale, modules
+from ldm.names import TEXT_PREFIX, UNET_PREFIX, check_family
 
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 _FUSED = re.compile(rf"(.+\.attn)\.{FUSED_IN_PROJ}")
@@ -154,7 +154,7 @@ def _split_fused(module: Module) -> list:
         keep = np.flatnonzero(np.any(third != 0, axis=0))
         if keep.size == 0:
             keep = np.arange(down.shape[0])
-        parts.append((down[keep], third[:, keep], scale * keep.size))
+        parts.append(Module(down[keep], third[:, keep], scale * keep.size))
     return parts
 
 
@@ -163,20 +163,21 @@ def _join_qkv(parts: dict, source) -> Module:
     three share one down and one scale (a fused LoRA split on export), the join keeps that rank: ups stacked."""
     present = [parts[n] for n in _QKV if n in parts]
     first = present[0]
+    first_scale = module_scale(first.down, first.alpha)
     if len(present) == 3 and all(
-        np.array_equal(m[0], first[0]) and module_scale(m[0], m[2]) == module_scale(first[0], first[2]) for m in present
+        np.array_equal(m.down, first.down) and module_scale(m.down, m.alpha) == first_scale for m in present
     ):
-        return first[0], np.concatenate([m[1] for m in present], axis=0), first[2]
-    d_out = {m[1].shape[0] for m in present}
-    d_in = {m[0].shape[1] for m in present}
+        return Module(first.down, np.concatenate([m.up for m in present], axis=0), first.alpha)
+    d_out = {m.up.shape[0] for m in present}
+    d_in = {m.down.shape[1] for m in present}
     if len(d_out) != 1 or len(d_in) != 1:
         raise _err(source, f"q/k/v LoRAs of one layer have different widths: out {d_out}, in {d_in}")
     (width,) = d_out
-    scales = {module_scale(m[0], m[2]) for m in present}
+    scales = {module_scale(m.down, m.alpha) for m in present}
     common = scales.pop() if len(scales) == 1 else None
-    rank = sum(m[0].shape[0] for m in present)
-    down = np.concatenate([m[0] for m in present], axis=0)
-    up = np.zeros((3 * width, rank), dtype=np.result_type(*[m[1] for m in present]))
+    rank = sum(m.down.shape[0] for m in present)
+    down = np.concatenate([m.down for m in present], axis=0)
+    up = np.zeros((3 * width, rank), dtype=np.result_type(*[m.up for m in present]))
     col = 0
     for i, name in enumerate(_QKV):
         if name not in parts:
@@ -185,7 +186,7 @@ def _join_qkv(parts: dict, source) -> Module:
         r = d.shape[0]
         up[i * width : (i + 1) * width, col : col + r] = u if common is not None else u * module_scale(d, a)
         col += r
-    return down, up, (common * rank if common is not None else float(rank))
+    return Module(down, up, common * rank if common is not None else float(rank))
 
 
 def _linear_pair(name: str, down: np.ndarray, up: np.ndarray, skip_conv: bool, source):
@@ -243,7 +244,7 @@ def import_modules(found: dict, family: str, layout: UNetLayout, skip_conv: bool
             raise _err(source, f"{name}: rank mismatch: down {down.shape}, up {up.shape}")
         rank = down.shape[0]
         alpha = alpha_of(component, path, rank) if alpha is None else float(np.asarray(alpha, np.float32).reshape(()))
-        module = (down, up, alpha)
+        module = Module(down, up, alpha)
         if component != "unet":
             path = hf_text_path(path)
         if component == "unet":
@@ -300,7 +301,7 @@ def to_diffusers(
         path = installed_text_path(path) if component == "text_encoder" else path
         state[f"{component}.{path}.lora_A.weight"] = down
         state[f"{component}.{path}.lora_B.weight"] = up
-        entries.setdefault(component, []).append((path, int(down.shape[0]), float(np.float32(module[2]))))
+        entries.setdefault(component, []).append((path, int(down.shape[0]), float(np.float32(module.alpha))))
     metadata = {"format": "pt"}
     if not fold_scale:
         packed = {f"{c}.{k}": v for c, items in entries.items() for k, v in peft_config(items).items()}
@@ -426,7 +427,7 @@ def to_kohya(adapter: Adapter, layout: UNetLayout = UNetLayout(), source="adapte
         name = _kohya_name(component, path)
         state[f"{name}.lora_down.weight"] = down
         state[f"{name}.lora_up.weight"] = up
-        state[f"{name}.alpha"] = np.asarray(module[2], dtype=np.float32)
+        state[f"{name}.alpha"] = np.asarray(module.alpha, dtype=np.float32)
     meta = adapter.meta
     metadata = {
         "ss_network_module": "networks.lora",

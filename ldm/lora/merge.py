@@ -19,6 +19,7 @@ import numpy as np
 from ldm.io.checkpoint import CheckpointError
 from ldm.lora.adapter import (
     Adapter,
+    Module,
     delta_weight,
     fused_weight_key,
     make_adapter,
@@ -125,7 +126,7 @@ def combine_lpl(a: Adapter, b: Adapter, w1: float = 1.0, w2: float = 1.0) -> Ada
         alpha = aa
         if sa != sb:
             ua, ub, alpha = ua * sa, ub * sb, float(da.shape[0])
-        out[path] = (w1 * da.astype(np.float64) + w2 * db, w1 * ua.astype(np.float64) + w2 * ub, alpha)
+        out[path] = Module(w1 * da.astype(np.float64) + w2 * db, w1 * ua.astype(np.float64) + w2 * ub, alpha)
     return make_adapter(out, a.meta)
 
 
@@ -153,6 +154,6 @@ def combine_svd(a: Adapter, b: Adapter, w1: float = 1.0, w2: float = 1.0, rank: 
         errors[path] = float(residual / reference) if reference > 0 else 0.0
         total_res += residual**2
         total_ref += reference**2
-        out[path] = (down, up, float(r))
+        out[path] = Module(down, up, float(r))
     overall = float(np.sqrt(total_res / total_ref)) if total_ref > 0 else 0.0
     return make_adapter(out, a.meta), SvdReport(errors, overall)

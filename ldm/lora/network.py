@@ -16,7 +16,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 
-from ldm.lora.adapter import FUSED_IN_PROJ, Adapter, make_adapter, modules
+from ldm.lora.adapter import FUSED_IN_PROJ, Adapter, Module, make_adapter, modules
 from ldm.lora.layers import LoRADense, LoRAFusedInProj, LoRALayer
 from ldm.lora.targets import UNET_ATTENTION_TARGETS
 from ldm.models.layers import assign_array
@@ -158,10 +158,10 @@ def lora_state_dict(network: nn.Cell) -> dict[str, np.ndarray]:
     return {p.name: p.asnumpy() for _, layer in lora_layers(network) for p in layer.lora_parameters()}
 
 
-def lora_modules(network: nn.Cell) -> dict[str, tuple]:
-    """``{module name: (down, up, alpha)}`` of every LoRA layer, as float32 numpy arrays (the adapter's view)."""
+def lora_modules(network: nn.Cell) -> dict[str, Module]:
+    """``{module name: Module(down, up, alpha)}`` of every LoRA layer, float32 numpy arrays (the adapter's view)."""
     return {
-        name: (layer.lora_down.weight.asnumpy(), layer.lora_up.weight.asnumpy(), layer.alpha)
+        name: Module(layer.lora_down.weight.asnumpy(), layer.lora_up.weight.asnumpy(), layer.alpha)
         for name, layer in lora_layers(network)
     }
 

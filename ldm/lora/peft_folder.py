@@ -222,7 +222,7 @@ def write_peft_folder(folder, adapter: Adapter, layout: UNetLayout, overwrite: b
                 down, up = lora_factors(module, conv, False)
                 state[f"base_model.model.{path}.lora_A.weight"] = down
                 state[f"base_model.model.{path}.lora_B.weight"] = up
-                entries.append((path, int(down.shape[0]), float(module[2])))
+                entries.append((path, int(down.shape[0]), float(module.alpha)))
             config = {
                 "peft_type": "LORA",
                 "task_type": None,

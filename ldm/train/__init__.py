@@ -1,5 +1,5 @@
-"""Training machinery: diffusion loss, compiled train step (loss scaling, accumulation, clipping, AdamW), EMA,
-learning-rate schedules and exact resume state.
+"""Training machinery: diffusion loss, train step (compiled in graph mode; loss scaling, accumulation, clipping,
+AdamW), EMA, learning-rate schedules and exact resume state.
 
 Names are resolved lazily, so the option parser (:mod:`ldm.train.options`) runs without starting MindSpore.
 """

@@ -6,6 +6,9 @@
 ``--noise_offset``). Every random draw of a training step (timesteps, noise, offset noise, and whatever else the
 caller needs such as the VAE posterior noise) comes from one host-side ``NoiseSampler`` so a test can fix it and a
 checkpoint can store its exact state. Per-timestep tables are computed in float64 with numpy, then cast to float32.
+
+The Cells the training step runs around it live here too: ``LDMTrainLoss`` (the loss of a ``LatentDiffusion`` on
+latents and text) and the frozen VAE encode of a batch (``LatentEncoder``, or ``CachedLatents`` from cached moments).
 """
 
 from __future__ import annotations
@@ -85,6 +88,50 @@ class DiffusionLoss(nn.Cell):
         if self.use_weights:
             per_sample = per_sample * ops.gather(self.weights, t, 0)
         return per_sample.mean()
+
+
+class LDMTrainLoss(nn.Cell):
+    """Diffusion loss of the (LoRA-)UNet on VAE latents ``x0``; ``text`` is the text context, or the token ids
+    when the text encoder trains (``encode_text``) and so must run inside the differentiated step."""
+
+    def __init__(self, ldm, snr_gamma, noise_offset, encode_text: bool = False):
+        super().__init__(auto_prefix=False)
+        self.ldm = ldm
+        self.encode_text = encode_text
+        self.loss = DiffusionLoss(ldm.model, ldm.alphas_cumprod, ldm.parameterization, snr_gamma, noise_offset)
+
+    def construct(self, x0, text, t, noise, offset):
+        context = self.ldm.get_learned_conditioning(text) if self.encode_text else text
+        return self.loss(x0, context, t, noise, offset)
+
+
+class LatentEncoder(nn.Cell):
+    """The frozen VAE encode of a batch (a posterior sample, scaled), run before and outside the training step.
+
+    The step differentiates only the UNet (and the text encoder when it trains), so the VAE's activations are never
+    kept for a backward pass that would not use them.
+    """
+
+    def __init__(self, ldm):
+        super().__init__(auto_prefix=False)
+        self.ldm = ldm
+
+    def construct(self, images, post_noise):
+        mean, logvar = self.ldm.encode_first_stage(images)
+        return self.ldm.get_first_stage_encoding(mean, logvar, post_noise)
+
+
+class CachedLatents(nn.Cell):
+    """A posterior sample, scaled, from cached moments: the same ops as :class:`LatentEncoder` after its encode."""
+
+    def __init__(self, ldm):
+        super().__init__(auto_prefix=False)
+        self.ldm = ldm
+        self.channels = ldm.channels
+
+    def construct(self, moments, post_noise):
+        mean, logvar = ops.split(moments, self.channels, axis=1)
+        return self.ldm.get_first_stage_encoding(mean, logvar, post_noise)
 
 
 class NoiseSampler:

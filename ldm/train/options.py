@@ -3,10 +3,10 @@ parser (defaults < ``--train_config`` YAML < command line, through :mod:`ldm.opt
 MindSpore.
 
 Every field is a ``--flag`` (kebab spelling accepted) and a YAML key, checked as :mod:`ldm.options` describes.
-``model_config`` given in a YAML is found relative to that YAML, then in the repository's ``configs/``; on the
-command line, relative to the working directory first. :func:`resolve_train_config` picks the model config:
-``--model_config`` on the command line, else the one ``pretrained_model_path`` carries (diffusers folder or
-embedded config), else the YAML's or the default.
+``model_config`` given in a YAML is found relative to that YAML, then in the working directory, then among the
+bundled configs (``ldm/configs/``); on the command line, relative to the working directory first.
+:func:`resolve_train_config` picks the model config: ``--model_config`` on the command line, else the one
+``pretrained_model_path`` carries (diffusers folder or embedded config), else the YAML's or the default.
 This module imports neither MindSpore nor the trainer, so ``-h`` and bad options answer at once.
 """
 
@@ -34,7 +34,7 @@ from ldm.train.kinds import JIT_LEVELS, LOSS_SCALERS
 from ldm.train.lr_schedules import SCHEDULES
 
 LOGGER = logging.getLogger("ldm.train")
-DEFAULT_MODEL_CONFIG = "configs/v2-inference.yaml"
+DEFAULT_MODEL_CONFIG = "ldm/configs/v2-inference.yaml"
 
 
 @dataclass
@@ -45,7 +45,7 @@ class TrainOptions(RunOptions):
     output_path: str = option("output", "where checkpoints, metrics.jsonl, loss.png and validation images go")
     model_config: str = option(
         "",
-        "model YAML (configs/v1-inference.yaml, v2-inference.yaml, v2-inference-v.yaml, tiny/...); empty: the "
+        "model YAML (ldm/configs/v1-inference.yaml, v2-inference.yaml, v2-inference-v.yaml, tiny/...); empty: the "
         f"config pretrained_model_path carries, else {DEFAULT_MODEL_CONFIG}",
     )
     pretrained_model_path: str = option(
@@ -104,10 +104,10 @@ class TrainOptions(RunOptions):
     )
     lora_dropout: float = option(0.0, "dropout on the LoRA input")
     lora_fp16: bool = option(False, "compute the LoRA branch in float16 (params stay float32)")
-    precision: str = option(
-        "fp32",
+    precision: str | None = option(
+        None,
         "compute dtype of the UNet (and by default the text encoder): Dense/Conv in it, frozen weights stored in it, "
-        "trainable weights kept as fp32 masters, norms and softmax in fp32",
+        "trainable weights kept as fp32 masters, norms and softmax in fp32 (not set: fp32, or fp16 with use_fp16)",
         choices=PRECISIONS,
     )
     lora_targets: str = option(
@@ -203,7 +203,7 @@ def check_paths(opts: TrainOptions) -> None:
 
 def parse_options(argv=None) -> TrainOptions:
     """Options from defaults < ``--train_config`` < command line, with choices checked and a YAML's
-    ``model_config`` made absolute (found next to the YAML, then in ``configs/``)."""
+    ``model_config`` made absolute (found next to the YAML, then as on the command line)."""
     parser = build_parser()
     args, _ = parser.parse_known_args(argv)
     file_values = read_options_file(TrainOptions, args.train_config) if args.train_config else {}

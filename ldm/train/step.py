@@ -199,7 +199,9 @@ class TrainStep:
     max_grad_norm: clip the (averaged, unscaled) gradients to this global norm; None disables it.
     loss_scaler: ``none`` | ``static`` | ``dynamic`` with ``init_scale``/``scale_factor``/``scale_window``.
     ema: an ``EMA`` over the same ``params`` (or None).
-    jit: compile the step (``_CompiledStep``; always on in practice; False runs it eagerly in PyNative for debugging).
+    jit: compile the step as one graph (``_CompiledStep``); False runs it op by op. The trainer passes
+    ``mode == 0``: graph mode (the default, and the tiny recipes) compiles it; PyNative (``mode: 1``, what the
+    full-size recipes use on a CPU) runs it eagerly.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Text-to-image fine-tuning run: model + LoRA (or full UNet) + data + compiled step + checkpoints + feedback.
+"""Text-to-image fine-tuning run: model + LoRA (or full UNet) + data + train step + checkpoints + feedback.
 
 ``run_training(opts)`` is what ``train_text_to_image.py`` calls once the options are parsed. Files are written by
 rank 0 only: ``<output>/ckpt/lora-<step>.safetensors`` (LoRA params only, EMA swapped in, rank/alpha/targets/family
@@ -8,20 +8,19 @@ full resume state), ``metrics.jsonl``, ``loss.png`` and ``validation/`` grids.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
+from mindspore import nn
 
 from ldm.atomic import save_image, write_text
+from ldm.data.cache_networks import cache_encoders, encode_validation_prompts, release_cached_networks
 from ldm.io.checkpoint import write_state_dict
 from ldm.io.model_io import load_pretrained, model_family
 from ldm.lora.adapter import write_adapter
@@ -33,7 +32,7 @@ from ldm.options import check_choices
 from ldm.pipeline import GenerationSettings, Text2ImagePipeline, make_grid
 from ldm.precision import check_device_supports, config_with_policy, configure_attention, store_frozen_weights_low
 from ldm.train.ema import EMA
-from ldm.train.losses import DiffusionLoss, NoiseSampler
+from ldm.train.losses import CachedLatents, LatentEncoder, LDMTrainLoss, NoiseSampler
 from ldm.train.lr_schedules import lr_table
 from ldm.train.options import (
     TrainOptions,
@@ -53,83 +52,6 @@ MAX_NONFINITE_STEPS = 5  # consecutive non-finite losses after which a run is st
 
 class TrainingDiverged(ValueError):
     """The loss stayed NaN/infinite; the message names the steps and the last checkpoint to resume from."""
-
-
-class LatentEncoder(nn.Cell):
-    """The frozen VAE encode of a batch (a posterior sample, scaled), run before and outside the training step.
-
-    The step differentiates only the UNet (and the text encoder when it trains), so the VAE's activations are never
-    kept for a backward pass that would not use them.
-    """
-
-    def __init__(self, ldm):
-        super().__init__(auto_prefix=False)
-        self.ldm = ldm
-
-    def construct(self, images, post_noise):
-        mean, logvar = self.ldm.encode_first_stage(images)
-        return self.ldm.get_first_stage_encoding(mean, logvar, post_noise)
-
-
-class CachedLatents(nn.Cell):
-    """A posterior sample, scaled, from cached moments: the same ops as :class:`LatentEncoder` after its encode."""
-
-    def __init__(self, ldm):
-        super().__init__(auto_prefix=False)
-        self.ldm = ldm
-        self.channels = ldm.channels
-
-    def construct(self, moments, post_noise):
-        mean, logvar = ops.split(moments, self.channels, axis=1)
-        return self.ldm.get_first_stage_encoding(mean, logvar, post_noise)
-
-
-class PosteriorMoments(nn.Cell):
-    """Images -> the VAE posterior's (mean, log-variance) concatenated on channels: what ``cache_latents`` keeps."""
-
-    def __init__(self, ldm):
-        super().__init__(auto_prefix=False)
-        self.ldm = ldm
-
-    def construct(self, images):
-        return ops.cat(self.ldm.encode_first_stage(images), axis=1)
-
-
-class TextContext(nn.Cell):
-    """Token ids -> text context, as its own graph so that releasing the text encoder frees its compiled form too."""
-
-    def __init__(self, ldm):
-        super().__init__(auto_prefix=False)
-        self.ldm = ldm
-
-    def construct(self, ids):
-        return self.ldm.get_learned_conditioning(ids)
-
-
-class ReleasedNetwork(nn.Cell):
-    """Takes the place of a frozen network dropped once its outputs are cached; calling it is an error."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.name = name
-
-    def construct(self, *args):
-        raise RuntimeError(f"{self.name} was released after its outputs were cached")
-
-
-class LDMTrainLoss(nn.Cell):
-    """Diffusion loss of the (LoRA-)UNet on VAE latents ``x0``; ``text`` is the text context, or the token ids
-    when the text encoder trains (``encode_text``) and so must run inside the differentiated step."""
-
-    def __init__(self, ldm, snr_gamma, noise_offset, encode_text: bool = False):
-        super().__init__(auto_prefix=False)
-        self.ldm = ldm
-        self.encode_text = encode_text
-        self.loss = DiffusionLoss(ldm.model, ldm.alphas_cumprod, ldm.parameterization, snr_gamma, noise_offset)
-
-    def construct(self, x0, text, t, noise, offset):
-        context = self.ldm.get_learned_conditioning(text) if self.encode_text else text
-        return self.loss(x0, context, t, noise, offset)
 
 
 def build_trainable_model(opts: TrainOptions, config):
@@ -177,67 +99,6 @@ def save_weights(model, params, path: Path, opts: TrainOptions) -> None:
         write_state_dict(path, {p.name: p.asnumpy() for p in params}, metadata={"family": family})
 
 
-@contextmanager
-def op_by_op():
-    """Run the frozen encoders eagerly while caching: MindSpore 2.10 keeps the weights of a compiled graph alive
-    after its cell is gone, so encoders compiled in graph mode could not be released (measured: RSS unchanged, and
-    288 of 482 MiB returned to the system when the same text encoder ran op by op)."""
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
-        yield
-    finally:
-        ms.set_context(mode=mode)
-
-
-def cache_encoders(model, opts: TrainOptions):
-    """The frozen encoders ``build_dataset`` caches with (``cache_latents`` / ``cache_text_embeddings``), or None."""
-    from ldm.data import CacheEncoders
-
-    if not (opts.cache_latents or opts.cache_text_embeddings):
-        return None
-    moments, context = PosteriorMoments(model), TextContext(model)
-
-    def encode_images(batch):
-        with op_by_op():
-            return moments(ms.Tensor(batch)).asnumpy()
-
-    def encode_texts(captions):
-        with op_by_op():
-            return context(ms.Tensor(model.tokenize(captions))).asnumpy()
-
-    return CacheEncoders(
-        images=encode_images if opts.cache_latents else None,
-        texts=encode_texts if opts.cache_text_embeddings else None,
-    )
-
-
-def encode_validation_prompts(model, prompts: list[str]) -> dict:
-    """The contexts the validation pipeline asks for (prompts, and as many empty negatives), computed now."""
-    encode = TextContext(model)
-    with op_by_op():
-        return {
-            tuple(texts): ms.Tensor(encode(ms.Tensor(model.tokenize(texts))).asnumpy())
-            for texts in (list(prompts), [""] * len(prompts))
-        }
-
-
-def release_cached_networks(model, opts: TrainOptions, validating: bool) -> None:
-    """Drop the frozen networks whose outputs are now cached: the VAE encoder (and the decoder unless validation
-    grids need it) with ``cache_latents``, the text encoder with ``cache_text_embeddings``."""
-    vae_parts = ["encoder", "quant_conv"] + ([] if validating else ["decoder", "post_quant_conv"])
-    released = [f"first_stage_model.{name}" for name in vae_parts] if opts.cache_latents else []
-    if opts.cache_text_embeddings:
-        released += [f"cond_stage_model.{name}" for name in model.cond_stage_model.name_cells()]
-    freed = 0
-    for path in released:
-        parent, name = path.split(".")
-        freed += sum(p.nbytes for p in getattr(getattr(model, parent), name).get_parameters())
-        setattr(getattr(model, parent), name, ReleasedNetwork(path))
-    gc.collect()
-    LOGGER.info("released %s after caching: %.1f MiB of weights", ", ".join(released), freed / 2**20)
-
-
 def _validation_images(model, prompts, step: int, folder: Path, seed: int, image_size: int, contexts=None) -> None:
 
     pipe = Text2ImagePipeline(model, sampler="dpm_solver_pp")
@@ -251,7 +112,7 @@ def _validation_images(model, prompts, step: int, folder: Path, seed: int, image
 
 @dataclass
 class TrainRun:
-    """Everything the loop needs, built by :func:`set_up_run`: the model, the compiled step and its schedule, the
+    """Everything the loop needs, built by :func:`set_up_run`: the model, the train step and its schedule, the
     data (already positioned after the resumed micro-steps), the noise stream and where files go."""
 
     opts: TrainOptions

@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 import ldm  # noqa: F401  (must precede mindspore)
-from ldm import convert, lora_tools
+from ldm import convert
 from ldm.data.synthetic import make_shapes_dataset
 from ldm.env import set_seed
 from ldm.io.model_io import save_model
+from ldm.lora.cli import main as lora_main
 from ldm.models.diffusion import build_model_from_config
 from ldm.train.trainer import TrainOptions, build_trainable_model, save_weights
 from ldm.util import CONFIG_DIR, load_config
@@ -25,7 +26,7 @@ from ldm.util import CONFIG_DIR, load_config
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {
     "convert": None,
-    "lora_tools": None,
+    "lora": None,
     "text_to_image": ROOT / "examples/stable_diffusion_v2/text_to_image.py",
     "train": ROOT / "examples/stable_diffusion_v2/train_text_to_image.py",
     "eval_fid": ROOT / "tools/eval/eval_fid.py",
@@ -38,8 +39,8 @@ LATIN1 = "caf\u00e9".encode("latin-1")
 def _main(cli: str):
     if cli == "convert":
         return convert.main
-    if cli == "lora_tools":
-        return lora_tools.main
+    if cli == "lora":
+        return lora_main
     spec = importlib.util.spec_from_file_location(f"rel_cli_{cli}", SCRIPTS[cli])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -86,13 +87,13 @@ def _cases():
         ("convert-existing-dst", "convert", ["{r}/tiny.safetensors", "{r}/tiny.safetensors"], "already exists"),
         ("convert-dst-under-file", "convert", ["{r}/tiny.safetensors", "{r}/a_file/out.safetensors"], "a_file"),
         ("convert-no-config", "convert", ["{r}/latin1.txt", "{r}/out.safetensors"], "latin1.txt"),
-        ("lora-export-missing", "lora_tools", ["export", "{r}/missing.safetensors", "{r}/o.safetensors", "--format",
+        ("lora-export-missing", "lora", ["export", "{r}/missing.safetensors", "{r}/o.safetensors", "--format",
                                                "kohya"], "missing.safetensors"),
-        ("lora-export-dst-under-file", "lora_tools", ["export", "{r}/tiny.safetensors", "{r}/a_file/o.safetensors",
+        ("lora-export-dst-under-file", "lora", ["export", "{r}/tiny.safetensors", "{r}/a_file/o.safetensors",
                                                       "--format", "kohya"], "tiny.safetensors"),
-        ("lora-merge-missing-base", "lora_tools", ["merge", "{r}/missing.safetensors", "{r}/adapter.safetensors",
+        ("lora-merge-missing-base", "lora", ["merge", "{r}/missing.safetensors", "{r}/adapter.safetensors",
                                                    "{r}/o.safetensors"], "missing.safetensors"),
-        ("lora-bad-option", "lora_tools", ["export", "{r}/tiny.safetensors", "{r}/o.safetensors", "--format", "x"],
+        ("lora-bad-option", "lora", ["export", "{r}/tiny.safetensors", "{r}/o.safetensors", "--format", "x"],
          "--format"),
         ("t2i-missing-ckpt", "text_to_image", ["--prompt", "a fox", "--ckpt_path", "{r}/missing.ckpt", *t2i],
          "missing.ckpt"),
@@ -180,7 +181,7 @@ def test_bad_input_as_subprocess(files, case):
     _one_error_line(run.stderr, needle)
 
 
-@pytest.mark.parametrize("cli", ["convert", "lora_tools"])
+@pytest.mark.parametrize("cli", ["convert", "lora"])
 def test_disk_full_while_writing_output(files, capsys, monkeypatch, tmp_path, cli, disk_full_save_file):
     """ENOSPC half-way through writing the output file: one error line naming it, no file, no temp left."""
     import safetensors.numpy
@@ -193,7 +194,7 @@ def test_disk_full_while_writing_output(files, capsys, monkeypatch, tmp_path, cl
         status = convert.main([str(files["root"] / "tiny.safetensors"), str(out)])
     else:
         tiny = str(CONFIG_DIR / "tiny/sd2-tiny.yaml")
-        status = lora_tools.main(["export", str(files["adapter"]), str(out), "--format", "kohya", "--config", tiny])
+        status = lora_main(["export", str(files["adapter"]), str(out), "--format", "kohya", "--config", tiny])
     captured = capsys.readouterr()
     assert status == 2, captured.err[-3000:]
     line = _one_error_line(captured.err, str(out.name))

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import ldm  # noqa: F401  (must precede mindspore)
-from ldm import lora_tools
 from ldm.io.checkpoint import CheckpointError, read_state_dict, write_state_dict
+from ldm.lora.cli import main as lora_main
 
 
 class Payload:
@@ -56,7 +56,7 @@ def test_pickle_payload_refused_by_default(tmp_path, capsys, name):
     """A torch-zip .ckpt whose pickle runs a command is refused without --allow_pickle; the command never runs."""
     marker = tmp_path / "pwned"
     src = _zip_pickle(tmp_path / "model.ckpt", _payloads(marker)[name])
-    assert lora_tools.main(["merge", str(src), str(src), str(tmp_path / "out.safetensors")]) == 2
+    assert lora_main(["merge", str(src), str(src), str(tmp_path / "out.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "--allow_pickle" in err[0], err
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
@@ -145,7 +145,7 @@ def test_lying_safetensors_header_is_refused(tmp_path, capsys, case):
         read_state_dict(src)
     assert str(err.value).startswith(str(src)) and needle in str(err.value), str(err.value)
     out = tmp_path / "out.safetensors"
-    assert lora_tools.main(["export", str(src), str(out), "--format", "kohya"]) == 2
+    assert lora_main(["export", str(src), str(out), "--format", "kohya"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {src}"), lines
     assert not out.exists()
@@ -163,14 +163,14 @@ def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path, bad, dtype):
 
 
 def test_nan_adapter_is_refused_by_merge_and_base_is_untouched(tmp_path, capsys):
-    """lora_tools merge with a NaN adapter fails with one line naming it; no output is written."""
+    """python -m ldm.lora merge with a NaN adapter fails with one line naming it; no output is written."""
     base = tmp_path / "base.safetensors"
     write_state_dict(base, {"model.diffusion_model.w": np.ones((2, 2), np.float32)})
     before = base.read_bytes()
     adapter = tmp_path / "lora.safetensors"
     write_state_dict(adapter, {"a.lora_down.weight": np.full((1, 2), np.nan, np.float32)})
     out = tmp_path / "merged.safetensors"
-    assert lora_tools.main(["merge", str(base), str(adapter), str(out)]) == 2
+    assert lora_main(["merge", str(base), str(adapter), str(out)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(adapter) in lines[0] and "NaN" in lines[0], lines
     assert not out.exists() and base.read_bytes() == before
