@@ -14,7 +14,7 @@ import yaml
 
 from ldm.generate_options import GenerateOptions, GenerationError, parse_options
 from ldm.options import cli_fields
-from ldm.util import ConfigError
+from ldm.util import CONFIG_DIR, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples/stable_diffusion_v2/text_to_image.py"
@@ -79,7 +79,7 @@ def test_config_file_round_trip_equals_flags(tmp_path):
     from_flags = parse_options(_flags(NON_DEFAULT))
     file_values, flag_values = dataclasses.asdict(from_file), dataclasses.asdict(from_flags)
     # The file's model config is found next to the file, then in configs/: the same file as the flag's.
-    assert Path(file_values.pop("config")).resolve() == (ROOT / "configs" / TINY_CONFIG).resolve()
+    assert Path(file_values.pop("config")).resolve() == (CONFIG_DIR / TINY_CONFIG).resolve()
     flag_values.pop("config")
     assert file_values == flag_values
     assert from_file.prompts == ["a red fox"] and from_file.adapters() == NON_DEFAULT["lora_ckpt_path"]
