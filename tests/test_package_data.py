@@ -1,9 +1,10 @@
 """A non-editable install carries the bundled model configs and tokenizer files (issue 26, defect 2).
 
 ``pip install .`` (not ``-e``) of a copy of the package into a scratch folder, then, from another working directory
-with only that copy importable: ``--version 2.1``'s config, the training default, a recipe's ``model_config`` (old
-``configs/...`` spelling included) and a tiny config resolve to files inside the installed package, and the tokenizer
-loads its vocabulary. ``--no-deps --no-build-isolation`` keeps it offline: the dependencies are the test venv's.
+with only that copy importable: ``--version 2.1``'s config, the training default, a recipe's ``model_config`` (the
+old ``configs/...`` spelling of a user's recipe included) and a tiny config resolve to files inside the installed
+package, and the tokenizer loads its vocabulary. ``--no-deps --no-build-isolation`` keeps it offline: the
+dependencies are the test venv's.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ found = {
     "old spelling": find_config_file("configs/v1-inference.yaml"),
     "tiny": find_config_file("tiny/sd2-tiny.yaml"),
     "recipe": Path(parse_options(["--train_config", sys.argv[2]]).model_config),
+    "recipe, old spelling": Path(parse_options(["--train_config", sys.argv[3]]).model_config),
 }
 for what, path in found.items():
     assert path.is_file() and path.is_relative_to(package / "configs"), (what, path)
@@ -57,8 +59,10 @@ def test_non_editable_install_finds_configs_and_tokenizer(tmp_path):
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}
     recipe = ROOT / "configs/train/train_config_lora_v1.yaml"
+    old_recipe = elsewhere / "my_recipe.yaml"  # a user's recipe written for the layout before configs moved
+    old_recipe.write_text("model_config: configs/v2-inference-v.yaml\nlora_rank: 8\n", encoding="utf-8")
     run = subprocess.run(
-        [sys.executable, "-c", CHECK, str(target), str(recipe)],
+        [sys.executable, "-c", CHECK, str(target), str(recipe), str(old_recipe)],
         cwd=elsewhere,
         env=env,
         capture_output=True,
