@@ -158,7 +158,8 @@ def test_disk_full_while_saving_a_generated_image_leaves_no_partial_png(tmp_path
     """ENOSPC half-way through saving a generated image: no partial PNG or sidecar under a final name."""
     from PIL import Image
 
-    from ldm.generate import GenerationJob, generate
+    from ldm.generate import generate
+    from ldm.generate_options import parse_options
     from ldm.util import CONFIG_DIR
 
     save = Image.Image.save
@@ -171,8 +172,8 @@ def test_disk_full_while_saving_a_generated_image_leaves_no_partial_png(tmp_path
 
     monkeypatch.setattr(Image.Image, "save", disk_full)
     config = str(CONFIG_DIR / "tiny/sd2-tiny.yaml")
-    job = GenerationJob(prompts=["a"], config=config, sampling_steps=1, n_iter=1, height=32, width=32)
-    job.output_path = str(tmp_path / "out")
+    args = ["--prompt", "a", "--config", config, "--sampling_steps", "1", "--n_iter", "1", "--H", "32", "--W", "32"]
+    job = parse_options([*args, "--output_path", str(tmp_path / "out")])
     with pytest.raises(OSError, match="No space left"):
         generate(job, log=lambda _: None, warn=lambda _: None)
     samples = tmp_path / "out" / "samples"
