@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.data import ImageCaptionSource, ShardedSampler, build_cache, build_dataset
+from ldm.data import BucketSpec, CaptionRules, ImageCaptionSource, ShardedSampler, build_cache, build_dataset
 from ldm.data.cache import CacheEncoders
 from ldm.data.cache_networks import ReleasedNetwork, cache_encoders, release_cached_networks
-from ldm.data.synthetic import make_shapes_dataset
+from ldm.data.synthetic import make_mixed_aspect_folder, make_shapes_dataset
 from ldm.env import set_seed
 from ldm.io.checkpoint import read_state_dict
 from ldm.io.model_io import save_model
@@ -125,7 +125,7 @@ def test_cached_samples_take_the_drawn_flip_and_caption(tmp_path, rng):
     encoders = fake_encoders()
     cached = build_cache(source, iter(sampler), encoders, progress=False)
     assert cached.column_names == ("moments", "context")
-    assert cached.moments.shape == (6, 2, 3, 8, 8)  # 6 records x 2 flips
+    assert np.stack(cached.moments).shape == (6, 2, 3, 8, 8)  # 6 records x 2 flips
     assert set(cached.context_rows) == {f"image {i} {w}" for i in range(6) for w in ("first", "second")} | {""}
     mirrored, captions = set(), set()
     for sample_id in sampler:
@@ -136,7 +136,7 @@ def test_cached_samples_take_the_drawn_flip_and_caption(tmp_path, rng):
         mirrored.add(source.mirrored(sample_id))
         captions.add(text)
     assert mirrored == {False, True}  # both flips were drawn, and they differ:
-    assert not np.array_equal(cached.moments[:, 0], cached.moments[:, 1])
+    assert not np.array_equal(np.stack(cached.moments)[:, 0], np.stack(cached.moments)[:, 1])
     assert "" in captions and len(captions) > 6
 
 
@@ -150,9 +150,26 @@ def test_each_rank_caches_only_its_records(tmp_path, rng):
         cached = build_cache(source, iter(sampler), CacheEncoders(images=fake_encoders().images), progress=False)
         visited = {sample_id % len(source) for sample_id in sampler}
         assert set(cached.latent_rows) == visited and len(visited) == 4
-        assert cached.column_names == ("moments", "tokens") and cached.moments.shape[:2] == (4, 1)
+        assert cached.column_names == ("moments", "tokens") and np.stack(cached.moments).shape[:2] == (4, 1)
         shards.append(visited)
     assert not shards[0] & shards[1]
+
+
+def _assert_step_inputs_equal(model, plain, cached) -> int:
+    """Every batch's posterior sample (same noise) and text context from ``cached`` equal ``plain``'s; the count."""
+    encode, from_cache = LatentEncoder(model), CachedLatents(model)
+    noise = NoiseSampler(0)
+    batches = zip(plain.create_tuple_iterator(output_numpy=True), cached.create_tuple_iterator(output_numpy=True))
+    count = 0
+    for (images, tokens), (moments, contexts) in batches:
+        post_noise = noise.normal((moments.shape[0], moments.shape[1] // 2, *moments.shape[2:]))
+        want = encode(ms.Tensor(images), post_noise).asnumpy()
+        got = from_cache(ms.Tensor(moments), post_noise).asnumpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+        want = model.get_learned_conditioning(ms.Tensor(tokens)).asnumpy()
+        np.testing.assert_allclose(contexts, want, rtol=0, atol=1e-5 * np.abs(want).max())
+        count += 1
+    return count
 
 
 def test_cached_step_inputs_equal_uncached(tmp_path):
@@ -166,19 +183,26 @@ def test_cached_step_inputs_equal_uncached(tmp_path):
     common = {"image_size": 32, "batch_size": 2, "seed": 3, "flip": True, "caption_dropout": 0.5, "num_epochs": 2}
     plain = build_dataset(data, model.tokenize, **common)
     cached = build_dataset(data, model.tokenize, **common, cache=cache_encoders(model, opts))
-    encode, from_cache = LatentEncoder(model), CachedLatents(model)
-    noise = NoiseSampler(0)
-    batches = zip(plain.create_tuple_iterator(output_numpy=True), cached.create_tuple_iterator(output_numpy=True))
-    count = 0
-    for (images, tokens), (moments, contexts) in batches:
-        post_noise = noise.normal((moments.shape[0], moments.shape[1] // 2, *moments.shape[2:]))
-        want = encode(ms.Tensor(images), post_noise).asnumpy()
-        got = from_cache(ms.Tensor(moments), post_noise).asnumpy()
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
-        want = model.get_learned_conditioning(ms.Tensor(tokens)).asnumpy()
-        np.testing.assert_allclose(contexts, want, rtol=0, atol=1e-5 * np.abs(want).max())
-        count += 1
-    assert count == 6
+    assert _assert_step_inputs_equal(model, plain, cached) == 6
+
+
+def test_bucketed_cache_equals_uncached(tmp_path):
+    """The same with aspect-ratio buckets, a 3-times repeated folder and a caption prefix: every batch's cached
+    moments have its bucket's latent shape and equal the uncached encode (same tolerance, same reason); each image is
+    encoded once per flip although it appears three times per epoch."""
+    set_seed(0)
+    model = build_model_from_config(load_config(CONFIG_DIR / "tiny/sd2-tiny.yaml"))
+    sizes = [(48, 32), (50, 30), (32, 48), (30, 52), (32, 32)]
+    data = make_mixed_aspect_folder(tmp_path / "data", sizes, repeats=3)
+    opts = TrainOptions(cache_latents=True, cache_text_embeddings=True)
+    common = {"image_size": 32, "batch_size": 2, "seed": 3, "flip": True, "caption_dropout": 0.3, "num_epochs": 2}
+    common |= {"buckets": BucketSpec((32, 32), 16, 64, 8), "captions": CaptionRules(caption_prefix="a photo of")}
+    plain = build_dataset(data, model.tokenize, **common)
+    cached = build_dataset(data, model.tokenize, **common, cache=cache_encoders(model, opts))
+    shapes = {tuple(m.shape[2:]) for (m, _) in cached.create_tuple_iterator(output_numpy=True)}
+    assert shapes == {(12, 20), (20, 12), (16, 16)}  # 40x24, 24x40 and 32x32 pixels (H, W) at 2x downsampling
+    # 3 buckets x 3 repeats: ceil(6/2) + ceil(6/2) + ceil(3/2) = 8 batches per epoch
+    assert _assert_step_inputs_equal(model, plain, cached) == 16
 
 
 def test_release_drops_the_encoders(tmp_path):

@@ -1,17 +1,20 @@
 """Image-caption data for fine-tuning: layout detection, transforms, a sharded resumable MindSpore pipeline."""
 
+from ldm.data.buckets import BucketSpec
 from ldm.data.cache import CachedSource, CacheEncoders, build_cache
-from ldm.data.dataset import (
-    ImageCaptionSource,
-    Record,
-    ShardedSampler,
-    build_dataset,
-    read_index,
-    scan_dataset,
-)
+from ldm.data.captions import CaptionRules
+from ldm.data.dataset import ImageCaptionSource, build_dataset
+from ldm.data.kohya import FolderOptions, read_dataset_config
+from ldm.data.records import Record, read_index
+from ldm.data.sampler import BucketSampler, ShardedSampler
 from ldm.data.transforms import ImageTransform
 
 __all__ = [
+    "BucketSampler",
+    "BucketSpec",
+    "CaptionRules",
+    "FolderOptions",
+    "read_dataset_config",
     "CacheEncoders",
     "CachedSource",
     "build_cache",
@@ -21,5 +24,4 @@ __all__ = [
     "ShardedSampler",
     "build_dataset",
     "read_index",
-    "scan_dataset",
 ]

@@ -5,8 +5,10 @@ Equal to the uncached run. The cache keeps the posterior's moments (mean and cla
 trainer still draws each step's posterior noise from the same stream and forms ``mean + exp(logvar / 2) * noise`` as
 the uncached step does. With ``random_flip`` every image is encoded in both orientations and a sample takes the one
 its flip draw selects (the draw :meth:`ImageCaptionSource.image` makes, from the same generator). Captions: every
-caption of every cached record, plus ``""`` when caption dropout is on; a sample's caption is chosen exactly as in
-the uncached source. A random crop differs at every visit and cannot be cached (training options turn the cache off).
+caption of every cached record with its subset's prefix and suffix, plus ``""`` when caption dropout is on; a
+sample's caption is chosen exactly as in the uncached source. A random crop, and captions whose tags are shuffled or
+dropped, differ at every visit and cannot be cached (training options turn the cache off). With aspect-ratio buckets
+each image's moments have its bucket's shape; an image repeated by its folder (``N_name``) is encoded once.
 
 Only the records this rank's sampler will still visit are encoded: its shard of the remaining epochs. Epochs are
 reshuffled across ranks (that keeps N ranks equal to one process with the global batch), so a run of several epochs
@@ -45,6 +47,8 @@ class CacheEncoders:
 class CachedSource:
     """A source like :class:`ImageCaptionSource` whose samples come from the cache where it has them.
 
+    ``moments[latent_rows[index]]`` holds record ``index``'s moments for each flip, ``[flips, 2C, h, w]``.
+
     Sample id -> ``(moments [2C, h, w], context [L, D])``; an input that is not cached comes from ``source`` as
     before (``image [3, S, S]`` or ``tokens [L]``). ``column_names`` says which.
     """
@@ -52,7 +56,7 @@ class CachedSource:
     def __init__(
         self,
         source: ImageCaptionSource,
-        moments: np.ndarray | None,
+        moments: list[np.ndarray] | None,
         latent_rows: dict[int, int],
         contexts: np.ndarray | None,
         context_rows: dict[str, int],
@@ -71,7 +75,7 @@ class CachedSource:
     @property
     def nbytes(self) -> int:
         """Memory the cached arrays take."""
-        return sum(a.nbytes for a in (self.moments, self.contexts) if a is not None)
+        return sum(a.nbytes for a in [*(self.moments or []), self.contexts] if a is not None)
 
     def __getitem__(self, sample_id):
         source = self.source
@@ -79,7 +83,7 @@ class CachedSource:
             first = source.image(sample_id)
         else:
             row = self.latent_rows[int(sample_id) % len(source)]
-            first = self.moments[row, int(source.mirrored(sample_id))]
+            first = self.moments[row][int(source.mirrored(sample_id))]
         text = source.caption(sample_id)
         if self.contexts is None:
             second = np.asarray(source.tokenizer([text]), dtype=np.int32)[0]
@@ -95,11 +99,8 @@ def records_to_visit(sample_ids: Iterable[int], num_records: int) -> list[int]:
 
 
 def captions_to_cache(source: ImageCaptionSource, indices: Iterable[int]) -> list[str]:
-    """Every caption of these records, plus ``""`` when caption dropout can pick it, sorted."""
-    texts = {text for i in indices for text in source.records[i].captions}
-    if source.caption_dropout > 0:
-        texts.add("")
-    return sorted(texts)
+    """Every text these records can train on (captions with prefix/suffix, ``""`` under caption dropout), sorted."""
+    return sorted({text for i in indices for text in source.record_captions(i)})
 
 
 def build_cache(
@@ -112,20 +113,23 @@ def build_cache(
     indices = records_to_visit(sample_ids, len(source))
     flips = (False, True) if source.transform.flip and encoders.images is not None else (False,)
     texts = captions_to_cache(source, indices) if encoders.texts is not None else []
-    images = len(indices) * len(flips) if encoders.images is not None else 0
+    first: dict[str, int] = {}  # image path -> the first record index showing it, in row order
+    for index in indices:
+        first.setdefault(source.records[index].path, index)
+    row_of = {path: row for row, path in enumerate(first)}
+    images = len(first) * len(flips) if encoders.images is not None else 0
     start = time.perf_counter()
     with tqdm(total=images + len(texts), desc="cache", unit="input", disable=not progress) as bar:
         moments = None
         if encoders.images is not None:
-            rows = []
-            for index in indices:
+            moments = []
+            for index in first.values():
                 per_flip = []
                 for mirrored in flips:
                     image = source.record_image(index, mirrored)[None]
                     per_flip.append(np.asarray(encoders.images(image), dtype=np.float32)[0])
                     bar.update(1)
-                rows.append(np.stack(per_flip))
-            moments = np.stack(rows)
+                moments.append(np.stack(per_flip))
         contexts = None
         if encoders.texts is not None:
             encoded = []
@@ -136,11 +140,11 @@ def build_cache(
     cached = CachedSource(
         source,
         moments,
-        {index: row for row, index in enumerate(indices)} if moments is not None else {},
+        {index: row_of[source.records[index].path] for index in indices} if moments is not None else {},
         contexts,
         {text: row for row, text in enumerate(texts)},
     )
-    parts = [f"{images} latents ({len(indices)} images x {len(flips)} flips)"] if moments is not None else []
+    parts = [f"{images} latents ({len(first)} images x {len(flips)} flips)"] if moments is not None else []
     parts += [f"{len(texts)} text contexts"] if contexts is not None else []
     logger.info(
         "cached %s in %.1f s; the cache holds %.1f MiB",

@@ -1,139 +1,75 @@
 """Image-caption datasets for fine-tuning, as a random-access source plus a sharded, resumable sampler.
 
-Layouts (detected from the folder ``data_path``):
+Layouts (detected from the folder ``data_path``, or given by a kohya ``dataset_config``):
 
 * MindONE: ``img_txt.csv`` with columns ``dir,text``; ``dir`` is relative to ``data_path``.
 * diffusers imagefolder: ``metadata.jsonl``, one JSON object per line with ``file_name`` (relative) and ``text``
   (a string, or a list of captions of which one is drawn per sample).
+* kohya: images with caption sidecars, in ``N_name`` subfolders repeated N times per epoch (:mod:`ldm.data.kohya`).
 
-A folder with neither, or both, is an error naming the folder. Malformed or empty index files are errors naming file
-and line. Missing or undecodable images (checked with PIL ``verify`` when scanning) are logged with their count and
-paths and skipped; if nothing is left, ``ValueError`` names ``data_path``.
+Malformed or empty index files are errors naming file and line. Missing or undecodable images (checked with PIL
+``verify`` when scanning) are logged with their count and paths and skipped; if nothing is left, ``ValueError`` names
+``data_path``. With aspect-ratio buckets (:mod:`ldm.data.buckets`) every image is resized and cropped into its bucket
+and every batch holds one bucket (:class:`ldm.data.sampler.BucketSampler`).
 
 Randomness and resume. Every sample is addressed by a *sample id* ``epoch * N + index``. Its crop, flip, caption
-choice and caption dropout come from ``numpy.random.default_rng([seed, epoch, index, stream])`` and an epoch's order
-from ``default_rng([seed, epoch])``, so a sample is identical whichever worker or rank produces it and however often
-the pipeline is rebuilt. :class:`ShardedSampler` yields the ids of a whole run (``num_epochs`` epochs, each split over
-ranks) in one pass. To resume after a rank consumed ``k`` batches, rebuild with ``batches_done=k``: the remaining
-batches come out exactly as they would have without the interruption (given the same seed, data, batch size and
-world size).
+choice, caption dropout, tag shuffle and tag dropout come from ``numpy.random.default_rng([seed, epoch, index,
+stream])`` and an epoch's order from ``default_rng([seed, epoch])``, so a sample is identical whichever worker or
+rank produces it and however often the pipeline is rebuilt. The sampler yields the ids of a whole run
+(``num_epochs`` epochs, each split over ranks) in one pass. To resume after a rank consumed ``k`` batches, rebuild
+with ``batches_done=k``: the remaining batches come out exactly as they would have without the interruption (given
+the same seed, data, batch size and world size).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
 
+from ldm.data.buckets import BucketSpec, Placement, bucket_table
 from ldm.data.cache import CacheEncoders, build_cache
+from ldm.data.captions import CaptionRules
+from ldm.data.kohya import FolderOptions, read_records
+from ldm.data.records import Record
+from ldm.data.sampler import BucketSampler, ShardedSampler
 from ldm.data.transforms import ImageTransform, load_rgb
-from ldm.util import read_text_utf8
 
 logger = logging.getLogger(__name__)
 
-CSV_INDEX = "img_txt.csv"
-JSONL_INDEX = "metadata.jsonl"
 _SHOWN = 10
+_SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that exif_transpose turns by 90 degrees
 
 
-@dataclass(frozen=True)
-class Record:
-    """One training pair: an image path and one or more captions."""
-
-    path: str
-    captions: tuple[str, ...]
-
-
-def _read_csv(path: str, root: str) -> list[Record]:
-    with io.StringIO(read_text_utf8(path), newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or not any(cell.strip() for cell in header):
-            raise ValueError(f"{path}: empty index file, expected a header 'dir,text'")
-        header = [cell.strip() for cell in header]
-        if "dir" not in header or "text" not in header:
-            raise ValueError(f"{path}:1: header must have columns 'dir' and 'text', got {header}")
-        i_dir, i_text = header.index("dir"), header.index("text")
-        records = []
-        for row in reader:
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}:{reader.line_num}: expected {len(header)} fields, got {len(row)}")
-            rel = row[i_dir].strip()
-            if not rel:
-                raise ValueError(f"{path}:{reader.line_num}: empty 'dir'")
-            records.append(Record(os.path.join(root, rel), (row[i_text],)))
-    if not records:
-        raise ValueError(f"{path}: no rows after the header")
-    return records
-
-
-def _read_jsonl(path: str, root: str) -> list[Record]:
-    records = []
-    with io.StringIO(read_text_utf8(path)) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
-            if not isinstance(item, dict) or "file_name" not in item or "text" not in item:
-                raise ValueError(f"{path}:{line_no}: expected an object with 'file_name' and 'text'")
-            text = item["text"]
-            captions = tuple(text) if isinstance(text, list) else (text,)
-            if not captions or not all(isinstance(c, str) for c in captions):
-                raise ValueError(f"{path}:{line_no}: 'text' must be a string or a non-empty list of strings")
-            records.append(Record(os.path.join(root, str(item["file_name"])), captions))
-    if not records:
-        raise ValueError(f"{path}: empty index file")
-    return records
-
-
-def read_index(data_path) -> tuple[str, list[Record]]:
-    """Detect the layout of ``data_path`` and read its index: ``(index file, records)`` (images not checked)."""
-    root = os.fspath(data_path)
-    if not os.path.isdir(root):
-        raise ValueError(f"{root}: data path is not a directory")
-    csv_path, jsonl_path = os.path.join(root, CSV_INDEX), os.path.join(root, JSONL_INDEX)
-    has_csv, has_jsonl = os.path.isfile(csv_path), os.path.isfile(jsonl_path)
-    if has_csv and has_jsonl:
-        raise ValueError(f"{root}: has both {CSV_INDEX} and {JSONL_INDEX}; keep one")
-    if has_csv:
-        return csv_path, _read_csv(csv_path, root)
-    if has_jsonl:
-        return jsonl_path, _read_jsonl(jsonl_path, root)
-    raise ValueError(
-        f"{root}: no {CSV_INDEX} (MindONE layout, columns dir,text) or {JSONL_INDEX} "
-        "(diffusers imagefolder, fields file_name,text) found"
-    )
-
-
-def _image_problem(path: str) -> str | None:
+def _image_info(path: str, sizes: dict) -> str | None:
+    """``None`` if the image at ``path`` passes PIL ``verify`` (its upright size then goes to ``sizes[path]``),
+    else why not."""
+    if path in sizes:
+        return None
     if not os.path.isfile(path):
         return "missing"
     try:
         with Image.open(path) as img:
             img.verify()
+        with Image.open(path) as img:  # verify leaves the file unusable; the header is read again
+            size, orientation = img.size, img.getexif().get(0x0112)
     except Exception as err:  # PIL raises many types for bad files
         return f"corrupt ({type(err).__name__}: {err})"
+    sizes[path] = size[::-1] if orientation in _SWAPS_SIDES else size
     return None
 
 
-def scan_dataset(data_path) -> tuple[list[Record], list[tuple[str, str]]]:
-    """Records whose image exists and passes PIL ``verify``, and ``(path, reason)`` for the ones skipped."""
-    index, records = read_index(data_path)
-    good, skipped = [], []
+def scan_dataset(data_path: str, label: str, records: list[Record]) -> tuple[list[Record], list[tuple[str, str]], dict]:
+    """Records whose image exists and passes PIL ``verify``, ``(path, reason)`` for the ones skipped, and each good
+    image's upright ``(width, height)`` by path. ``label`` (the index file, folder or dataset config the records
+    come from) names the data in messages."""
+    good, skipped, sizes = [], [], {}
     for record in records:
-        problem = _image_problem(record.path)
+        problem = _image_info(record.path, sizes)
         if problem is None:
             good.append(record)
         else:
@@ -141,20 +77,50 @@ def scan_dataset(data_path) -> tuple[list[Record], list[tuple[str, str]]]:
     if skipped:
         shown = "; ".join(f"{p}: {why}" for p, why in skipped[:_SHOWN])
         more = f"; ... {len(skipped) - _SHOWN} more" if len(skipped) > _SHOWN else ""
-        logger.warning("%s: skipped %d of %d images: %s%s", index, len(skipped), len(records), shown, more)
+        logger.warning("%s: skipped %d of %d images: %s%s", label, len(skipped), len(records), shown, more)
     if not good:
         raise ValueError(
-            f"{os.fspath(data_path)}: no usable images ({len(skipped)} listed in {index} are missing or corrupt)"
+            f"{data_path or label}: no usable images ({len(skipped)} listed in {label} are missing or corrupt)"
         )
-    return good, skipped
+    return good, skipped, sizes
+
+
+def place_in_buckets(records: list[Record], sizes: dict, spec: BucketSpec) -> list[Placement]:
+    """Each record's bucket. Images smaller than ``min_reso`` on a side are named in one warning (they are
+    enlarged), or refused with ``no_upscale`` (their bucket would fall below the minimum)."""
+    buckets = None if spec.no_upscale else spec.predefined()
+    small = sorted({r.path for r in records if min(sizes[r.path]) < spec.min_reso})
+    if small and spec.no_upscale:
+        w, h = sizes[small[0]]
+        raise ValueError(
+            f"{small[0]}: {w}x{h} is smaller than min_bucket_reso {spec.min_reso} and bucket_no_upscale keeps it "
+            f"that small ({len(small)} such images); remove them or turn bucket_no_upscale off"
+        )
+    if small:
+        more = f", ... {len(small) - _SHOWN} more" if len(small) > _SHOWN else ""
+        logger.warning(
+            "%d images are smaller than min_bucket_reso %d on a side and are enlarged into their bucket: %s%s",
+            len(small),
+            spec.min_reso,
+            ", ".join(small[:_SHOWN]),
+            more,
+        )
+    placed: dict[str, Placement] = {}
+    for record in records:
+        if record.path not in placed:
+            placed[record.path] = spec.place(*sizes[record.path], buckets)
+    return [placed[r.path] for r in records]
 
 
 class ImageCaptionSource:
     """Random-access source: sample id ``epoch * len(self) + index`` -> ``(image CHW float32, tokens int32 [77])``.
 
     Without a tokenizer the second item is the caption string. ``caption_dropout`` replaces the caption by ``""``
-    with that probability (for classifier-free guidance). An image that fails to decode at load time is logged and
-    replaced by the next record, so a batch never breaks.
+    with that probability (for classifier-free guidance); ``captions`` holds the other caption rules of an index
+    file's records (a dataset config's subsets bring their own), ``folder`` says how to read a kohya folder or
+    dataset config. With ``buckets`` each image is resized and cropped into its aspect-ratio bucket
+    (``self.placements``) instead of a square of ``image_size``. An image that fails to decode at load time is logged
+    and replaced by the next record (of the same bucket), so a batch never breaks.
     """
 
     def __init__(
@@ -167,14 +133,20 @@ class ImageCaptionSource:
         caption_dropout: float = 0.0,
         seed: int = 0,
         interpolation: str = "lanczos",
+        *,
+        captions: CaptionRules | None = None,
+        folder: FolderOptions | None = None,
+        buckets: BucketSpec | None = None,
     ):
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        rules = replace(captions or CaptionRules(), caption_dropout_rate=float(caption_dropout))
         self.data_path = os.fspath(data_path)
-        self.records, self.skipped = scan_dataset(data_path)
+        label, records, self.rules = read_records(data_path, folder or FolderOptions(), rules)
+        self.records, self.skipped, sizes = scan_dataset(self.data_path, label, records)
+        self.placements = place_in_buckets(self.records, sizes, buckets) if buckets is not None else None
         self.tokenizer = tokenizer
         self.transform = ImageTransform(image_size, random_crop, flip, interpolation)
-        self.caption_dropout = float(caption_dropout)
         self.seed = int(seed)
 
     def __len__(self) -> int:
@@ -185,26 +157,46 @@ class ImageCaptionSource:
         return np.random.default_rng([self.seed, epoch, index, stream])
 
     def caption(self, sample_id: int) -> str:
-        """The caption of a sample: one of its captions, or ``""`` with probability ``caption_dropout``."""
+        """The training text of a sample: one of its captions, through its subset's :class:`CaptionRules`."""
         rng = self._rng(sample_id, 1)
-        captions = self.records[int(sample_id) % len(self.records)].captions
-        text = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
-        return "" if rng.random() < self.caption_dropout else text
+        record = self.records[int(sample_id) % len(self.records)]
+        pick = int(rng.integers(len(record.captions))) if len(record.captions) > 1 else 0
+        return self.rules[record.subset].apply(record.captions[pick], rng)
+
+    def record_captions(self, index: int) -> set[str]:
+        """Every text record ``index`` can train on when its rules shuffle and drop no tags (for the text cache)."""
+        record = self.records[index]
+        rules = self.rules[record.subset]
+        if rules.varies:
+            raise ValueError("shuffled or tag-dropped captions differ at each visit; the text cache refuses them")
+        return {rules.fixed(c) for c in record.captions} | ({""} if rules.caption_dropout_rate > 0 else set())
+
+    def bucket(self, index: int) -> tuple[int, int] | None:
+        """Record ``index``'s bucket (width, height), or ``None`` without buckets."""
+        return None if self.placements is None else self.placements[index].bucket
 
     def _decode(self, index: int):
-        """The PIL image of record ``index``, falling back to following records if it cannot be decoded."""
+        """``(PIL image, record index)``: record ``index``'s image, or that of a following record of the same
+        bucket if it cannot be decoded."""
         n = len(self.records)
         for offset in range(n):
-            path = self.records[(index + offset) % n].path
+            other = (index + offset) % n
+            if self.bucket(other) != self.bucket(index):
+                continue
+            path = self.records[other].path
             try:
-                return load_rgb(path)
+                return load_rgb(path), other
             except Exception as err:  # PIL raises many types for bad files
                 logger.error("cannot decode %s (%s: %s); using the next image", path, type(err).__name__, err)
         raise ValueError(f"{self.data_path}: no image could be decoded")
 
+    def _placement(self, index: int) -> Placement | None:
+        return None if self.placements is None else self.placements[index]
+
     def image(self, sample_id: int) -> np.ndarray:
         """The transformed image of a sample, falling back to following records if it cannot be decoded."""
-        return self.transform(self._decode(int(sample_id) % len(self.records)), self._rng(sample_id, 0))
+        img, index = self._decode(int(sample_id) % len(self.records))
+        return self.transform(img, self._rng(sample_id, 0), self._placement(index))
 
     def mirrored(self, sample_id: int) -> bool:
         """Whether :meth:`image` flips this sample (the same draw from the same generator; no random crop)."""
@@ -214,7 +206,8 @@ class ImageCaptionSource:
 
     def record_image(self, index: int, mirrored: bool) -> np.ndarray:
         """Record ``index``'s image as :meth:`image` gives it for a sample drawing ``mirrored`` (no random crop)."""
-        return self.transform.centred(self._decode(int(index)), mirrored)
+        img, index = self._decode(int(index))
+        return self.transform.centred(img, mirrored, self._placement(index))
 
     def __getitem__(self, sample_id):
         image = self.image(sample_id)
@@ -223,68 +216,6 @@ class ImageCaptionSource:
             return image, text
         tokens = np.asarray(self.tokenizer([text]), dtype=np.int32)[0]
         return image, tokens
-
-
-class ShardedSampler:
-    """Sample ids ``epoch * N + index`` for this rank over a whole run of ``num_epochs`` epochs.
-
-    Each epoch's order (shuffled per epoch, or sequential) is split over ranks as ``order[rank::world_size]``. With
-    ``drop_last`` an epoch keeps the largest multiple of ``world_size * batch_size`` samples, otherwise it is padded
-    by wrapping around to a multiple of ``world_size``; every rank gets the same count either way. The first
-    ``batches_done * batch_size`` ids of the run are skipped (resume). The sampler is stateless: MindSpore calls
-    ``iter()`` more than once while building a pipeline, and each call yields the same sequence.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int = 1,
-        shuffle: bool = True,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = True,
-        num_epochs: int = 1,
-        batches_done: int = 0,
-    ):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if batch_size < 1 or num_samples < 1 or num_epochs < 1:
-            raise ValueError(
-                f"need batch_size, num_samples and num_epochs >= 1, got {batch_size}, {num_samples}, {num_epochs}"
-            )
-        self.num_samples, self.batch_size, self.shuffle, self.seed = num_samples, batch_size, shuffle, seed
-        self.rank, self.world_size, self.drop_last, self.num_epochs = rank, world_size, drop_last, num_epochs
-        if drop_last:
-            self.per_rank = num_samples // (world_size * batch_size) * batch_size
-            if self.per_rank == 0:
-                raise ValueError(
-                    f"{num_samples} samples cannot fill one global batch of {world_size}x{batch_size} with drop_last"
-                )
-        else:
-            self.per_rank = -(-num_samples // world_size)
-        self.start = int(batches_done) * batch_size
-        if not 0 <= self.start < self.per_rank * num_epochs:
-            raise ValueError(
-                f"batches_done={batches_done} is outside a run of {num_epochs} epochs of "
-                f"{self.per_rank} samples per rank"
-            )
-
-    def epoch_indices(self, epoch: int) -> np.ndarray:
-        """This rank's record indices for ``epoch``."""
-        n = self.num_samples
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        order = np.resize(order, self.per_rank * self.world_size)  # trims (drop_last) or wraps around (padding)
-        return order[self.rank :: self.world_size]
-
-    def __len__(self) -> int:
-        return self.per_rank * self.num_epochs - self.start
-
-    def __iter__(self) -> Iterator[int]:
-        first, skip = divmod(self.start, self.per_rank)
-        for epoch in range(first, self.num_epochs):
-            ids = self.epoch_indices(epoch)[skip if epoch == first else 0 :] + epoch * self.num_samples
-            yield from ids.tolist()
 
 
 def build_dataset(
@@ -306,6 +237,10 @@ def build_dataset(
     interpolation: str = "lanczos",
     python_multiprocessing: bool = False,
     cache: CacheEncoders | None = None,
+    *,
+    captions: CaptionRules | None = None,
+    folder: FolderOptions | None = None,
+    buckets: BucketSpec | None = None,
 ):
     """A batched ``mindspore.dataset.GeneratorDataset`` over a whole run of ``num_epochs`` epochs.
 
@@ -315,15 +250,37 @@ def build_dataset(
     batches this rank already consumed as ``batches_done``. ``num_workers`` is capped at the CPU count (MindSpore
     refuses more). With ``cache`` (see :mod:`ldm.data.cache`) the images and/or captions this rank will visit are
     encoded first, and the columns become ``moments`` (B, 2C, h, w) float32 and/or ``context`` (B, 77, D) float32.
+
+    ``captions``, ``folder`` and ``buckets`` are :class:`ImageCaptionSource`'s. With ``buckets`` each batch holds one
+    bucket (images (B, 3, H, W) of that bucket; every rank the same bucket at each step), every bucket's last batch
+    is filled up with its own images, and ``drop_last`` is unused. The returned dataset's ``bucket_order`` is a
+    digest of every record's bucket (``None`` without buckets): the trainer keeps it with the data position, so that
+    a resume whose buckets differ is refused instead of visiting other batches; its ``bucket_table`` is the table the
+    trainer logs (resolution and image count per bucket).
     """
     import mindspore.dataset as msds
 
     source = ImageCaptionSource(
-        data_path, tokenizer, image_size, random_crop, flip, caption_dropout, seed, interpolation
+        data_path,
+        tokenizer,
+        image_size,
+        random_crop,
+        flip,
+        caption_dropout,
+        seed,
+        interpolation,
+        captions=captions,
+        folder=folder,
+        buckets=buckets,
     )
-    sampler = ShardedSampler(
-        len(source), batch_size, shuffle, seed, rank, world_size, drop_last, num_epochs, batches_done
-    )
+    if buckets is not None:
+        placed = [p.bucket for p in source.placements]
+        common = {"seed": seed, "rank": rank, "world_size": world_size, "num_epochs": num_epochs}
+        sampler = BucketSampler(placed, batch_size, shuffle, **common, batches_done=batches_done)
+    else:
+        sampler = ShardedSampler(
+            len(source), batch_size, shuffle, seed, rank, world_size, drop_last, num_epochs, batches_done
+        )
     samples, columns = source, ["image", "tokens"]
     if cache is not None:
         samples = build_cache(source, iter(sampler), cache, progress=rank == 0)
@@ -348,4 +305,7 @@ def build_dataset(
         num_epochs,
         batches_done,
     )
-    return dataset.batch(batch_size, drop_remainder=drop_last)
+    batched = dataset.batch(batch_size, drop_remainder=drop_last or buckets is not None)
+    batched.bucket_order = sampler.digest if buckets is not None else None
+    batched.bucket_table = bucket_table(source.placements) if buckets is not None else None
+    return batched

@@ -84,9 +84,35 @@ def to_chw_float(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1) / np.float32(127.5) - np.float32(1.0))
 
 
+def fit_to_bucket(
+    img: Image.Image,
+    resized: tuple[int, int],
+    bucket: tuple[int, int],
+    rng: np.random.Generator | None,
+    interpolation: str = "lanczos",
+) -> Image.Image:
+    """Resize ``img`` to ``resized`` (width, height) and crop ``bucket`` out of it (aspect-ratio buckets, see
+    :mod:`ldm.data.buckets`): centred at ``excess // 2`` as kohya does, or, given ``rng``, at a uniform offset (left
+    drawn first, then top)."""
+    if img.size != tuple(resized):
+        img = img.resize(tuple(resized), INTERPOLATIONS[interpolation])
+    (w, h), (bw, bh) = img.size, bucket
+    if bw > w or bh > h:
+        raise ValueError(f"cannot crop {bw}x{bh} from a {w}x{h} image")
+    if rng is None:
+        left, top = (w - bw) // 2, (h - bh) // 2
+    else:
+        left, top = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+    return img.crop((left, top, left + bw, top + bh))
+
+
 @dataclass(frozen=True)
 class ImageTransform:
-    """Resize the shorter side to ``size``, crop a square (random or centred), flip with probability 1/2."""
+    """Resize the shorter side to ``size``, crop a square (random or centred), flip with probability 1/2.
+
+    Given a ``placement`` (an aspect-ratio bucket, :class:`ldm.data.buckets.Placement`) the image is resized to
+    ``placement.resized`` and cropped to ``placement.bucket`` instead; ``size`` is then unused.
+    """
 
     size: int
     random_crop: bool = False
@@ -99,22 +125,25 @@ class ImageTransform:
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    def __call__(self, img: Image.Image, rng: np.random.Generator, placement=None) -> np.ndarray:
+        return self._finish(self._crop(img, rng if self.random_crop else None, placement), self.draw_flip(rng))
+
+    def _crop(self, img: Image.Image, rng: np.random.Generator | None, placement) -> Image.Image:
+        if placement is not None:
+            return fit_to_bucket(img, placement.resized, placement.bucket, rng, self.interpolation)
         img = resize_shorter_side(img, self.size, self.interpolation)
-        img = img.crop(crop_box(img.width, img.height, self.size, rng if self.random_crop else None))
-        return self._finish(img, self.draw_flip(rng))
+        return img.crop(crop_box(img.width, img.height, self.size, rng))
 
     def draw_flip(self, rng: np.random.Generator) -> bool:
         """Whether a sample is mirrored: one draw from ``rng`` (after the crop's draws) when ``flip`` is on."""
         return self.flip and rng.random() < 0.5
 
-    def centred(self, img: Image.Image, mirrored: bool) -> np.ndarray:
+    def centred(self, img: Image.Image, mirrored: bool, placement=None) -> np.ndarray:
         """The centre crop, mirrored or not: what a sample becomes without random crop, for a given flip draw
         (the cache encodes both versions of each image)."""
         if self.random_crop:
             raise ValueError("centred() has no random crop to reproduce; it serves transforms without random_crop")
-        img = resize_shorter_side(img, self.size, self.interpolation)
-        return self._finish(img.crop(crop_box(img.width, img.height, self.size, None)), mirrored)
+        return self._finish(self._crop(img, None, placement), mirrored)
 
     @staticmethod
     def _finish(img: Image.Image, mirrored: bool) -> np.ndarray:

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm.cli import Parser
+from ldm.data.buckets import BucketSpec
+from ldm.data.captions import CaptionRules
+from ldm.data.kohya import FolderOptions, read_dataset_config, read_records
 from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
 from ldm.lora.targets import UNET_TARGET_PRESETS
 from ldm.options import (
@@ -32,6 +35,7 @@ from ldm.options import (
 from ldm.precision import PRECISIONS, PrecisionPolicy, default_loss_scaler, resolve_policy
 from ldm.train.kinds import JIT_LEVELS, LOSS_SCALERS
 from ldm.train.lr_schedules import SCHEDULES
+from ldm.util import ConfigError
 
 LOGGER = logging.getLogger("ldm.train")
 DEFAULT_MODEL_CONFIG = "ldm/configs/v2-inference.yaml"
@@ -41,7 +45,20 @@ DEFAULT_MODEL_CONFIG = "ldm/configs/v2-inference.yaml"
 class TrainOptions(RunOptions):
     """Every option of a run; the CLI fills it from defaults < YAML < command line."""
 
-    data_path: str = option("", "folder with images + img_txt.csv (dir,text) or metadata.jsonl (file_name,text)")
+    data_path: str = option(
+        "",
+        "folder with images + img_txt.csv (dir,text) or metadata.jsonl (file_name,text), or kohya's layout: images "
+        "with caption sidecars, in N_name subfolders repeated N times per epoch",
+    )
+    dataset_config: str = option(
+        "",
+        "kohya dataset config (.toml, or .yaml): [[datasets.subsets]] with image_dir, num_repeats and caption "
+        "options each; replaces data_path, and its dataset-level keys (resolution, bucket options) win",
+    )
+    caption_extension: str = option(".txt", "caption sidecar extension in kohya folders (kohya's default: .caption)")
+    strict_captions: bool = option(
+        False, "an image without a caption sidecar is an error (default: a warning; it trains on its class tokens)"
+    )
     output_path: str = option("output", "where checkpoints, metrics.jsonl, loss.png and validation images go")
     model_config: str = option(
         "",
@@ -60,7 +77,30 @@ class TrainOptions(RunOptions):
     image_size: int = option(512, "training resolution (shorter side resized, then cropped square)")
     random_crop: bool = option(False, "random instead of center crop")
     random_flip: bool = option(False, "random horizontal flip")
-    caption_dropout: float = option(0.0, "probability of replacing a caption by '' (trains the unconditional branch)")
+    caption_dropout: float = option(
+        0.0, "probability of replacing a caption by '' (trains the unconditional branch; kohya's caption_dropout_rate)"
+    )
+    shuffle_caption: bool = option(False, "shuffle the comma-separated tags of each caption at every visit")
+    keep_tokens: int = option(0, "with shuffle_caption/caption_tag_dropout_rate: the first N tags stay in place")
+    caption_tag_dropout_rate: float = option(0.0, "probability of dropping each (non-kept) tag at every visit")
+    caption_prefix: str = option("", "text put before every caption (joined with a space)")
+    caption_suffix: str = option("", "text put after every caption (joined with a space)")
+    enable_bucket: bool = option(
+        False,
+        "aspect-ratio buckets (kohya): each image trains at the bucket of nearest aspect ratio, resized to cover it "
+        "and cropped, instead of a square of image_size; every batch holds one bucket",
+    )
+    resolution: str = option(
+        "", "bucket area as 'W,H' or 'S' (S x S), kohya's resolution; empty: image_size x image_size"
+    )
+    min_bucket_reso: int = option(256, "smallest bucket side")
+    max_bucket_reso: int = option(1024, "largest bucket side")
+    bucket_reso_steps: int = option(
+        64, "bucket sides are multiples of this; must be a multiple of the model's 8 x 2^(UNet levels - 1) pixels"
+    )
+    bucket_no_upscale: bool = option(
+        False, "never enlarge: each image's bucket is its own size (shrunk to the area), sides cut to the steps"
+    )
     num_workers: int = option(1, "data loader workers")
     cache_latents: bool = option(
         False,
@@ -163,6 +203,13 @@ def resolve_cache_options(opts: TrainOptions, source: str = "TrainOptions") -> T
             source,
         )
         opts = dataclasses.replace(opts, cache_latents=False)
+    if opts.cache_text_embeddings and captions_vary(opts):
+        LOGGER.warning(
+            "%s: 'shuffle_caption' or 'caption_tag_dropout_rate' changes captions at every visit, so "
+            "'cache_text_embeddings' is turned off; the text encoder encodes every batch",
+            source,
+        )
+        opts = dataclasses.replace(opts, cache_text_embeddings=False)
     if opts.cache_text_embeddings and opts.lora_ft_text_encoder:
         LOGGER.warning(
             "%s: 'lora_ft_text_encoder' trains the text encoder, so 'cache_text_embeddings' is turned off; the text "
@@ -171,6 +218,63 @@ def resolve_cache_options(opts: TrainOptions, source: str = "TrainOptions") -> T
         )
         opts = dataclasses.replace(opts, cache_text_embeddings=False)
     return opts
+
+
+def caption_rules(opts: TrainOptions) -> CaptionRules:
+    """The caption options as rules (a dataset config's subsets start from them)."""
+    try:
+        return CaptionRules(
+            opts.shuffle_caption,
+            opts.keep_tokens,
+            opts.caption_tag_dropout_rate,
+            opts.caption_dropout,
+            opts.caption_prefix,
+            opts.caption_suffix,
+        )
+    except ValueError as err:
+        raise ConfigError(f"caption options: {err}") from None
+
+
+def folder_options(opts: TrainOptions) -> FolderOptions:
+    return FolderOptions(opts.dataset_config, opts.caption_extension, opts.strict_captions)
+
+
+def captions_vary(opts: TrainOptions) -> bool:
+    """Whether some caption changes between visits beyond dropout (tag shuffle or tag dropout, here or in a
+    subset of the dataset config)."""
+    if opts.dataset_config:
+        config = read_dataset_config(opts.dataset_config, opts.caption_extension, caption_rules(opts))
+        return any(subset.rules.varies for subset in config.subsets)
+    return caption_rules(opts).varies
+
+
+def apply_dataset_config(opts: TrainOptions, source: str = "TrainOptions") -> TrainOptions:
+    """``opts`` with the dataset-level keys of its ``dataset_config`` (resolution, bucket options) replacing the
+    options of the same name, as kohya does; each one that changes a value is logged."""
+    if not opts.dataset_config:
+        return opts
+    config = read_dataset_config(opts.dataset_config, opts.caption_extension, caption_rules(opts))
+    changed = {k: v for k, v in config.options.items() if getattr(opts, k) != v}
+    if changed:
+        LOGGER.info("%s: %s sets %s", source, opts.dataset_config, ", ".join(f"{k}={v}" for k, v in changed.items()))
+    return dataclasses.replace(opts, **changed)
+
+
+def bucket_spec(opts: TrainOptions) -> BucketSpec | None:
+    """The bucket options as a :class:`BucketSpec` (``None`` without ``enable_bucket``); bad values name them."""
+    if not opts.enable_bucket:
+        return None
+    text = opts.resolution.strip() or str(opts.image_size)
+    try:
+        sides = [int(v) for v in text.split(",")]
+        if len(sides) not in (1, 2):
+            raise ValueError("expected 'W,H' or 'S'")
+        width, height = sides if len(sides) == 2 else sides * 2
+        return BucketSpec(
+            (width, height), opts.min_bucket_reso, opts.max_bucket_reso, opts.bucket_reso_steps, opts.bucket_no_upscale
+        )
+    except ValueError as err:
+        raise ConfigError(f"bucket options (resolution {text!r}): {err}") from None
 
 
 def precision_policy(opts: TrainOptions) -> PrecisionPolicy:
@@ -184,20 +288,24 @@ def loss_scaler_of(opts: TrainOptions) -> str:
 
 
 def check_paths(opts: TrainOptions) -> None:
-    """The input paths exist, the data index parses and the output folder is writable (checked before any model is
-    built or file written)."""
-    if not opts.data_path:
-        raise ValueError("data_path is required (a folder with img_txt.csv or metadata.jsonl)")
-    if not Path(opts.data_path).is_dir():
+    """The input paths exist, the data index (or kohya folder, or dataset config) parses, the bucket and caption
+    options are valid and the output folder is writable (checked before any model is built or file written)."""
+    if opts.dataset_config and opts.data_path:
+        raise ValueError("give data_path or dataset_config, not both (the dataset config names its image_dir)")
+    if not opts.data_path and not opts.dataset_config:
+        raise ValueError(
+            "data_path is required (a folder with img_txt.csv, metadata.jsonl or kohya's layout), or dataset_config"
+        )
+    if opts.data_path and not Path(opts.data_path).is_dir():
         raise FileNotFoundError(f"data_path {opts.data_path}: no such folder")
     if opts.pretrained_model_path and not Path(opts.pretrained_model_path).exists():
         raise FileNotFoundError(f"pretrained_model_path {opts.pretrained_model_path}: no such file or folder")
     if opts.resume and opts.resume not in ("True", "true") and not Path(opts.resume).is_file():
         raise FileNotFoundError(f"resume {opts.resume}: no such train-state file")
-    from ldm.data.dataset import read_index
     from ldm.util import check_output_folder
 
-    read_index(opts.data_path)  # a malformed index fails now, not after the model is built
+    read_records(opts.data_path, folder_options(opts), caption_rules(opts))  # bad data fails now, before the model
+    bucket_spec(opts)
     check_output_folder(opts.output_path, "output_path")
 
 
@@ -212,6 +320,7 @@ def parse_options(argv=None) -> TrainOptions:
         file_values["model_config"] = str(find_config_file(file_values["model_config"], base))
     values, explicit = parse_over_file(parser, argv, file_values, drop=("train_config",))
     opts = TrainOptions(**values, model_config_on_command_line="model_config" in explicit)
+    opts = apply_dataset_config(opts, args.train_config or "command line")
     opts = resolve_cache_options(opts, args.train_config or "command line")
     precision_policy(opts)  # a use_fp16/precision conflict is reported before MindSpore starts
     return opts

@@ -36,7 +36,11 @@ from ldm.train.losses import CachedLatents, LatentEncoder, LDMTrainLoss, NoiseSa
 from ldm.train.lr_schedules import lr_table
 from ldm.train.options import (
     TrainOptions,
+    apply_dataset_config,
+    bucket_spec,
+    caption_rules,
     check_paths,
+    folder_options,
     loss_scaler_of,
     precision_policy,
     resolve_cache_options,
@@ -130,8 +134,8 @@ class TrainRun:
     out: Path
     ckpt_dir: Path
     metrics_path: Path
-    latent: int
     prompt_contexts: dict | None
+    bucket_order: str | None = None  # digest of every record's bucket, saved with the data position
 
     @property
     def validating(self) -> bool:
@@ -144,8 +148,10 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
     from ldm.data import build_dataset
     from ldm.env import init_env
 
+    opts = apply_dataset_config(opts)
     check_paths(opts)
     opts = resolve_cache_options(opts)
+    buckets = bucket_spec(opts)
     dist = init_env(opts.device_target, opts.mode, opts.jit_level, seed=opts.seed, distributed=opts.use_parallel)
     policy = precision_policy(opts)
     check_device_supports(policy)
@@ -158,11 +164,13 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         model.model.diffusion_model.enable_recompute()
     model.model.diffusion_model.set_attention_slice_size(opts.attention_slice_size)
     model.model.diffusion_model.set_memory_efficient_attention(opts.memory_efficient_attention)
-    latent = opts.image_size // model.latent_factor
-    if opts.image_size % (model.latent_factor * model.unet_factor):
-        step_px = model.latent_factor * model.unet_factor
+    step_px = model.latent_factor * model.unet_factor
+    if opts.image_size % step_px:
         raise ValueError(f"image_size {opts.image_size} must be a multiple of {step_px}")
+    if buckets is not None and buckets.steps % step_px:
+        raise ValueError(f"bucket_reso_steps {buckets.steps} must be a multiple of {step_px} for this model")
 
+    layout = {"captions": caption_rules(opts), "folder": folder_options(opts), "buckets": buckets}
     probe = build_dataset(
         opts.data_path,
         model.tokenize,
@@ -172,7 +180,10 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         rank=dist.rank,
         world_size=dist.world_size,
         num_epochs=1,
+        **layout,
     )
+    if probe.bucket_table is not None and dist.is_main:
+        LOGGER.info("aspect-ratio buckets (images counted with their repeats):\n%s", probe.bucket_table)
     steps_per_epoch = probe.get_dataset_size()
     if steps_per_epoch == 0:
         raise ValueError(f"data_path {opts.data_path}: fewer images than one global batch")
@@ -210,6 +221,12 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
             raise FileNotFoundError(f"resume: no train state at {state_path}")
         meta = load_train_state(str(state_path), step, noise)
         done = int(meta["data_position"]["batches_done"])
+        saved_order = meta["data_position"].get("bucket_order")
+        if saved_order != probe.bucket_order:
+            raise ValueError(
+                f"resume: {state_path} was saved with bucket order {saved_order}, this run's data and bucket options "
+                f"give {probe.bucket_order}; the remaining batches would differ (same data and options, please)"
+            )
         LOGGER.info("resumed from %s at micro-step %d", state_path, done)
 
     validating = bool(opts.validation_steps and opts.validation_prompts)
@@ -232,6 +249,7 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         num_epochs=epochs,
         batches_done=done,
         cache=encoders,
+        **layout,
     )
     if encoders is not None:
         del encoders
@@ -257,8 +275,8 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         out=out,
         ckpt_dir=ckpt_dir,
         metrics_path=metrics_path,
-        latent=latent,
         prompt_contexts=prompt_contexts,
+        bucket_order=probe.bucket_order,
     )
 
 
@@ -268,7 +286,6 @@ def train_loop(run: TrainRun) -> float:
     from tqdm import tqdm
 
     opts, dist, model = run.opts, run.dist, run.model
-    shape = (opts.train_batch_size * dist.world_size, model.channels, run.latent, run.latent)
     bar = tqdm(total=run.micro_total, initial=run.done, disable=not dist.is_main, desc="train", unit="step")
     last_loss = float("nan")
     nonfinite: list[int] = []
@@ -276,6 +293,10 @@ def train_loop(run: TrainRun) -> float:
     for images, tokens in run.data.create_tuple_iterator(num_epochs=1, output_numpy=True):
         if run.done >= run.micro_total:
             break
+        # every rank's batch is from one bucket at each step, so the global draw has one latent shape
+        height, width = (side * model.latent_factor if opts.cache_latents else side for side in images.shape[2:])
+        shape = (opts.train_batch_size * dist.world_size, model.channels)
+        shape += (height // model.latent_factor, width // model.latent_factor)
         t, eps, offset = _rank_rows(run.noise.draw(shape), dist)
         (post_noise,) = _rank_rows([run.noise.normal(shape)], dist)
         x0 = run.encode_latents(ms.Tensor(images), post_noise)  # images: posterior moments with cache_latents
@@ -312,11 +333,12 @@ def train_loop(run: TrainRun) -> float:
                     "grad_norm": result.grad_norm,
                     "step_time_s": dt,
                     "peak_rss_gib": _peak_rss_gib(),
+                    **({"bucket": f"{width}x{height}"} if opts.enable_bucket else {}),
                 },
             )
             boundary = done % opts.gradient_accumulation_steps == 0
             if opts.ckpt_save_interval and boundary and done % opts.ckpt_save_interval == 0 and done < run.micro_total:
-                _checkpoint(model, run.params, run.step, run.noise, run.ema, done, run.ckpt_dir, opts)
+                _checkpoint(model, run.params, run.step, run.noise, run.ema, done, run.ckpt_dir, opts, run.bucket_order)
             if run.validating and done % opts.validation_steps == 0:
                 prompts, grids = opts.validation_prompts, run.out / "validation"
                 _validation_images(model, prompts, done, grids, opts.seed, opts.image_size, run.prompt_contexts)
@@ -340,7 +362,9 @@ def finish_run(run: TrainRun, last_loss: float) -> dict:
     """Write the final weights and train state and draw the loss plot (rank 0); returns the run's summary."""
     summary = {"steps": run.done, "last_loss": last_loss}
     if run.dist.is_main:
-        path = _checkpoint(run.model, run.params, run.step, run.noise, run.ema, run.done, run.ckpt_dir, run.opts)
+        path = _checkpoint(
+            run.model, run.params, run.step, run.noise, run.ema, run.done, run.ckpt_dir, run.opts, run.bucket_order
+        )
         summary["weights"] = str(path)
         plot_metrics(run.metrics_path, run.out / "loss.png")
         summary.update({"metrics": str(run.metrics_path), "loss_plot": str(run.out / "loss.png")})
@@ -389,8 +413,11 @@ def _rank_rows(draws, dist) -> list:
     return [ms.Tensor(d.asnumpy()[dist.rank :: dist.world_size]) for d in draws]
 
 
-def _checkpoint(model, params, step, noise, ema, done, ckpt_dir: Path, opts: TrainOptions) -> Path:
-    """Weights (EMA swapped in) + full resume state; both atomic."""
+def _checkpoint(
+    model, params, step, noise, ema, done, ckpt_dir: Path, opts: TrainOptions, bucket_order: str | None = None
+) -> Path:
+    """Weights (EMA swapped in) + full resume state; both atomic. The data position is the micro-steps done, plus
+    the bucket order's digest with buckets (a resume checks it)."""
     name = ("lora" if opts.use_lora else "unet") + f"-{done:06d}.safetensors"
     path = ckpt_dir / name
     if ema is not None:
@@ -401,6 +428,10 @@ def _checkpoint(model, params, step, noise, ema, done, ckpt_dir: Path, opts: Tra
         if ema is not None:
             ema.swap_out()
     save_train_state(
-        str(ckpt_dir / STATE_FILE), step, noise, data_position={"batches_done": done}, extra={"weights": name}
+        str(ckpt_dir / STATE_FILE),
+        step,
+        noise,
+        data_position={"batches_done": done, **({"bucket_order": bucket_order} if bucket_order else {})},
+        extra={"weights": name},
     )
     return path
