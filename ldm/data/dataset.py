@@ -142,8 +142,8 @@ class ImageCaptionSource:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         rules = replace(captions or CaptionRules(), caption_dropout_rate=float(caption_dropout))
         self.data_path = os.fspath(data_path)
-        label, records, self.rules = read_records(data_path, folder or FolderOptions(), rules)
-        self.records, self.skipped, sizes = scan_dataset(self.data_path, label, records)
+        self.label, records, self.rules = read_records(data_path, folder or FolderOptions(), rules)
+        self.records, self.skipped, sizes = scan_dataset(self.data_path, self.label, records)
         self.placements = place_in_buckets(self.records, sizes, buckets) if buckets is not None else None
         self.tokenizer = tokenizer
         self.transform = ImageTransform(image_size, random_crop, flip, interpolation)
@@ -297,7 +297,7 @@ def build_dataset(
     )
     logger.info(
         "%s: %d images; rank %d/%d gets %d per epoch, %d epochs, resuming after %d batches",
-        source.data_path,
+        source.label,
         len(source),
         rank,
         world_size,
