@@ -21,6 +21,7 @@ from ldm.generate_options import GenerateOptions, GenerationError
 from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
 from ldm.names import DEFAULT_GUIDANCE, SAMPLER_NAMES, family_of_config, model_node
 from ldm.precision import resolve_policy
+from ldm.prompt_syntax import parse_prompt_weights
 
 DEFAULT_VERSION = "2.1"
 _NUMBERED = re.compile(r"(\d{5})\.(?:png|json)")
@@ -56,6 +57,10 @@ def validate_job(job: GenerateOptions) -> list[float]:
         raise GenerationError("empty prompt")
     if job.sampler not in SAMPLER_NAMES:
         raise GenerationError(f"unknown sampler {job.sampler!r}; choose from {', '.join(SAMPLER_NAMES)}")
+    for prompt in [*job.prompts, job.negative_prompt]:
+        parse_prompt_weights(prompt)  # PromptSyntaxError naming the bracket's position
+    if job.clip_skip < 0:
+        raise GenerationError(f"--clip_skip {job.clip_skip} must be >= 0 (0: the last layer)")
     if job.sampling_steps < 1 or job.n_samples < 1 or job.n_iter < 1:
         raise GenerationError("--sampling_steps, --n_samples and --n_iter must be at least 1")
     for flag, value in (("--H", job.H), ("--W", job.W)):
@@ -98,6 +103,7 @@ def generate(job: GenerateOptions, log=print, warn=None) -> dict:
     from ldm.io.model_io import load_pretrained
     from ldm.lora.merge import apply_adapters
     from ldm.models.diffusion import build_model_from_config
+    from ldm.models.text_encoders import check_clip_skip
     from ldm.pipeline import GenerationSettings, Text2ImagePipeline, check_size, make_grid
     from ldm.precision import check_device_supports, config_with_policy, configure_attention, store_frozen_weights_low
 
@@ -131,7 +137,9 @@ def generate(job: GenerateOptions, log=print, warn=None) -> dict:
     settings = GenerationSettings(
         sampler=job.sampler, steps=job.sampling_steps, scale=scale, height=height, width=width, eta=job.ddim_eta
     )
-    pipe = Text2ImagePipeline(model, job.sampler)
+    pipe = Text2ImagePipeline(
+        model, job.sampler, clip_skip=check_clip_skip(job.clip_skip, model.cond_stage_model.layers)
+    )
     pipe.set_memory_options(job.attention_slice_size, job.vae_slicing, job.vae_tile_latent_size)
     # Every prompt is known up front: encode them all, then free the text encoder's weights for the UNet and VAE.
     batches = [[prompt] * job.n_samples for prompt in job.prompts]
@@ -149,6 +157,7 @@ def generate(job: GenerateOptions, log=print, warn=None) -> dict:
         "steps": job.sampling_steps,
         "scale": scale,
         "eta": job.ddim_eta,
+        "clip_skip": job.clip_skip,
         "H": height,
         "W": width,
         "config": config_label,

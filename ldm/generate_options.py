@@ -52,6 +52,11 @@ class GenerateOptions(RunOptions):
     sampling_steps: int = option(20, "sampler steps")
     scale: float | None = option(None, "guidance scale (not set: 9.0 for SD2, 7.5 for SD1)", parse=optional_float)
     ddim_eta: float = option(0.0, "DDIM eta (0: deterministic)")
+    clip_skip: int = option(
+        0,
+        "condition on the text encoder's layer this many before the last (diffusers' clip_skip; 1 is the WebUI's "
+        "'CLIP skip 2'; SD2 already uses OpenCLIP's penultimate layer at 0; docs/prompts_and_img2img.md)",
+    )
     n_samples: int = option(1, "batch size per prompt")
     n_iter: int = option(2, "batches per prompt; iteration i uses seed + i")
     H: int | None = option(None, "image height (not set: the model config's native size)", parse=optional_int)

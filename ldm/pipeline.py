@@ -18,6 +18,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ldm.names import SAMPLER_NAMES
+from ldm.prompt_encoding import encode_prompts, same_length
 from ldm.samplers import get_sampler
 
 
@@ -66,12 +67,18 @@ def check_size(model, height: int, width: int) -> None:
 
 
 class Text2ImagePipeline:
-    """Generate images from prompts with a ``LatentDiffusion`` model and one of the samplers."""
+    """Generate images from prompts with a ``LatentDiffusion`` model and one of the samplers.
 
-    def __init__(self, model, sampler: str = "dpm_solver_pp", **sampler_options):
+    Prompts may be longer than the text encoder's 77 tokens and carry ``(word:1.3)`` weights
+    (:mod:`ldm.prompt_encoding`); ``clip_skip`` k conditions on the text encoder's layer k before the last
+    (diffusers' ``clip_skip``)."""
+
+    def __init__(self, model, sampler: str = "dpm_solver_pp", clip_skip: int = 0, **sampler_options):
         if sampler not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLER_NAMES)}")
         self.model = model
+        self.clip_skip = clip_skip
+        self.empty_chunk: Tensor | None = None  # the empty text's context, to pad contexts of different lengths
         self.sampler = get_sampler(
             sampler, prediction_type=model.parameterization, alphas_cumprod=model.alphas_cumprod, **sampler_options
         )
@@ -93,9 +100,13 @@ class Text2ImagePipeline:
         key = tuple(prompts)
         if key in self.contexts:
             return self.contexts[key]
-        if self.model.cond_stage_model is None:
+        embedder = self.model.cond_stage_model
+        if embedder is None:
             raise ValueError(f"the text encoder was released and the prompts {list(prompts)} were not encoded ahead")
-        return self.model.get_learned_conditioning(Tensor(self.model.tokenize(list(prompts))))
+        context = encode_prompts(embedder, list(prompts), self.clip_skip)
+        if context.shape[1] > embedder.max_length and self.empty_chunk is None:
+            self.empty_chunk = encode_prompts(embedder, [""], self.clip_skip)
+        return context
 
     def encode_ahead(self, prompt_batches: list[list[str]]) -> None:
         """Encode now every batch of prompts a run will sample (the same batches, so the same contexts), so that
@@ -129,7 +140,8 @@ class Text2ImagePipeline:
         if settings.scale == 1.0:
             context, model_fn = cond, self.denoise
         else:
-            context = ops.cat((self.encode_prompts(negative_prompts), cond), axis=0)
+            uncond, cond = same_length(self.encode_prompts(negative_prompts), cond, self.empty_chunk)
+            context = ops.cat((uncond, cond), axis=0)
             scale = Tensor(settings.scale, dtype=ms.float32)
 
             def model_fn(x, t, ctx):

@@ -156,8 +156,18 @@ class CLIPTokenizer:
             texts = [texts]
         out = np.full((len(texts), self.context_length), self.pad_id, dtype=np.int32)
         for row, text in enumerate(texts):
-            ids = [SOT_ID, *self.encode(text)[: self.context_length - 2], EOT_ID]
-            out[row, : len(ids)] = ids
+            out[row] = self.chunks(self.encode(text)[: self.context_length - 2])[0]
+        return out
+
+    def chunks(self, ids: Sequence[int]) -> np.ndarray:
+        """``int32 [n, context_length]``: ``ids`` cut into pieces of ``context_length - 2``, each row the start
+        token, its piece, the end token and padding (the long-prompt convention of the WebUI and compel); an empty
+        ``ids`` gives one row, the encoding of an empty text."""
+        step = self.context_length - 2
+        pieces = [ids[i : i + step] for i in range(0, len(ids), step)] or [[]]
+        out = np.full((len(pieces), self.context_length), self.pad_id, dtype=np.int32)
+        for row, piece in enumerate(pieces):
+            out[row, : len(piece) + 2] = [SOT_ID, *piece, EOT_ID]
         return out
 
     def save_hf_vocab(self, directory: str) -> tuple[str, str]:

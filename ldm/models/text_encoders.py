@@ -140,17 +140,18 @@ class CLIPEncoder(nn.Cell):
         super().__init__()
         self.layers = nn.CellList([CLIPEncoderLayer(width, heads, hidden, act, eps) for _ in range(layers)])
 
-    def construct(self, x, mask):
-        for layer in self.layers:
-            x = layer(x, mask)
+    def construct(self, x, mask, skip: int = 0):
+        for i in range(len(self.layers) - skip):
+            x = self.layers[i](x, mask)
         return x
 
 
 class CLIPTextTransformer(nn.Cell):
     """transformers ``CLIPTextTransformer`` (the ``text_model`` of ``CLIPTextModel``).
 
-    construct(ids int [B, L<=max_positions]) -> (last_hidden_state [B, L, width] after ``final_layer_norm``,
-    pooled [B, width] at the first ``eos_token_id``). ``mlp_dim`` defaults to ``4 * width``.
+    construct(ids int [B, L<=max_positions], skip) -> (last_hidden_state [B, L, width] after ``final_layer_norm``,
+    pooled [B, width] at the first ``eos_token_id``); ``skip`` (a Python int, so graph mode compiles each value)
+    leaves out the last ``skip`` layers (:func:`check_clip_skip`). ``mlp_dim`` defaults to ``4 * width``.
     """
 
     def __init__(
@@ -175,8 +176,8 @@ class CLIPTextTransformer(nn.Cell):
         self.mask = _causal_mask(max_positions)
         _set_compute_dtype(self, resolve_dtype(dtype))
 
-    def construct(self, ids):
-        hidden = self.final_layer_norm(self.encoder(self.embeddings(ids), self.mask))
+    def construct(self, ids, skip: int = 0):
+        hidden = self.final_layer_norm(self.encoder(self.embeddings(ids), self.mask, skip))
         return hidden, _pool_eos(hidden, ids, self.eos_token_id)
 
 
@@ -187,8 +188,8 @@ class CLIPTextModel(nn.Cell):
         super().__init__()
         self.text_model = CLIPTextTransformer(**kwargs)
 
-    def construct(self, ids):
-        return self.text_model(ids)
+    def construct(self, ids, skip: int = 0):
+        return self.text_model(ids, skip)
 
 
 class OpenCLIPAttention(nn.Cell):
@@ -246,15 +247,15 @@ class OpenCLIPTransformer(nn.Cell):
         super().__init__()
         self.resblocks = nn.CellList([ResidualAttentionBlock(width, heads, hidden, act, eps) for _ in range(layers)])
 
-    def construct(self, x, mask):
-        for block in self.resblocks:
-            x = block(x, mask)
+    def construct(self, x, mask, skip: int = 0):
+        for i in range(len(self.resblocks) - skip):
+            x = self.resblocks[i](x, mask)
         return x
 
 
 class OpenCLIPTextModel(nn.Cell):
     """open_clip ``CLIP`` text tower without ``text_projection``/``logit_scale``; returns ``ln_final`` of the last
-    built block and the pooled vector, like :class:`CLIPTextTransformer`."""
+    built block (or of the block ``skip`` before it) and the pooled vector, like :class:`CLIPTextTransformer`."""
 
     def __init__(
         self,
@@ -281,9 +282,9 @@ class OpenCLIPTextModel(nn.Cell):
         self.mask = _causal_mask(max_positions)
         _set_compute_dtype(self, resolve_dtype(dtype))
 
-    def construct(self, ids):
+    def construct(self, ids, skip: int = 0):
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
-        hidden = self.ln_final(self.transformer(x, self.mask))
+        hidden = self.ln_final(self.transformer(x, self.mask, skip))
         return hidden, _pool_eos(hidden, ids, self.eos_token_id)
 
 
@@ -292,7 +293,40 @@ def _tokenizer(family: str, bpe_path: str | None, context_length: int) -> CLIPTo
     return CLIPTokenizer.for_family(family, bpe_path, context_length)
 
 
-class FrozenCLIPEmbedder(nn.Cell):
+def check_clip_skip(clip_skip: int, layers: int) -> int:
+    """``clip_skip`` if the encoder has layers left after skipping that many (diffusers' ``clip_skip``: 1 takes the
+    output of the layer before the last, through the final LayerNorm); raises ValueError naming the limit."""
+    if not 0 <= clip_skip < layers:
+        raise ValueError(f"clip_skip {clip_skip} must be in [0, {layers - 1}] for this {layers}-layer text encoder")
+    return clip_skip
+
+
+class _TextEmbedder(nn.Cell):
+    """What both embedders share: the family's tokenizer, the context width and ``clip_skip``.
+
+    construct(ids int [B, max_length], clip_skip=0) -> context [B, max_length, width]; ``clip_skip`` k returns the
+    final LayerNorm of the output of layer ``layers - k`` instead of the last one (a Python int: graph mode compiles
+    one graph per value)."""
+
+    family = ""
+
+    def __init__(self, width: int, layers: int, max_length: int, bpe_path: str | None):
+        super().__init__()
+        self.context_dim = width
+        self.layers = layers
+        self.max_length = max_length
+        self.bpe_path = bpe_path
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        return _tokenizer(self.family, self.bpe_path, self.max_length)
+
+    def tokenize(self, texts) -> np.ndarray:
+        """int32 [B, max_length] ids with this family's padding."""
+        return self.tokenizer(texts)
+
+
+class FrozenCLIPEmbedder(_TextEmbedder):
     """SD1 text encoder (OpenAI CLIP ViT-L/14 defaults): ids int [B, 77] -> context [B, 77, width], the last hidden
     state after ``final_layer_norm``. Parameters: ``transformer.text_model.*``. ``tokenize`` pads with
     ``<|endoftext|>``."""
@@ -311,10 +345,7 @@ class FrozenCLIPEmbedder(nn.Cell):
         dtype=ms.float32,
         bpe_path: str | None = None,
     ):
-        super().__init__()
-        self.context_dim = width
-        self.max_length = max_length
-        self.bpe_path = bpe_path
+        super().__init__(width, layers, max_length, bpe_path)
         self.transformer = CLIPTextModel(
             vocab_size=vocab_size,
             width=width,
@@ -326,18 +357,18 @@ class FrozenCLIPEmbedder(nn.Cell):
             dtype=dtype,
         )
 
-    def tokenize(self, texts) -> np.ndarray:
-        """int32 [B, max_length] ids with this family's padding."""
-        return _tokenizer(self.family, self.bpe_path, self.max_length)(texts)
-
-    def construct(self, ids):
-        return self.transformer(ids)[0]
+    def construct(self, ids, clip_skip: int = 0):
+        return self.transformer(ids, clip_skip)[0]
 
 
-class FrozenOpenCLIPEmbedder(nn.Cell):
+class FrozenOpenCLIPEmbedder(_TextEmbedder):
     """SD2 text encoder (OpenCLIP ViT-H/14 defaults, 23 of its 24 blocks): ids int [B, 77] -> context
     [B, 77, width] = ``ln_final`` of the penultimate block's output (Stability's ``layer="penultimate"``).
-    Parameters: ``model.*`` in open_clip names. ``tokenize`` pads with 0."""
+    Parameters: ``model.*`` in open_clip names. ``tokenize`` pads with 0.
+
+    SD2 was trained on that penultimate layer, so ``clip_skip=0`` is already what the WebUI calls "CLIP skip 2" on
+    SD1. ``clip_skip`` k skips k more: the output of block ``22 - k`` of the 24 (0-based), through ``ln_final`` --
+    what diffusers' ``clip_skip`` k does on an SD2 folder, whose text encoder also holds the 23 blocks."""
 
     family = "sd2"
 
@@ -353,11 +384,7 @@ class FrozenOpenCLIPEmbedder(nn.Cell):
         dtype=ms.float32,
         bpe_path: str | None = None,
     ):
-        super().__init__()
-        self.context_dim = width
-        self.max_length = max_length
-        self.bpe_path = bpe_path
-        self.layers = layers
+        super().__init__(width, layers, max_length, bpe_path)
         self.model = OpenCLIPTextModel(
             vocab_size=vocab_size,
             width=width,
@@ -369,9 +396,5 @@ class FrozenOpenCLIPEmbedder(nn.Cell):
             dtype=dtype,
         )
 
-    def tokenize(self, texts) -> np.ndarray:
-        """int32 [B, max_length] ids with this family's padding."""
-        return _tokenizer(self.family, self.bpe_path, self.max_length)(texts)
-
-    def construct(self, ids):
-        return self.model(ids)[0]
+    def construct(self, ids, clip_skip: int = 0):
+        return self.model(ids, clip_skip)[0]
