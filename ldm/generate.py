@@ -57,7 +57,7 @@ def validate_job(job: GenerateOptions) -> list[float]:
         raise GenerationError("empty prompt")
     if job.sampler not in SAMPLER_NAMES:
         raise GenerationError(f"unknown sampler {job.sampler!r}; choose from {', '.join(SAMPLER_NAMES)}")
-    for prompt in [*job.prompts, job.negative_prompt]:
+    for prompt in [*job.prompts, job.negative_prompt] if job.prompt_weighting else []:
         parse_prompt_weights(prompt)  # PromptSyntaxError naming the bracket's position
     if job.clip_skip < 0:
         raise GenerationError(f"--clip_skip {job.clip_skip} must be >= 0 (0: the last layer)")
@@ -137,9 +137,8 @@ def generate(job: GenerateOptions, log=print, warn=None) -> dict:
     settings = GenerationSettings(
         sampler=job.sampler, steps=job.sampling_steps, scale=scale, height=height, width=width, eta=job.ddim_eta
     )
-    pipe = Text2ImagePipeline(
-        model, job.sampler, clip_skip=check_clip_skip(job.clip_skip, model.cond_stage_model.layers)
-    )
+    clip_skip = check_clip_skip(job.clip_skip, model.cond_stage_model.layers)
+    pipe = Text2ImagePipeline(model, job.sampler, clip_skip=clip_skip, prompt_weighting=job.prompt_weighting)
     pipe.set_memory_options(job.attention_slice_size, job.vae_slicing, job.vae_tile_latent_size)
     # Every prompt is known up front: encode them all, then free the text encoder's weights for the UNet and VAE.
     batches = [[prompt] * job.n_samples for prompt in job.prompts]
@@ -158,6 +157,7 @@ def generate(job: GenerateOptions, log=print, warn=None) -> dict:
         "scale": scale,
         "eta": job.ddim_eta,
         "clip_skip": job.clip_skip,
+        "prompt_weighting": job.prompt_weighting,
         "H": height,
         "W": width,
         "config": config_label,

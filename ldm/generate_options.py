@@ -57,6 +57,11 @@ class GenerateOptions(RunOptions):
         "condition on the text encoder's layer this many before the last (diffusers' clip_skip; 1 is the WebUI's "
         "'CLIP skip 2'; SD2 already uses OpenCLIP's penultimate layer at 0; docs/prompts_and_img2img.md)",
     )
+    prompt_weighting: bool = option(
+        False,
+        "read the WebUI's weights in prompts: (word:1.3), (word) = x1.1, [word] = /1.1, \\( for a literal "
+        "bracket; False: brackets are text, as in training captions",
+    )
     n_samples: int = option(1, "batch size per prompt")
     n_iter: int = option(2, "batches per prompt; iteration i uses seed + i")
     H: int | None = option(None, "image height (not set: the model config's native size)", parse=optional_int)

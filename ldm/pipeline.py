@@ -69,15 +69,23 @@ def check_size(model, height: int, width: int) -> None:
 class Text2ImagePipeline:
     """Generate images from prompts with a ``LatentDiffusion`` model and one of the samplers.
 
-    Prompts may be longer than the text encoder's 77 tokens and carry ``(word:1.3)`` weights
-    (:mod:`ldm.prompt_encoding`); ``clip_skip`` k conditions on the text encoder's layer k before the last
+    Prompts may be longer than the text encoder's 77 tokens and, with ``prompt_weighting``, carry ``(word:1.3)``
+    weights (:mod:`ldm.prompt_encoding`); ``clip_skip`` k conditions on the text encoder's layer k before the last
     (diffusers' ``clip_skip``)."""
 
-    def __init__(self, model, sampler: str = "dpm_solver_pp", clip_skip: int = 0, **sampler_options):
+    def __init__(
+        self,
+        model,
+        sampler: str = "dpm_solver_pp",
+        clip_skip: int = 0,
+        prompt_weighting: bool = False,
+        **sampler_options,
+    ):
         if sampler not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLER_NAMES)}")
         self.model = model
         self.clip_skip = clip_skip
+        self.prompt_weighting = prompt_weighting
         self.empty_chunk: Tensor | None = None  # the empty text's context, to pad contexts of different lengths
         self.sampler = get_sampler(
             sampler, prediction_type=model.parameterization, alphas_cumprod=model.alphas_cumprod, **sampler_options
@@ -103,7 +111,7 @@ class Text2ImagePipeline:
         embedder = self.model.cond_stage_model
         if embedder is None:
             raise ValueError(f"the text encoder was released and the prompts {list(prompts)} were not encoded ahead")
-        context = encode_prompts(embedder, list(prompts), self.clip_skip)
+        context = encode_prompts(embedder, list(prompts), self.clip_skip, self.prompt_weighting)
         if context.shape[1] > embedder.max_length and self.empty_chunk is None:
             self.empty_chunk = encode_prompts(embedder, [""], self.clip_skip)
         return context

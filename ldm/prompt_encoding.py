@@ -9,7 +9,7 @@ Chunks
     (:func:`pad_context`), are padded with chunks that encode the empty text, as both do. Cross-attention takes any
     context length, so the UNet needs no change.
 
-Weights
+Weights (``weighting=True``; off by default, where brackets are text as in training captions)
     Applied as the WebUI applies them: each chunk's context rows are multiplied by their tokens' weights (start, end
     and padding weigh 1), then the chunk is rescaled so that its mean is what it was before weighting. We chose the
     WebUI's rule over compel's (``empty + w * (z - empty)`` for w > 1, and for w < 1 a blend with the prompt
@@ -18,8 +18,9 @@ Weights
     prompt's own. The mean is taken per prompt and chunk (the WebUI takes it over the whole batch of one chunk,
     which only differs when different prompts share a batch).
 
-A batch of prompts that each fit one chunk and carry no weights goes through the text encoder exactly as before
-this module existed (the same ids in one call), so its contexts are bit for bit the same.
+A batch of prompts that each fit one chunk and carry no weights (or any prompts that fit, with weighting off) goes
+through the text encoder exactly as before this module existed (the same ids in one call), so its contexts are bit
+for bit the same.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from ldm.prompt_syntax import parse_prompt_weights
 from ldm.tokenizer import CLIPTokenizer
 
 
-def prompt_chunks(tokenizer: CLIPTokenizer, prompt: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32 [n, L], weights float32 [n, L]) of one prompt: each weighted fragment tokenized on its own (as
-    the WebUI does), the tokens chunked by the tokenizer; start, end and padding weigh 1."""
+def prompt_chunks(tokenizer: CLIPTokenizer, prompt: str, weighting: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [n, L], weights float32 [n, L]) of one prompt: with ``weighting`` each weighted fragment
+    tokenized on its own (as the WebUI does), else the whole text at weight 1; the tokens chunked by the tokenizer;
+    start, end and padding weigh 1."""
     ids: list[int] = []
     weights: list[float] = []
-    for text, weight in parse_prompt_weights(prompt):
+    for text, weight in parse_prompt_weights(prompt) if weighting else [(prompt, 1.0)]:
         tokens = tokenizer.encode(text)
         ids += tokens
         weights += [weight] * len(tokens)
@@ -58,11 +60,12 @@ def apply_weights(context: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return weighted * (original_mean / weighted.mean())
 
 
-def encode_prompts(embedder, prompts: list[str], clip_skip: int = 0) -> Tensor:
-    """Contexts ``[B, n * L, W]`` of ``prompts`` (n: chunks of the longest) from an SD text embedder."""
+def encode_prompts(embedder, prompts: list[str], clip_skip: int = 0, weighting: bool = False) -> Tensor:
+    """Contexts ``[B, n * L, W]`` of ``prompts`` (n: chunks of the longest) from an SD text embedder; ``weighting``
+    reads the WebUI's bracket syntax (:mod:`ldm.prompt_syntax`)."""
     check_clip_skip(clip_skip, embedder.layers)
     tokenizer = embedder.tokenizer
-    chunked = [prompt_chunks(tokenizer, prompt) for prompt in prompts]
+    chunked = [prompt_chunks(tokenizer, prompt, weighting) for prompt in prompts]
     n = max(rows.shape[0] for rows, _ in chunked)
     empty = tokenizer.chunks([])
     ids = np.concatenate([np.concatenate([rows, np.repeat(empty, n - len(rows), 0)]) for rows, _ in chunked])

@@ -32,6 +32,8 @@ NON_DEFAULT = {
     "sampling_steps": 7,
     "scale": 3.5,
     "ddim_eta": 0.5,
+    "clip_skip": 1,
+    "prompt_weighting": True,
     "n_samples": 3,
     "n_iter": 4,
     "H": 64,

@@ -106,13 +106,18 @@ def test_unbalanced_brackets_name_the_position(prompt, message):
 
 
 def test_plain_prompts_bit_for_bit(pair):
-    """Prompts that fit 77 tokens without weights: the same contexts, bit for bit, as tokenize + encoder did."""
+    """Prompts that fit 77 tokens: the same contexts, bit for bit, as tokenize + encoder gave before: without
+    weights, and with weighting off (the default) for brackets too (captions such as the tiny SD's hold tags)."""
     _, model = pair
     import mindspore as ms
 
-    before = model.get_learned_conditioning(ms.Tensor(model.tokenize(SHORT + [""]))).asnumpy()
-    after = Text2ImagePipeline(model).encode_prompts(SHORT + [""]).asnumpy()
-    assert after.shape == before.shape and np.array_equal(after, before)
+    captions = ["a clip art drawing of a red apple (fruit, food)", "a [draft] of (a) house:1.2)"]
+    for prompts, weighting in ((SHORT + [""], True), (captions, False)):
+        before = model.get_learned_conditioning(ms.Tensor(model.tokenize(prompts))).asnumpy()
+        after = Text2ImagePipeline(model, prompt_weighting=weighting).encode_prompts(prompts).asnumpy()
+        assert after.shape == before.shape and np.array_equal(after, before)
+    weighted = Text2ImagePipeline(model, prompt_weighting=True).encode_prompts(captions[:1]).asnumpy()
+    assert not np.array_equal(weighted, before[:1])
 
 
 def test_clip_skip_matches_diffusers(pair):
@@ -187,7 +192,7 @@ def test_weighted_long_prompt_matches_hand_reference(pair, clip_skip):
         original = z.mean(dim=(1, 2), keepdim=True)
         weighted = z * w
         want = (weighted * (original / weighted.mean(dim=(1, 2), keepdim=True))).reshape(1, -1, z.shape[-1])
-    ours = encode_prompts(model.cond_stage_model, [prompt], clip_skip).asnumpy()
+    ours = encode_prompts(model.cond_stage_model, [prompt], clip_skip, weighting=True).asnumpy()
     err = _rel_err(ours, want.numpy())
     unweighted = _rel_err(ours, z.reshape(1, -1, z.shape[-1]).numpy())
     print(f"{model.cond_stage_model.family} weighted, clip_skip {clip_skip}: rel err {err:.2e}")

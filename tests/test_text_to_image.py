@@ -125,7 +125,10 @@ ERROR_CASES = {
         "--lora_scale",
     ),
     "missing_ckpt": (["--ckpt_path", "{work}/missing.safetensors"], "missing.safetensors"),
-    "unbalanced_bracket": (["--negative_prompt", "blurry, (low quality"], "'(' at character 9 is never closed"),
+    "unbalanced_bracket": (
+        ["--prompt_weighting", "True", "--negative_prompt", "blurry, (low quality"],
+        "'(' at character 9 is never closed",
+    ),
     "clip_skip_too_deep": (["--clip_skip", "2"], "clip_skip 2 must be in [0, 1]"),
 }
 
