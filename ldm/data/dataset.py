@@ -112,6 +112,28 @@ def place_in_buckets(records: list[Record], sizes: dict, spec: BucketSpec) -> li
     return [placed[r.path] for r in records]
 
 
+SPLIT_STREAM = (0, 0x5A11)  # appended to the seed: the validation split's own generator (no other key has 3 parts)
+
+
+def split_records(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """``(training, held out)``: ``round(fraction * N)`` of the N distinct images (at least 1 when ``fraction > 0``),
+    drawn by ``seed``, are held out for the validation loss, with every record of them (a kohya ``N_name`` folder
+    repeats records), so no held-out image is trained on; held out: one record per image. The same seed and data give
+    the same split on every rank and on resume."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation_split must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return list(records), []
+    paths = list(dict.fromkeys(r.path for r in records))
+    count = max(1, round(fraction * len(paths)))
+    if count >= len(paths):
+        raise ValueError(f"validation_split {fraction} holds out all {len(paths)} images; none are left to train on")
+    order = np.random.default_rng([seed, *SPLIT_STREAM]).permutation(len(paths))
+    held = {paths[i] for i in order[:count].tolist()}
+    first = {r.path: r for r in reversed(records)}
+    return [r for r in records if r.path not in held], [first[p] for p in paths if p in held]
+
+
 class ImageCaptionSource:
     """Random-access source: sample id ``epoch * len(self) + index`` -> ``(image CHW float32, tokens int32 [77])``.
 
@@ -120,7 +142,8 @@ class ImageCaptionSource:
     file's records (a dataset config's subsets bring their own), ``folder`` says how to read a kohya folder or
     dataset config. With ``buckets`` each image is resized and cropped into its aspect-ratio bucket
     (``self.placements``) instead of a square of ``image_size``. An image that fails to decode at load time is logged
-    and replaced by the next record (of the same bucket), so a batch never breaks.
+    and replaced by the next record (of the same bucket), so a batch never breaks. ``validation_split`` leaves out
+    the images :func:`split_records` holds out for the validation loss.
     """
 
     def __init__(
@@ -137,6 +160,7 @@ class ImageCaptionSource:
         captions: CaptionRules | None = None,
         folder: FolderOptions | None = None,
         buckets: BucketSpec | None = None,
+        validation_split: float = 0.0,
     ):
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
@@ -144,6 +168,7 @@ class ImageCaptionSource:
         self.data_path = os.fspath(data_path)
         self.label, records, self.rules = read_records(data_path, folder or FolderOptions(), rules)
         self.records, self.skipped, sizes = scan_dataset(self.data_path, self.label, records)
+        self.records = split_records(self.records, validation_split, seed)[0]
         self.placements = place_in_buckets(self.records, sizes, buckets) if buckets is not None else None
         self.tokenizer = tokenizer
         self.transform = ImageTransform(image_size, random_crop, flip, interpolation)
@@ -241,6 +266,7 @@ def build_dataset(
     captions: CaptionRules | None = None,
     folder: FolderOptions | None = None,
     buckets: BucketSpec | None = None,
+    validation_split: float = 0.0,
 ):
     """A batched ``mindspore.dataset.GeneratorDataset`` over a whole run of ``num_epochs`` epochs.
 
@@ -256,7 +282,8 @@ def build_dataset(
     is filled up with its own images, and ``drop_last`` is unused. The returned dataset's ``bucket_order`` is a
     digest of every record's bucket (``None`` without buckets): the trainer keeps it with the data position, so that
     a resume whose buckets differ is refused instead of visiting other batches; its ``bucket_table`` is the table the
-    trainer logs (resolution and image count per bucket).
+    trainer logs (resolution and image count per bucket). ``validation_split`` leaves out the images held out for
+    the validation loss (:func:`split_records`).
     """
     import mindspore.dataset as msds
 
@@ -272,6 +299,7 @@ def build_dataset(
         captions=captions,
         folder=folder,
         buckets=buckets,
+        validation_split=validation_split,
     )
     if buckets is not None:
         placed = [p.bucket for p in source.placements]

@@ -13,9 +13,10 @@ from pathlib import Path
 from ldm.cli import Parser, add_allow_pickle, run
 from ldm.io.checkpoint import CheckpointError, read_metadata, read_state_dict, write_state_dict
 from ldm.lora.adapter import modules, read_adapter, write_adapter
-from ldm.lora.interop import UNetLayout, detect_format, from_diffusers, from_kohya, to_diffusers, to_kohya
+from ldm.lora.any_format import FORMATS, read_any_adapter
+from ldm.lora.interop import UNetLayout, to_diffusers, to_kohya
 from ldm.lora.merge import combine_lpl, combine_svd, merge_into_base
-from ldm.lora.peft_folder import is_peft_folder, read_peft_folder, write_peft_folder
+from ldm.lora.peft_folder import write_peft_folder
 from ldm.names import FAMILIES, family_of_config
 
 PROG = "python -m ldm.lora"
@@ -118,7 +119,7 @@ def build_parser(prog: str = PROG) -> Parser:
     )
     p.add_argument(
         "--format",
-        choices=("auto", "diffusers", "kohya", "peft"),
+        choices=FORMATS,
         default="auto",
         help="input format (default: peft for a folder, else detected from the key names)",
     )
@@ -193,27 +194,10 @@ def _run(args) -> str:
     if args.command == "import":
         dst = _check_out(args.dst, args.overwrite)
         layout, family = _layout_and_family(args)
-        folder = args.format == "peft" or (args.format == "auto" and Path(args.src).is_dir())
-        if folder and not is_peft_folder(args.src):
-            raise CheckpointError(
-                f"{args.src}: not a PEFT folder (no adapter_config.json here, in unet/ or in text_encoder/)"
-            )
-        state = {} if folder else read_state_dict(args.src)
-        metadata = {} if folder else read_metadata(args.src)
-        fmt = "peft" if folder else detect_format(state) if args.format == "auto" else args.format
+        adapter, fmt = read_any_adapter(args.src, args.family or family, layout, args.format, args.skip_conv)
         if fmt == "ldm":
             raise CheckpointError(f"{args.src}: already uses our module names; nothing to import")
-        family = args.family or family
-        if family is None and "ss_v2" in metadata:
-            family = "sd2" if metadata["ss_v2"] == "True" else "sd1"
-        if family is None:
-            raise CheckpointError(f"{args.src}: pass --family sd1|sd2 (or --config); the file does not say")
-        if fmt == "peft":
-            adapter = read_peft_folder(args.src, family, layout, args.skip_conv)
-        elif fmt == "kohya":
-            adapter = from_kohya(state, family, layout, args.skip_conv, args.src)
-        else:
-            adapter = from_diffusers(state, family, layout, metadata, args.skip_conv, args.src)
+        family = adapter.meta["family"]
         adapter.meta.update(context_dim=args.context_dim, parameterization=args.parameterization)
         write_adapter(dst, adapter)
         return f"wrote {dst} ({len(modules(adapter))} modules, family {family})"

@@ -118,6 +118,12 @@ class TrainOptions(RunOptions):
     max_train_steps: int = option(0, "optimizer updates to run (0: use epochs)")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer update")
     start_learning_rate: float = option(1e-4, "peak learning rate")
+    text_encoder_lr: float | None = option(
+        None,
+        "peak learning rate of the text-encoder LoRA (lora_ft_text_encoder; kohya's text_encoder_lr): its schedule is "
+        "the UNet's times text_encoder_lr / start_learning_rate (not set: start_learning_rate)",
+        parse=optional_float,
+    )
     end_learning_rate: float = option(0.0, "final learning rate of linear/cosine decay")
     scheduler: str = option("constant", "learning-rate schedule (all with linear warmup)", choices=SCHEDULES)
     warmup_steps: int = option(0, "warmup updates from 0 to start_learning_rate")
@@ -172,9 +178,37 @@ class TrainOptions(RunOptions):
         None, "min-SNR-gamma loss weighting (e.g. 5.0; empty disables)", parse=optional_float
     )
     ckpt_save_interval: int = option(0, "save weights + resume state every N micro-steps (0: only at the end)")
+    checkpoints_total_limit: int = option(
+        0,
+        "keep only the newest N weight files in <output_path>/ckpt (0: all); the one the train state points to is "
+        "never deleted (diffusers' checkpoints_total_limit)",
+    )
+    init_lora_weights: str = option(
+        "",
+        "start the LoRA from this adapter: ours, diffusers/PEFT or kohya .safetensors, or a PEFT folder (what python "
+        "-m ldm.lora import reads; kohya's network_weights). Not a resume: optimizer and step start afresh; its "
+        "modules and rank must match lora_targets, lora_ft_text_encoder and lora_rank",
+    )
     resume: str = option("", "'True' (resume from <output_path>/ckpt/train_state.safetensors) or a train-state path")
     validation_prompts: list = option([], "prompts rendered as a grid every validation_steps", items=str)
     validation_steps: int = option(0, "micro-steps between validation grids (0 disables)")
+    validation_data_path: str = option(
+        "", "folder of held-out images (same layouts as data_path) for the validation loss (kohya's validation set)"
+    )
+    validation_split: float = option(
+        0.0, "fraction of data_path held out for the validation loss, never trained on (kohya's validation_split)"
+    )
+    validation_loss_steps: int = option(
+        0,
+        "micro-steps between validation-loss evaluations (0: only before the first step and after the last); needs "
+        "validation_data_path or validation_split",
+    )
+    validation_loss_timesteps: list = option(
+        [],
+        "timesteps the validation loss is measured at, each with fixed noise (empty: 5 spread over the schedule, "
+        "100 300 500 700 900 for 1000 steps)",
+        items=int,
+    )
     log_interval: int = option(10, "unused by the bar (it updates every step); kept for mindone configs")
     model_config_on_command_line: bool = option(
         False, "model_config was given on the command line (it then wins over the weights' own config)", cli=False
@@ -239,6 +273,11 @@ def folder_options(opts: TrainOptions) -> FolderOptions:
     return FolderOptions(opts.dataset_config, opts.caption_extension, opts.strict_captions)
 
 
+def validation_folder_options(opts: TrainOptions) -> FolderOptions:
+    """How ``validation_data_path`` is read: a folder in any layout ``data_path`` takes (no dataset config)."""
+    return FolderOptions("", opts.caption_extension, opts.strict_captions)
+
+
 def captions_vary(opts: TrainOptions) -> bool:
     """Whether some caption changes between visits beyond dropout (tag shuffle or tag dropout, here or in a
     subset of the dataset config)."""
@@ -277,6 +316,42 @@ def bucket_spec(opts: TrainOptions) -> BucketSpec | None:
         raise ConfigError(f"bucket options (resolution {text!r}): {err}") from None
 
 
+def check_training_controls(opts: TrainOptions, source: str = "TrainOptions") -> None:
+    """``init_lora_weights``, ``text_encoder_lr`` and ``checkpoints_total_limit`` fit the rest of the run."""
+    if opts.init_lora_weights and not opts.use_lora:
+        raise ConfigError(f"{source}: 'init_lora_weights' needs 'use_lora'")
+    if opts.init_lora_weights and opts.resume:
+        raise ConfigError(
+            f"{source}: 'init_lora_weights' starts a new run from an adapter and 'resume' continues one; give one"
+        )
+    if opts.text_encoder_lr is not None:
+        if not (opts.use_lora and opts.lora_ft_text_encoder):
+            raise ConfigError(f"{source}: 'text_encoder_lr' needs 'lora_ft_text_encoder' (a text-encoder LoRA)")
+        if opts.start_learning_rate <= 0 or opts.text_encoder_lr < 0:
+            raise ConfigError(
+                f"{source}: 'text_encoder_lr' scales the schedule by text_encoder_lr / start_learning_rate: need "
+                f"start_learning_rate > 0 and text_encoder_lr >= 0, got {opts.start_learning_rate} and "
+                f"{opts.text_encoder_lr}"
+            )
+    if opts.checkpoints_total_limit < 0:
+        raise ConfigError(f"{source}: 'checkpoints_total_limit' must be >= 0, got {opts.checkpoints_total_limit}")
+
+
+def check_validation_options(opts: TrainOptions, source: str = "TrainOptions") -> None:
+    """The validation-loss options agree: one validation set at most, a split in [0, 1), and the loss options
+    only with a set."""
+    if opts.validation_data_path and opts.validation_split:
+        raise ConfigError(f"{source}: give 'validation_data_path' or 'validation_split', not both")
+    if not 0.0 <= opts.validation_split < 1.0:
+        raise ConfigError(f"{source}: 'validation_split' must be in [0, 1), got {opts.validation_split}")
+    has_set = bool(opts.validation_data_path or opts.validation_split)
+    for name in ("validation_loss_steps", "validation_loss_timesteps"):
+        if getattr(opts, name) and not has_set:
+            raise ConfigError(f"{source}: '{name}' needs 'validation_data_path' or 'validation_split'")
+    if opts.validation_loss_steps < 0:
+        raise ConfigError(f"{source}: 'validation_loss_steps' must be >= 0, got {opts.validation_loss_steps}")
+
+
 def precision_policy(opts: TrainOptions) -> PrecisionPolicy:
     """The run's precision policy (``use_fp16`` read as ``precision: fp16``); a conflict is a ValueError."""
     return resolve_policy(opts.precision, opts.vae_precision, opts.text_encoder_precision, opts.use_fp16)
@@ -302,10 +377,16 @@ def check_paths(opts: TrainOptions) -> None:
         raise FileNotFoundError(f"pretrained_model_path {opts.pretrained_model_path}: no such file or folder")
     if opts.resume and opts.resume not in ("True", "true") and not Path(opts.resume).is_file():
         raise FileNotFoundError(f"resume {opts.resume}: no such train-state file")
+    if opts.init_lora_weights and not Path(opts.init_lora_weights).exists():
+        raise FileNotFoundError(f"init_lora_weights {opts.init_lora_weights}: no such file or folder")
+    if opts.validation_data_path and not Path(opts.validation_data_path).is_dir():
+        raise FileNotFoundError(f"validation_data_path {opts.validation_data_path}: no such folder")
     from ldm.util import check_output_folder
 
     read_records(opts.data_path, folder_options(opts), caption_rules(opts))  # bad data fails now, before the model
     bucket_spec(opts)
+    if opts.validation_data_path:
+        read_records(opts.validation_data_path, validation_folder_options(opts), caption_rules(opts))
     check_output_folder(opts.output_path, "output_path")
 
 
@@ -322,6 +403,8 @@ def parse_options(argv=None) -> TrainOptions:
     opts = TrainOptions(**values, model_config_on_command_line="model_config" in explicit)
     opts = apply_dataset_config(opts, args.train_config or "command line")
     opts = resolve_cache_options(opts, args.train_config or "command line")
+    check_validation_options(opts, args.train_config or "command line")
+    check_training_controls(opts, args.train_config or "command line")
     precision_policy(opts)  # a use_fp16/precision conflict is reported before MindSpore starts
     return opts
 

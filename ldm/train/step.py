@@ -66,7 +66,8 @@ class AdamW(nn.Cell):
     graph nodes instead of a dozen per parameter tensor (the LoRA step has hundreds; see ``benchmarks/README.md``,
     "Compile time"). ``moment_arrays``/``load_moment_arrays`` give the moments per parameter as ``adam_m.<name>`` /
     ``adam_v.<name>``; ``adam_step`` counts applied updates (bias correction). ``no_decay(name, param)`` selects
-    the parameters whose weight decay is 0.
+    the parameters whose weight decay is 0. ``lr_scales`` (one factor per parameter, or None) gives parameter groups
+    their own learning rate: ``lr * factor`` in the step and in the decoupled decay (e.g. ``text_encoder_lr``).
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class AdamW(nn.Cell):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         no_decay: Callable[[str, Parameter], bool] = no_decay_default,
+        lr_scales: Sequence[float] | None = None,
     ):
         super().__init__()
         self.params = ParameterTuple(params)
@@ -89,6 +91,11 @@ class AdamW(nn.Cell):
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
         decays = [0.0 if no_decay(p.name, p) else float(weight_decay) for p in self.params]
         self.weight_decay = Tensor(np.repeat(np.array(decays, np.float32), self.sizes))
+        self.grouped = lr_scales is not None
+        if self.grouped:
+            if len(lr_scales) != len(self.params):
+                raise ValueError(f"{len(lr_scales)} learning-rate factors for {len(self.params)} parameters")
+            self.lr_scale = Tensor(np.repeat(np.asarray(lr_scales, np.float32), self.sizes))
         self.hyper_map = ops.HyperMap()
 
     def construct(self, grad, lr, apply):
@@ -98,6 +105,8 @@ class AdamW(nn.Cell):
         bc1 = 1.0 - ops.pow(ops.scalar_to_tensor(self.beta1, ms.float32), stepf)
         bc2_sqrt = ops.sqrt(1.0 - ops.pow(ops.scalar_to_tensor(self.beta2, ms.float32), stepf))
         param = flatten_float32(self.params)
+        if self.grouped:
+            lr = lr * self.lr_scale
         m_new = self.exp_avg * self.beta1 + grad * (1.0 - self.beta1)
         v_new = self.exp_avg_sq * self.beta2 + ops.square(grad) * (1.0 - self.beta2)
         p_new = param * (1.0 - lr * self.weight_decay)
@@ -193,7 +202,8 @@ class StepOutput:
 class TrainStep:
     """One training micro-step per call: ``TrainStep(loss_net, params, lr)(*inputs) -> StepOutput``.
 
-    lr: a float (constant) or a per-update table from ``lr_schedules.lr_table``.
+    lr: a float (constant) or a per-update table from ``lr_schedules.lr_table``; ``lr_scales`` multiplies it per
+    parameter (parameter groups, see ``AdamW``).
     grad_accum_steps: micro-steps per optimizer update; the loss is a per-micro-batch mean, so N micro-batches of
     size b give the same update as one batch of N*b.
     max_grad_norm: clip the (averaged, unscaled) gradients to this global norm; None disables it.
@@ -214,6 +224,7 @@ class TrainStep:
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         no_decay: Callable[[str, Parameter], bool] = no_decay_default,
+        lr_scales: Sequence[float] | None = None,
         grad_accum_steps: int = 1,
         max_grad_norm: float | None = 1.0,
         loss_scaler: str = "none",
@@ -235,7 +246,9 @@ class TrainStep:
             raise ValueError("the EMA must be built over the same parameters as the TrainStep")
         self.loss_net = loss_net
         self.params = ParameterTuple(params)
-        self.optimizer = AdamW(self.params, betas=betas, eps=eps, weight_decay=weight_decay, no_decay=no_decay)
+        self.optimizer = AdamW(
+            self.params, betas=betas, eps=eps, weight_decay=weight_decay, no_decay=no_decay, lr_scales=lr_scales
+        )
         self.scaler = make_loss_scaler(loss_scaler, init_scale, scale_factor, scale_window)
         self.ema = ema
         self.grad_accum_steps = int(grad_accum_steps)

@@ -3,7 +3,9 @@
 ``run_training(opts)`` is what ``train_text_to_image.py`` calls once the options are parsed. Files are written by
 rank 0 only: ``<output>/ckpt/lora-<step>.safetensors`` (LoRA params only, EMA swapped in, rank/alpha/targets/family
 in the header) or ``unet-<step>.safetensors`` for full fine-tuning, ``<output>/ckpt/train_state.safetensors`` (the
-full resume state), ``metrics.jsonl``, ``loss.png`` and ``validation/`` grids.
+full resume state), ``metrics.jsonl`` (with the held-out ``val_loss`` of :mod:`ldm.train.validation` when a
+validation set is given: a ``step`` 0 line before training, then in the lines of the steps it was measured at),
+``loss.png`` and ``validation/`` grids.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from ldm.data.cache_networks import cache_encoders, encode_validation_prompts, r
 from ldm.io.checkpoint import write_state_dict
 from ldm.io.model_io import load_pretrained, model_family
 from ldm.lora.adapter import write_adapter
-from ldm.lora.network import inject_lora, to_adapter
+from ldm.lora.any_format import read_any_adapter
+from ldm.lora.interop import UNetLayout
+from ldm.lora.network import inject_lora, load_adapter, to_adapter
 from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_TARGET_PRESETS
 from ldm.models.diffusion import build_model_from_config
-from ldm.names import UNET_PREFIX
+from ldm.names import TEXT_PREFIX, UNET_PREFIX
 from ldm.options import check_choices
 from ldm.pipeline import GenerationSettings, Text2ImagePipeline, make_grid
 from ldm.precision import check_device_supports, config_with_policy, configure_attention, store_frozen_weights_low
@@ -40,14 +44,25 @@ from ldm.train.options import (
     bucket_spec,
     caption_rules,
     check_paths,
+    check_training_controls,
+    check_validation_options,
     folder_options,
     loss_scaler_of,
     precision_policy,
     resolve_cache_options,
 )
 from ldm.train.plot import plot_metrics
-from ldm.train.state import load_train_state, save_train_state
+from ldm.train.retention import prune_weights
+from ldm.train.state import load_train_state, read_train_state_meta, save_train_state
 from ldm.train.step import TrainStep
+from ldm.train.validation import (
+    ValidationSet,
+    check_timesteps,
+    encode_validation_set,
+    evaluating,
+    set_training,
+    validation_records,
+)
 
 LOGGER = logging.getLogger("ldm.train")
 STATE_FILE = "train_state.safetensors"
@@ -81,6 +96,8 @@ def build_trainable_model(opts: TrainOptions, config):
         if opts.lora_ft_text_encoder:
             inject_lora(model.cond_stage_model, targets=TEXT_ENCODER_TARGETS, **lora_kwargs(policy.text_encoder))
         inject_lora(model.model, targets=UNET_TARGET_PRESETS[opts.lora_targets], **lora_kwargs(policy.unet))
+        if opts.init_lora_weights:
+            load_init_adapter(model, opts.init_lora_weights, config)
         params = [p for p in model.get_parameters() if ".lora_down." in p.name or ".lora_up." in p.name]
         chosen = {id(p) for p in params}
         for p in model.get_parameters():
@@ -91,6 +108,29 @@ def build_trainable_model(opts: TrainOptions, config):
         params = [p for p in model.get_parameters() if p.requires_grad]
     store_frozen_weights_low(model, policy)
     return model, params
+
+
+def load_init_adapter(model, path: str, config) -> None:
+    """Start the injected LoRA from the adapter at ``path`` (any format ``python -m ldm.lora import`` reads): its
+    weights and per-module alphas; a module or rank that does not match the run is an error naming it."""
+    adapter, fmt = read_any_adapter(path, model_family(model), UNetLayout.from_config(config))
+    try:
+        load_adapter(model, adapter, source=path)
+    except (KeyError, ValueError) as e:
+        raise ValueError(
+            f"init_lora_weights {path} ({fmt}): {e.args[0]}; lora_targets, lora_ft_text_encoder and lora_rank must "
+            "match the adapter's modules"
+        ) from None
+    LOGGER.info("LoRA initialised from %s (%s)", path, fmt)
+
+
+def param_lr_scales(params, opts: TrainOptions) -> list[float] | None:
+    """Per-parameter learning-rate factors: ``text_encoder_lr / start_learning_rate`` for the text encoder's, 1 for
+    the rest; None (one group) when ``text_encoder_lr`` is not set."""
+    if opts.text_encoder_lr is None:
+        return None
+    ratio = opts.text_encoder_lr / opts.start_learning_rate
+    return [ratio if p.name.startswith(TEXT_PREFIX) else 1.0 for p in params]
 
 
 def save_weights(model, params, path: Path, opts: TrainOptions) -> None:
@@ -136,6 +176,8 @@ class TrainRun:
     metrics_path: Path
     prompt_contexts: dict | None
     bucket_order: str | None = None  # digest of every record's bucket, saved with the data position
+    validation: ValidationSet | None = None
+    loss_net: Any = None
 
     @property
     def validating(self) -> bool:
@@ -150,6 +192,8 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
 
     opts = apply_dataset_config(opts)
     check_paths(opts)
+    check_validation_options(opts)
+    check_training_controls(opts)
     opts = resolve_cache_options(opts)
     buckets = bucket_spec(opts)
     dist = init_env(opts.device_target, opts.mode, opts.jit_level, seed=opts.seed, distributed=opts.use_parallel)
@@ -164,6 +208,7 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         model.model.diffusion_model.enable_recompute()
     model.model.diffusion_model.set_attention_slice_size(opts.attention_slice_size)
     model.model.diffusion_model.set_memory_efficient_attention(opts.memory_efficient_attention)
+    set_training(model, opts.lora_ft_text_encoder)
     step_px = model.latent_factor * model.unet_factor
     if opts.image_size % step_px:
         raise ValueError(f"image_size {opts.image_size} must be a multiple of {step_px}")
@@ -181,6 +226,7 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         world_size=dist.world_size,
         num_epochs=1,
         **layout,
+        validation_split=opts.validation_split,
     )
     if probe.bucket_table is not None and dist.is_main:
         LOGGER.info("aspect-ratio buckets (images counted with their repeats):\n%s", probe.bucket_table)
@@ -202,6 +248,7 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         betas=tuple(opts.betas),
         eps=opts.adam_epsilon,
         weight_decay=opts.weight_decay,
+        lr_scales=param_lr_scales(params, opts),
         grad_accum_steps=opts.gradient_accumulation_steps,
         max_grad_norm=opts.max_grad_norm if opts.clip_grad else None,
         loss_scaler=loss_scaler_of(opts),
@@ -230,6 +277,7 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         LOGGER.info("resumed from %s at micro-step %d", state_path, done)
 
     validating = bool(opts.validation_steps and opts.validation_prompts)
+    validation = _validation_set(model, opts) if dist.is_main else None
     encoders = cache_encoders(model, opts)
     prompt_contexts = None
     if opts.cache_text_embeddings and validating:
@@ -250,6 +298,7 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         batches_done=done,
         cache=encoders,
         **layout,
+        validation_split=opts.validation_split,
     )
     if encoders is not None:
         del encoders
@@ -277,7 +326,32 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         metrics_path=metrics_path,
         prompt_contexts=prompt_contexts,
         bucket_order=probe.bucket_order,
+        validation=validation,
+        loss_net=loss_net,
     )
+
+
+def _validation_set(model, opts: TrainOptions) -> ValidationSet | None:
+    """The fixed validation-loss inputs, encoded now (before the frozen encoders may be released), or None."""
+    if not (opts.validation_data_path or opts.validation_split):
+        return None
+    timesteps = check_timesteps(opts.validation_loss_timesteps, model.num_timesteps)
+    folder, records = validation_records(opts)
+    validation = encode_validation_set(model, records, opts.image_size, opts.lora_ft_text_encoder, timesteps, opts.seed)
+    LOGGER.info("validation loss: %d images of %s x timesteps %s", len(records), folder, timesteps)
+    return validation
+
+
+def validation_loss(run: TrainRun) -> float:
+    """The held-out loss of the weights now (the EMA weights, which are the ones saved, when the run keeps one)."""
+    if run.ema is not None:
+        run.ema.swap_in()
+    try:
+        with evaluating(run.model, run.opts.lora_ft_text_encoder):
+            return run.validation.loss(run.loss_net, run.opts.train_batch_size)
+    finally:
+        if run.ema is not None:
+            run.ema.swap_out()
 
 
 def train_loop(run: TrainRun) -> float:
@@ -289,6 +363,10 @@ def train_loop(run: TrainRun) -> float:
     bar = tqdm(total=run.micro_total, initial=run.done, disable=not dist.is_main, desc="train", unit="step")
     last_loss = float("nan")
     nonfinite: list[int] = []
+    val_loss = None
+    if run.validation is not None and run.done == 0:
+        val_loss = validation_loss(run)
+        _append_metrics(run.metrics_path, {"step": 0, "val_loss": val_loss})
     t_prev = time.perf_counter()
     for images, tokens in run.data.create_tuple_iterator(num_epochs=1, output_numpy=True):
         if run.done >= run.micro_total:
@@ -314,11 +392,15 @@ def train_loop(run: TrainRun) -> float:
         update = run.step.step
         lr = float(run.lrs[min(max(update - 1, 0), len(run.lrs) - 1)])
         if dist.is_main:
+            record = {}
+            if run.validation is not None and _validation_due(opts, done, run.micro_total):
+                val_loss = record["val_loss"] = validation_loss(run)
             bar.set_postfix(
                 loss=f"{last_loss:.4f}",
                 lr=f"{lr:.2e}",
                 s_step=f"{dt:.2f}",
                 img_s=f"{opts.train_batch_size * dist.world_size / dt:.1f}",
+                **({} if val_loss is None else {"val_loss": f"{val_loss:.4f}"}),
             )
             bar.update(1)
             _append_metrics(
@@ -334,6 +416,7 @@ def train_loop(run: TrainRun) -> float:
                     "step_time_s": dt,
                     "peak_rss_gib": _peak_rss_gib(),
                     **({"bucket": f"{width}x{height}"} if opts.enable_bucket else {}),
+                    **record,
                 },
             )
             boundary = done % opts.gradient_accumulation_steps == 0
@@ -377,6 +460,15 @@ def run_training(opts: TrainOptions, config) -> dict:
     return finish_run(run, train_loop(run))
 
 
+def _validation_due(opts: TrainOptions, done: int, micro_total: int) -> bool:
+    """Whether the validation loss is measured after micro-step ``done``: every ``validation_loss_steps`` at an
+    update boundary, and after the last step."""
+    if done == micro_total:
+        return True
+    every = opts.validation_loss_steps
+    return bool(every) and done % opts.gradient_accumulation_steps == 0 and done % every == 0
+
+
 def _append_metrics(path: Path, record: dict) -> None:
     """Append one JSON line to ``metrics.jsonl`` (a kill can tear the last line; resume drops it)."""
     with open(path, "a", encoding="utf-8") as f:
@@ -417,7 +509,8 @@ def _checkpoint(
     model, params, step, noise, ema, done, ckpt_dir: Path, opts: TrainOptions, bucket_order: str | None = None
 ) -> Path:
     """Weights (EMA swapped in) + full resume state; both atomic. The data position is the micro-steps done, plus
-    the bucket order's digest with buckets (a resume checks it)."""
+    the bucket order's digest with buckets (a resume checks it). Then, with ``checkpoints_total_limit``, the oldest
+    weight files beyond the limit are deleted, never the one the train state points to."""
     name = ("lora" if opts.use_lora else "unet") + f"-{done:06d}.safetensors"
     path = ckpt_dir / name
     if ema is not None:
@@ -434,4 +527,7 @@ def _checkpoint(
         data_position={"batches_done": done, **({"bucket_order": bucket_order} if bucket_order else {})},
         extra={"weights": name},
     )
+    if opts.checkpoints_total_limit:
+        needed = read_train_state_meta(str(ckpt_dir / STATE_FILE))["extra"].get("weights")
+        prune_weights(ckpt_dir, opts.checkpoints_total_limit, needed)
     return path
