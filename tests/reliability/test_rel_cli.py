@@ -74,6 +74,15 @@ def files(tmp_path_factory):
     blank = root / "blank_data"
     blank.mkdir()
     (blank / "img_txt.csv").write_text("dir,text\n\n\n")
+    for folder, size, caption in (("kohya_name/sks", (32, 32), "x"), ("kohya_nocap/2_sks", (32, 32), None),
+                                  ("kohya_small/1_sks", (12, 40), "x")):  # fmt: skip
+        (root / folder).mkdir(parents=True)
+        Image.new("RGB", size, (90, 20, 20)).save(root / folder / "a.png")
+        if caption:
+            (root / folder / "a.txt").write_text(caption)
+    (root / "bad_config.toml").write_text(
+        f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{root / "kohya_small/1_sks"}"\nflip_aug = true\n'
+    )
     return {"root": root, "data": data, "adapter": root / "adapter.safetensors"}
 
 
@@ -114,6 +123,17 @@ def _cases():
          "img_txt.csv"),
         ("train-missing-base", "train", [*train, "--data_path", "{r}/data", "--output_path", "{r}/tr",
                                          "--pretrained_model_path", "{r}/missing.safetensors"], "missing.safetensors"),
+        ("train-not-N_name", "train", [*train, "--data_path", "{r}/kohya_name", "--output_path", "{r}/tr"],
+         "kohya_name/sks: subfolder name is not N_name"),
+        ("train-missing-caption-strict", "train", [*train, "--data_path", "{r}/kohya_nocap", "--output_path", "{r}/tr",
+                                                   "--strict_captions", "True"], "2_sks/a.png: no caption file a.txt"),
+        ("train-dataset-config-key", "train", [*train, "--dataset_config", "{r}/bad_config.toml", "--output_path",
+                                               "{r}/tr"], "bad_config.toml: datasets[0].subsets[0]: key 'flip_aug'"),
+        ("train-image-below-min-bucket", "train", [*train, "--data_path", "{r}/kohya_small", "--output_path",
+                                                   "{r}/tr", "--enable_bucket", "True", "--resolution", "32",
+                                                   "--min_bucket_reso", "16", "--max_bucket_reso", "64",
+                                                   "--bucket_reso_steps", "8", "--bucket_no_upscale", "True"],
+         "1_sks/a.png: 12x40 is smaller than min_bucket_reso 16"),
         ("train-missing-resume", "train", [*train, "--data_path", "{r}/data", "--output_path", "{r}/tr", "--resume",
                                            "{r}/missing_state.safetensors"], "missing_state"),
         ("fid-missing-gen", "eval_fid", ["--real_dir", "{r}/images", "--gen_dir", "{r}/no_gen"], "no_gen"),
