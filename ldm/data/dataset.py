@@ -143,7 +143,8 @@ class ImageCaptionSource:
     dataset config. With ``buckets`` each image is resized and cropped into its aspect-ratio bucket
     (``self.placements``) instead of a square of ``image_size``. An image that fails to decode at load time is logged
     and replaced by the next record (of the same bucket), so a batch never breaks. ``validation_split`` leaves out
-    the images :func:`split_records` holds out for the validation loss.
+    the images :func:`split_records` holds out for the validation loss. ``records`` given are used instead of
+    reading ``data_path`` (still checked, as read ones are).
     """
 
     def __init__(
@@ -161,12 +162,16 @@ class ImageCaptionSource:
         folder: FolderOptions | None = None,
         buckets: BucketSpec | None = None,
         validation_split: float = 0.0,
+        records: list[Record] | None = None,
     ):
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         rules = replace(captions or CaptionRules(), caption_dropout_rate=float(caption_dropout))
         self.data_path = os.fspath(data_path)
-        self.label, records, self.rules = read_records(data_path, folder or FolderOptions(), rules)
+        if records is None:
+            self.label, records, self.rules = read_records(data_path, folder or FolderOptions(), rules)
+        else:  # given by the caller (DreamBooth's folders), one subset under the caption rules
+            self.label, self.rules = self.data_path, [rules]
         self.records, self.skipped, sizes = scan_dataset(self.data_path, self.label, records)
         self.records = split_records(self.records, validation_split, seed)[0]
         self.placements = place_in_buckets(self.records, sizes, buckets) if buckets is not None else None
@@ -285,8 +290,6 @@ def build_dataset(
     trainer logs (resolution and image count per bucket). ``validation_split`` leaves out the images held out for
     the validation loss (:func:`split_records`).
     """
-    import mindspore.dataset as msds
-
     source = ImageCaptionSource(
         data_path,
         tokenizer,
@@ -313,16 +316,7 @@ def build_dataset(
     if cache is not None:
         samples = build_cache(source, iter(sampler), cache, progress=rank == 0)
         columns = list(samples.column_names)
-    workers = max(1, min(int(num_workers), os.cpu_count() or 1))
-    if workers != num_workers:
-        logger.warning("num_workers=%d capped to %d (CPU count)", num_workers, workers)
-    dataset = msds.GeneratorDataset(
-        samples,
-        column_names=columns,
-        sampler=sampler,
-        num_parallel_workers=workers,
-        python_multiprocessing=python_multiprocessing,
-    )
+    dataset = generator_dataset(samples, columns, sampler, num_workers, python_multiprocessing)
     logger.info(
         "%s: %d images; rank %d/%d gets %d per epoch, %d epochs, resuming after %d batches",
         source.label,
@@ -337,3 +331,20 @@ def build_dataset(
     batched.bucket_order = sampler.digest if buckets is not None else None
     batched.bucket_table = bucket_table(source.placements) if buckets is not None else None
     return batched
+
+
+def generator_dataset(samples, columns: list[str], sampler, num_workers: int = 1, python_multiprocessing=False):
+    """``samples`` (random access by sample id) read in ``sampler``'s order, unbatched; ``num_workers`` is capped
+    at the CPU count (MindSpore refuses more)."""
+    import mindspore.dataset as msds
+
+    workers = max(1, min(int(num_workers), os.cpu_count() or 1))
+    if workers != num_workers:
+        logger.warning("num_workers=%d capped to %d (CPU count)", num_workers, workers)
+    return msds.GeneratorDataset(
+        samples,
+        column_names=columns,
+        sampler=sampler,
+        num_parallel_workers=workers,
+        python_multiprocessing=python_multiprocessing,
+    )

@@ -74,7 +74,13 @@ class DiffusionLoss(nn.Cell):
         self.sqrt_one_minus_ab = Tensor(np.sqrt(1.0 - ab), ms.float32)
         self.weights = Tensor(min_snr_weights(ab, snr_gamma, self.parameterization), ms.float32)
 
+    loss_parts: tuple[str, ...] = ()  # names of the terms a subclass returns beside the loss (see ``TrainStep``)
+
     def construct(self, x0, context, t, noise, offset_noise):
+        return self.per_sample(x0, context, t, noise, offset_noise).mean()
+
+    def per_sample(self, x0, context, t, noise, offset_noise):
+        """The weighted per-sample losses [B] whose mean ``construct`` returns."""
         x0 = x0.astype(ms.float32)
         noise = noise.astype(ms.float32)
         if self.noise_offset != 0.0:
@@ -87,18 +93,42 @@ class DiffusionLoss(nn.Cell):
         per_sample = ops.square(pred - target).mean(axis=(1, 2, 3))
         if self.use_weights:
             per_sample = per_sample * ops.gather(self.weights, t, 0)
-        return per_sample.mean()
+        return per_sample
+
+
+class PriorPreservationLoss(DiffusionLoss):
+    """DreamBooth's loss: the batch is B instance rows then B class rows; returns ``(instance_loss +
+    prior_loss_weight * prior_loss, [instance_loss, prior_loss])``, each term the mean over its half (diffusers'
+    ``train_dreambooth_lora.py`` splits the prediction and target with ``torch.chunk`` the same way)."""
+
+    loss_parts = ("instance_loss", "prior_loss")
+
+    def __init__(self, *args, prior_loss_weight: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prior_loss_weight = float(prior_loss_weight)
+
+    def construct(self, x0, context, t, noise, offset_noise):
+        per_sample = self.per_sample(x0, context, t, noise, offset_noise)
+        half = per_sample.shape[0] // 2
+        instance, prior = per_sample[:half].mean(), per_sample[half:].mean()
+        return instance + self.prior_loss_weight * prior, ops.stack((instance, prior))
 
 
 class LDMTrainLoss(nn.Cell):
     """Diffusion loss of the (LoRA-)UNet on VAE latents ``x0``; ``text`` is the text context, or the token ids
-    when the text encoder trains (``encode_text``) and so must run inside the differentiated step."""
+    when the text encoder trains (``encode_text``) and so must run inside the differentiated step. With
+    ``prior_loss_weight`` it is DreamBooth's :class:`PriorPreservationLoss`."""
 
-    def __init__(self, ldm, snr_gamma, noise_offset, encode_text: bool = False):
+    def __init__(self, ldm, snr_gamma, noise_offset, encode_text: bool = False, prior_loss_weight=None):
         super().__init__(auto_prefix=False)
         self.ldm = ldm
         self.encode_text = encode_text
-        self.loss = DiffusionLoss(ldm.model, ldm.alphas_cumprod, ldm.parameterization, snr_gamma, noise_offset)
+        args = (ldm.model, ldm.alphas_cumprod, ldm.parameterization, snr_gamma, noise_offset)
+        if prior_loss_weight is None:
+            self.loss = DiffusionLoss(*args)
+        else:  # DreamBooth: instance rows then class rows, both terms reported
+            self.loss = PriorPreservationLoss(*args, prior_loss_weight=prior_loss_weight)
+        self.loss_parts = self.loss.loss_parts
 
     def construct(self, x0, text, t, noise, offset):
         context = self.ldm.get_learned_conditioning(text) if self.encode_text else text

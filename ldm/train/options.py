@@ -190,6 +190,22 @@ class TrainOptions(RunOptions):
         "modules and rank must match lora_targets, lora_ft_text_encoder and lora_rank",
     )
     resume: str = option("", "'True' (resume from <output_path>/ckpt/train_state.safetensors) or a train-state path")
+    instance_data_dir: str = option(
+        "", "DreamBooth: folder of the subject's images (all image files in it; replaces data_path)"
+    )
+    instance_prompt: str = option("", "DreamBooth: the caption of every instance image, with the subject's token")
+    class_data_dir: str = option(
+        "", "DreamBooth: folder of class images; missing ones are generated there by the base model"
+    )
+    class_prompt: str = option("", "DreamBooth: the prompt of the class images (the subject's class, no token)")
+    with_prior_preservation: bool = option(
+        False, "DreamBooth: add the class images' loss (prior preservation) to the instance loss"
+    )
+    prior_loss_weight: float = option(1.0, "DreamBooth: loss = instance loss + prior_loss_weight * prior loss")
+    num_class_images: int = option(
+        100, "DreamBooth: class images to train with; fewer in class_data_dir are topped up by generation"
+    )
+    sample_batch_size: int = option(4, "DreamBooth: images per call when generating class images")
     validation_prompts: list = option([], "prompts rendered as a grid every validation_steps", items=str)
     validation_steps: int = option(0, "micro-steps between validation grids (0 disables)")
     validation_data_path: str = option(
@@ -352,6 +368,32 @@ def check_validation_options(opts: TrainOptions, source: str = "TrainOptions") -
         raise ConfigError(f"{source}: 'validation_loss_steps' must be >= 0, got {opts.validation_loss_steps}")
 
 
+def check_dreambooth(opts: TrainOptions) -> None:
+    """The DreamBooth options fit together (diffusers' ``train_dreambooth_lora.py`` rules); a ValueError names the
+    option missing or in conflict."""
+    if not opts.instance_data_dir:
+        for name in ("instance_prompt", "with_prior_preservation"):
+            if getattr(opts, name):
+                raise ValueError(f"{name} is a DreamBooth option: it needs instance_data_dir")
+        return
+    if opts.data_path:
+        raise ValueError("give either data_path (captioned data) or instance_data_dir (DreamBooth), not both")
+    for name in ("enable_bucket", "validation_split", "validation_data_path", "dataset_config"):
+        if getattr(opts, name):
+            raise ValueError(f"{name} does not work with instance_data_dir (DreamBooth) yet")
+    if not opts.instance_prompt.strip():
+        raise ValueError("instance_data_dir needs instance_prompt (the caption with the subject's token)")
+    if opts.with_prior_preservation:
+        if not opts.class_prompt.strip():
+            raise ValueError("with_prior_preservation needs class_prompt (the prompt of the class images)")
+        if not opts.class_data_dir:
+            raise ValueError("with_prior_preservation needs class_data_dir (where the class images are, or go)")
+        if opts.num_class_images < 1 or opts.sample_batch_size < 1:
+            raise ValueError("num_class_images and sample_batch_size must be >= 1")
+    elif opts.class_data_dir or opts.class_prompt:
+        LOGGER.warning("class_data_dir/class_prompt are unused without with_prior_preservation")
+
+
 def precision_policy(opts: TrainOptions) -> PrecisionPolicy:
     """The run's precision policy (``use_fp16`` read as ``precision: fp16``); a conflict is a ValueError."""
     return resolve_policy(opts.precision, opts.vae_precision, opts.text_encoder_precision, opts.use_fp16)
@@ -363,11 +405,16 @@ def loss_scaler_of(opts: TrainOptions) -> str:
 
 
 def check_paths(opts: TrainOptions) -> None:
-    """The input paths exist, the data index (or kohya folder, or dataset config) parses, the bucket and caption
-    options are valid and the output folder is writable (checked before any model is built or file written)."""
-    if opts.dataset_config and opts.data_path:
+    """The input paths exist, the data index (or kohya folder, or dataset config, or DreamBooth's instance folder)
+    parses, the bucket and caption options are valid and the output folder is writable (checked before any model is
+    built or file written)."""
+    check_dreambooth(opts)
+    if opts.instance_data_dir:
+        if not Path(opts.instance_data_dir).is_dir():
+            raise FileNotFoundError(f"instance_data_dir {opts.instance_data_dir}: no such folder")
+    elif opts.dataset_config and opts.data_path:
         raise ValueError("give data_path or dataset_config, not both (the dataset config names its image_dir)")
-    if not opts.data_path and not opts.dataset_config:
+    elif not opts.data_path and not opts.dataset_config:
         raise ValueError(
             "data_path is required (a folder with img_txt.csv, metadata.jsonl or kohya's layout), or dataset_config"
         )
@@ -383,7 +430,13 @@ def check_paths(opts: TrainOptions) -> None:
         raise FileNotFoundError(f"validation_data_path {opts.validation_data_path}: no such folder")
     from ldm.util import check_output_folder
 
-    read_records(opts.data_path, folder_options(opts), caption_rules(opts))  # bad data fails now, before the model
+    if opts.instance_data_dir:
+        from ldm.data.dreambooth import check_instance_prompt, scan_image_folder
+
+        scan_image_folder(opts.instance_data_dir, "instance_data_dir")  # no images fails now
+        check_instance_prompt(opts.instance_prompt, opts.class_prompt if opts.with_prior_preservation else "")
+    else:
+        read_records(opts.data_path, folder_options(opts), caption_rules(opts))  # bad data fails now
     bucket_spec(opts)
     if opts.validation_data_path:
         read_records(opts.validation_data_path, validation_folder_options(opts), caption_rules(opts))
@@ -405,6 +458,7 @@ def parse_options(argv=None) -> TrainOptions:
     opts = resolve_cache_options(opts, args.train_config or "command line")
     check_validation_options(opts, args.train_config or "command line")
     check_training_controls(opts, args.train_config or "command line")
+    check_dreambooth(opts)
     precision_policy(opts)  # a use_fp16/precision conflict is reported before MindSpore starts
     return opts
 

@@ -1,6 +1,7 @@
 """The compiled training step: loss scaling, gradient accumulation, data-parallel mean, clipping, AdamW, EMA.
 
-``TrainStep`` wraps any loss Cell (``loss_net(*inputs) -> scalar``, e.g. ``DiffusionLoss``) and the list of
+``TrainStep`` wraps any loss Cell (``loss_net(*inputs) -> scalar``, e.g. ``DiffusionLoss``, or ``(scalar, terms)``
+when it names its terms in ``loss_parts``, e.g. ``PriorPreservationLoss``) and the list of
 parameters to train. It never uses ``nn.TrainOneStepWithLossScaleCell`` (it fails on CPU); instead two compiled steps
 (Cells owning their parameters, see ``_CompiledStep``) are built around ``mindspore.value_and_grad`` over the
 trainable parameters only:
@@ -21,7 +22,7 @@ update cannot be masked on overflow without graph control flow.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import mindspore as ms
@@ -190,13 +191,15 @@ class _CompiledStep(nn.Cell):
 class StepOutput:
     """What one call of ``TrainStep`` reports. ``overflow``/``grad_norm`` refer to this micro-step's gradients on
     accumulation micro-steps; ``scale`` is the loss scale this micro-step used; ``updated`` says whether this call
-    ended an update boundary (whether it was applied is ``updated and not overflow``)."""
+    ended an update boundary (whether it was applied is ``updated and not overflow``); ``parts`` holds the named
+    terms of a loss made of several (``loss_net.loss_parts``, e.g. DreamBooth's instance and prior losses)."""
 
     loss: float
     overflow: bool
     scale: float
     grad_norm: float
     updated: bool
+    parts: dict = field(default_factory=dict)
 
 
 class TrainStep:
@@ -245,6 +248,7 @@ class TrainStep:
         if ema is not None and [p.name for p in ema.params] != names:
             raise ValueError("the EMA must be built over the same parameters as the TrainStep")
         self.loss_net = loss_net
+        self.part_names = tuple(getattr(loss_net, "loss_parts", ()))
         self.params = ParameterTuple(params)
         self.optimizer = AdamW(
             self.params, betas=betas, eps=eps, weight_decay=weight_decay, no_decay=no_decay, lr_scales=lr_scales
@@ -267,23 +271,26 @@ class TrainStep:
         lr_table, global_step, last = self.lr_table, self.global_step, self.lr_table.shape[0] - 1
         hyper_map = ops.HyperMap()
 
+        with_parts = bool(self.part_names)
+
         def scaled_loss(*inputs):
-            loss = loss_net(*inputs)
-            return scaler.scale(loss), loss
+            out = loss_net(*inputs)
+            loss, parts = out if with_parts else (out, out.reshape((1,)))
+            return scaler.scale(loss), loss, parts
 
         grad_fn = ms.value_and_grad(scaled_loss, None, self.params, has_aux=True)
 
         def accumulate(*inputs):
             scale = scaler.scale_value + 0.0
-            (_, loss), grads = grad_fn(*inputs)
+            (_, loss, parts), grads = grad_fn(*inputs)
             grads = scaler.unscale(grads)
             loss = ops.depend(loss, hyper_map(_add_to, accum, grads))
             norm = _norm(flatten_float32(grads))
-            return loss, ops.logical_not(ops.isfinite(norm)), scale, norm
+            return loss, ops.logical_not(ops.isfinite(norm)), scale, norm, parts
 
         def update(*inputs):
             scale = scaler.scale_value + 0.0
-            (_, loss), grads = grad_fn(*inputs)
+            (_, loss, parts), grads = grad_fn(*inputs)
             if n_accum > 1:
                 grads = hyper_map(ops.partial(_average, float(n_accum)), accum, scaler.unscale(grads))
                 loss = ops.depend(loss, hyper_map(_zero, accum))
@@ -305,7 +312,7 @@ class TrainStep:
             if ema is not None:
                 loss = ops.depend(loss, ema(finite))
             loss = ops.depend(loss, ops.assign_add(global_step, ops.ones((), ms.int32)))
-            return loss, ops.logical_not(finite), scale, norm
+            return loss, ops.logical_not(finite), scale, norm, parts
 
         if not jit:
             return (accumulate if accum is not None else None), update
@@ -323,9 +330,10 @@ class TrainStep:
     def __call__(self, *inputs) -> StepOutput:
         last = self.micro_step == self.grad_accum_steps - 1
         fn = self._update if last else self._accumulate
-        loss, overflow, scale, norm = fn(*inputs)
+        loss, overflow, scale, norm, parts = fn(*inputs)
         self.micro_step = 0 if last else self.micro_step + 1
-        return StepOutput(float(loss), bool(overflow), float(scale), float(norm), last)
+        named = dict(zip(self.part_names, parts.asnumpy().tolist()))
+        return StepOutput(float(loss), bool(overflow), float(scale), float(norm), last, named)
 
     @property
     def step(self) -> int:

@@ -10,6 +10,7 @@ validation set is given: a ``step`` 0 line before training, then in the lines of
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -143,6 +144,31 @@ def save_weights(model, params, path: Path, opts: TrainOptions) -> None:
         write_state_dict(path, {p.name: p.asnumpy() for p in params}, metadata={"family": family})
 
 
+def dreambooth_records(opts: TrainOptions, model, dist) -> tuple[list, list | None]:
+    """The instance records and, with prior preservation, the class records: ``class_data_dir`` topped up to
+    ``num_class_images`` by the base model (rank 0 generates, the other ranks wait for its files)."""
+    from ldm.data import Record
+    from ldm.data.dreambooth import scan_image_folder
+    from ldm.train.class_images import (
+        ClassImageSpec,
+        ensure_class_images,
+        pipeline_generator,
+        wait_for_class_images,
+        weights_hash,
+    )
+
+    instances = scan_image_folder(opts.instance_data_dir, "instance_data_dir", opts.instance_prompt)
+    if not opts.with_prior_preservation:
+        return instances, None
+    spec = ClassImageSpec(opts.class_prompt, opts.seed, weights_hash(model), opts.image_size)
+    if dist.is_main:
+        generate = pipeline_generator(model, spec)
+        paths = ensure_class_images(opts.class_data_dir, spec, opts.num_class_images, generate, opts.sample_batch_size)
+    else:
+        paths = wait_for_class_images(opts.class_data_dir, spec, opts.num_class_images)
+    return instances, [Record(path, (opts.class_prompt,)) for path in paths]
+
+
 def _validation_images(model, prompts, step: int, folder: Path, seed: int, image_size: int, contexts=None) -> None:
 
     pipe = Text2ImagePipeline(model, sampler="dpm_solver_pp")
@@ -188,6 +214,7 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
     """Check the options, start MindSpore, build the trainable model and the step, restore a resumed state and
     build the data (caching through the frozen encoders, which are then released)."""
     from ldm.data import build_dataset
+    from ldm.data.dreambooth import build_dreambooth_dataset
     from ldm.env import init_env
 
     opts = apply_dataset_config(opts)
@@ -215,9 +242,14 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
     if buckets is not None and buckets.steps % step_px:
         raise ValueError(f"bucket_reso_steps {buckets.steps} must be a multiple of {step_px} for this model")
 
-    layout = {"captions": caption_rules(opts), "folder": folder_options(opts), "buckets": buckets}
-    probe = build_dataset(
-        opts.data_path,
+    dreambooth = dreambooth_records(opts, model, dist) if opts.instance_data_dir else None
+    if dreambooth is not None:
+        build = functools.partial(build_dreambooth_dataset, *dreambooth)
+    else:
+        layout = {"captions": caption_rules(opts), "folder": folder_options(opts), "buckets": buckets}
+        layout["validation_split"] = opts.validation_split
+        build = functools.partial(build_dataset, opts.data_path, **layout)
+    probe = build(
         model.tokenize,
         opts.image_size,
         opts.train_batch_size,
@@ -225,8 +257,6 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         rank=dist.rank,
         world_size=dist.world_size,
         num_epochs=1,
-        **layout,
-        validation_split=opts.validation_split,
     )
     if probe.bucket_table is not None and dist.is_main:
         LOGGER.info("aspect-ratio buckets (images counted with their repeats):\n%s", probe.bucket_table)
@@ -240,7 +270,8 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
 
     ema = EMA(params, opts.ema_decay, opts.ema_warmup_steps) if opts.use_ema else None
     encode_latents = CachedLatents(model) if opts.cache_latents else LatentEncoder(model)
-    loss_net = LDMTrainLoss(model, opts.snr_gamma, opts.noise_offset, encode_text=opts.lora_ft_text_encoder)
+    prior_weight = opts.prior_loss_weight if opts.with_prior_preservation else None
+    loss_net = LDMTrainLoss(model, opts.snr_gamma, opts.noise_offset, opts.lora_ft_text_encoder, prior_weight)
     step = TrainStep(
         loss_net,
         params,
@@ -282,8 +313,7 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
     prompt_contexts = None
     if opts.cache_text_embeddings and validating:
         prompt_contexts = encode_validation_prompts(model, opts.validation_prompts)
-    data = build_dataset(
-        opts.data_path,
+    data = build(
         model.tokenize,
         opts.image_size,
         opts.train_batch_size,
@@ -297,8 +327,6 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         num_epochs=epochs,
         batches_done=done,
         cache=encoders,
-        **layout,
-        validation_split=opts.validation_split,
     )
     if encoders is not None:
         del encoders
@@ -359,7 +387,10 @@ def train_loop(run: TrainRun) -> float:
     loss. Stops with :class:`TrainingDiverged` after ``MAX_NONFINITE_STEPS`` non-finite losses in a row."""
     from tqdm import tqdm
 
+    from ldm.data.dreambooth import instance_then_class
+
     opts, dist, model = run.opts, run.dist, run.model
+    pairs = 2 if opts.with_prior_preservation else 1  # DreamBooth: each sample is an instance and a class image
     bar = tqdm(total=run.micro_total, initial=run.done, disable=not dist.is_main, desc="train", unit="step")
     last_loss = float("nan")
     nonfinite: list[int] = []
@@ -372,11 +403,13 @@ def train_loop(run: TrainRun) -> float:
         if run.done >= run.micro_total:
             break
         # every rank's batch is from one bucket at each step, so the global draw has one latent shape
-        height, width = (side * model.latent_factor if opts.cache_latents else side for side in images.shape[2:])
-        shape = (opts.train_batch_size * dist.world_size, model.channels)
+        height, width = (side * model.latent_factor if opts.cache_latents else side for side in images.shape[-2:])
+        shape = (opts.train_batch_size * dist.world_size * pairs, model.channels)
         shape += (height // model.latent_factor, width // model.latent_factor)
-        t, eps, offset = _rank_rows(run.noise.draw(shape), dist)
-        (post_noise,) = _rank_rows([run.noise.normal(shape)], dist)
+        t, eps, offset = _rank_rows(run.noise.draw(shape), dist, pairs)
+        (post_noise,) = _rank_rows([run.noise.normal(shape)], dist, pairs)
+        if pairs == 2:
+            images, tokens = instance_then_class(images), instance_then_class(tokens)
         x0 = run.encode_latents(ms.Tensor(images), post_noise)  # images: posterior moments with cache_latents
         if opts.lora_ft_text_encoder or opts.cache_text_embeddings:  # tokens: contexts with cache_text_embeddings
             text = ms.Tensor(tokens)
@@ -397,6 +430,7 @@ def train_loop(run: TrainRun) -> float:
                 val_loss = record["val_loss"] = validation_loss(run)
             bar.set_postfix(
                 loss=f"{last_loss:.4f}",
+                **{name.split("_")[0]: f"{value:.4f}" for name, value in result.parts.items()},
                 lr=f"{lr:.2e}",
                 s_step=f"{dt:.2f}",
                 img_s=f"{opts.train_batch_size * dist.world_size / dt:.1f}",
@@ -409,6 +443,7 @@ def train_loop(run: TrainRun) -> float:
                     "step": done,
                     "update": update,
                     "loss": last_loss,
+                    **result.parts,
                     "lr": lr,
                     "overflow": bool(result.overflow),
                     "loss_scale": result.scale,
@@ -497,12 +532,19 @@ def _peak_rss_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
-def _rank_rows(draws, dist) -> list:
-    """This rank's rows ``rank::world_size`` of global-batch draws: the sampler gives rank r the samples
-    ``order[r::world_size]``, so row i of the global draw belongs to the sample at global batch position i."""
-    if dist.world_size == 1:
+def _rank_rows(draws, dist, rows_per_sample: int = 1) -> list:
+    """This rank's rows of global-batch draws: the sampler gives rank r the samples ``order[r::world_size]``, and
+    the global draw holds ``rows_per_sample`` consecutive rows per sample at global batch position i. Rows come
+    back sample-major, or with 2 rows per sample (DreamBooth pairs) each sample's first rows, then their second
+    rows, the order of :func:`ldm.data.dreambooth.instance_then_class`."""
+    if dist.world_size == 1 and rows_per_sample == 1:
         return list(draws)
-    return [ms.Tensor(d.asnumpy()[dist.rank :: dist.world_size]) for d in draws]
+    out = []
+    for d in draws:
+        a = d.asnumpy()
+        mine = a.reshape(-1, rows_per_sample, *a.shape[1:])[dist.rank :: dist.world_size]
+        out.append(ms.Tensor(np.ascontiguousarray(mine.swapaxes(0, 1)).reshape(-1, *a.shape[1:])))
+    return out
 
 
 def _checkpoint(
