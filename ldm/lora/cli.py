@@ -1,8 +1,9 @@
-"""``python -m ldm.lora {export,import,merge,combine}``: LoRA adapter files on the command line.
+"""``python -m ldm.lora {export,import,merge,combine,select}``: LoRA adapter files on the command line.
 
 export: our adapter -> diffusers/PEFT or kohya file, or a PEFT folder; import: the reverse; merge: fold an adapter
-into a full checkpoint; combine: two adapters into one (exact SVD or cloneofsimo's lpl). ``-h`` on each command
-lists its options.
+into a full checkpoint; combine: two adapters into one (exact SVD or cloneofsimo's lpl); select: score a run's
+adapters at several scales (FID/KID, CLIP score, prior drift) and name the one to ship (:mod:`ldm.metrics.selection`).
+``-h`` on each command lists its options.
 """
 
 from __future__ import annotations
@@ -168,10 +169,83 @@ def build_parser(prog: str = PROG) -> Parser:
     p.add_argument("--w1", type=float, default=1.0, help="weight of the first adapter (default 1.0)")
     p.add_argument("--w2", type=float, default=1.0, help="weight of the second adapter (default 1.0)")
     p.add_argument("--rank", type=int, help="svd: rank of the result (default rank_a + rank_b: exact)")
+    _add_select(sub)
     return parser
 
 
+def _add_select(sub) -> None:
+    p = sub.add_parser(
+        "select",
+        help="pick the adapter and scale to ship by FID/KID, CLIP score and prior drift",
+        description="Generate held-out prompts (quality) and unrelated prompts (prior drift: how far the adapter "
+        "moves images it was not trained for) at fixed seeds with the base model and with every adapter x scale; "
+        "print a table, mark the best by the stated rule and the Pareto front, write selection.json and "
+        "selection.png (metric per step, one line per scale) into --output_dir.",
+    )
+    p.add_argument("sources", nargs="+", help="run folders (their ckpt/lora-<step>.safetensors) or adapter files")
+    p.add_argument("--ckpt_path", required=True, help="base model weights (our/Stability file or diffusers folder)")
+    p.add_argument("--config", help="model YAML (default: the one the weights carry)")
+    p.add_argument("--prompts", required=True, help="held-out prompts, one per line (quality: FID/KID, CLIP)")
+    p.add_argument("--prior_prompts", required=True, help="unrelated prompts, one per line (prior drift)")
+    ref = p.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--real_stats", help="Inception features of real images (.npz from eval_fid.py --save_stats)")
+    ref.add_argument("--real_dir", help="folder of real images of the concept")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="LoRA strengths to try (default 1.0)")
+    p.add_argument("--n_samples", type=int, default=2, help="images per prompt, seeds seed+k (default 2)")
+    p.add_argument("--seed", type=int, default=42, help="seed of prompt 0 (default 42)")
+    p.add_argument("--sampling_steps", type=int, default=20, help="DPM-Solver++ steps (default 20)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the family's)")
+    p.add_argument("--size", type=int, help="image height and width (default: the model's native size)")
+    p.add_argument("--rank_by", choices=("fid", "kid", "clip"), default="fid", help="quality metric (default fid)")
+    p.add_argument("--max_drift", type=float, help="only candidates with at most this prior drift may be best")
+    p.add_argument("--clip_model_dir", help="Hugging Face CLIP folder for CLIP score (config.json, model.safetensors)")
+    p.add_argument("--inception_ckpt", help="FID Inception weights (default: the cache, see tools/eval/eval_fid.py)")
+    p.add_argument("--output_dir", required=True, help="where selection.json and selection.png go")
+    p.add_argument("--device_target", default="CPU", choices=("CPU", "GPU", "Ascend"))
+    p.add_argument("--mode", type=int, default=0, choices=(0, 1), help="0 graph (default), 1 PyNative")
+
+
+def _select(args) -> str:
+    from ldm.generate_options import read_prompts
+    from ldm.metrics.fid_weights import resolve
+    from ldm.util import check_output_folder
+
+    prompts, prior_prompts = read_prompts(args.prompts), read_prompts(args.prior_prompts)
+    if args.n_samples * len(prompts) < 2:
+        raise ValueError(f"{args.prompts}: FID needs at least 2 images; give more prompts or a larger --n_samples")
+    check_output_folder(args.output_dir, "--output_dir")
+    resolve(args.inception_ckpt)  # missing weights fail before any model is built
+    from ldm.metrics.select_run import SelectJob, run_select
+
+    job = SelectJob(
+        sources=args.sources,
+        ckpt_path=args.ckpt_path,
+        config=args.config,
+        prompts=prompts,
+        prior_prompts=prior_prompts,
+        output_dir=args.output_dir,
+        scales=tuple(args.scales),
+        real_stats=args.real_stats,
+        real_dir=args.real_dir,
+        inception_ckpt=args.inception_ckpt,
+        clip_model_dir=args.clip_model_dir,
+        n_samples=args.n_samples,
+        seed=args.seed,
+        sampling_steps=args.sampling_steps,
+        guidance=args.guidance,
+        size=args.size,
+        rank_by=args.rank_by,
+        max_drift=args.max_drift,
+        device_target=args.device_target,
+        mode=args.mode,
+    )
+    result = run_select(job)
+    return f"wrote {result['json']} and {result['plot']}"
+
+
 def _run(args) -> str:
+    if args.command == "select":
+        return _select(args)
     if args.command == "export":
         if args.fold_scale and args.format != "diffusers":
             raise CheckpointError(f"--fold_scale applies to --format diffusers only, not {args.format}")
