@@ -186,9 +186,10 @@ def test_dataset_config_subsets_and_options(tmp_path):
         (lambda t: t.replace("keep_tokens = 1", 'keep_tokens = "1"'), "'keep_tokens' has a wrong value"),
         (lambda t: t.replace("[general]", "[general]\nbatch_size = 4"), "general\\]: key 'batch_size' is not"),
         (lambda t: t + "\n[[datasets]]\n", "exactly one \\[\\[datasets\\]\\]"),
+        (lambda t: t.replace("[general]", '[general]\nimage_dir = "x"'), "'image_dir' is not supported in this table"),
         (lambda t: t.replace("[[datasets]]", "[[datasets]"), "cannot parse"),
     ],
-    ids=["not-implemented", "unknown", "zero-repeats", "type", "general", "two-datasets", "syntax"],
+    ids=["not-implemented", "unknown", "zero-repeats", "type", "general", "two-datasets", "misplaced", "syntax"],
 )
 def test_bad_dataset_config_names_the_key(tmp_path, edit, message):
     a, b = _folder(tmp_path, "a", 1), _folder(tmp_path, "b", 1)

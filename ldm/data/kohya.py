@@ -110,8 +110,10 @@ def _checked(table, allowed: dict, where: str) -> dict:
         raise ValueError(f"{where}: expected a table/mapping, got {type(table).__name__}")
     for key, value in table.items():
         if key not in allowed:
-            if key in NOT_IMPLEMENTED or key in SUBSET_KEYS or key in DATASET_KEYS:
-                raise ValueError(f"{where}: key {key!r} is not supported here (kohya has it; this trainer does not)")
+            if key in NOT_IMPLEMENTED:
+                raise ValueError(f"{where}: key {key!r} is not supported (kohya has it; this trainer does not)")
+            if key in SUBSET_KEYS or key in DATASET_KEYS:
+                raise ValueError(f"{where}: key {key!r} is not supported in this table")
             raise ValueError(f"{where}: unknown key {key!r} (valid: {', '.join(sorted(allowed))})")
         types = allowed[key] if isinstance(allowed[key], tuple) else (allowed[key],)
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
