@@ -6,9 +6,11 @@ random weights: compile time does not depend on them), batch 2, is called twice 
 first. The first call at a shape compiles a new graph; ``compile_s`` = first call minus the second (a step at that
 shape). The reference is the square's step time measured in the same run: ``compile/step`` says how many steps one
 new shape costs. Each shape is then visited again to show that a shape seen before does not compile again. With
-``--mode 1`` the same calls run in PyNative (no compile; slower steps). Run:
+``--mode 1`` the same calls run in PyNative (no compile; slower steps). With ``--compile_cache DIR`` compiled graphs
+are saved there and reloaded by a later run with the same options (run it twice: the second run's ``compile s`` is
+the reload). Run:
 
-    .venv/bin/python benchmarks/bench_buckets.py [--mode 0|1] [--shapes 4] [--threads 2]
+    .venv/bin/python benchmarks/bench_buckets.py [--mode 0|1] [--shapes 4] [--threads 2] [--compile_cache DIR]
 """
 
 import ldm  # noqa: F401, I001  (must precede mindspore)
@@ -43,8 +45,9 @@ def main() -> None:
     parser.add_argument("--mode", type=int, choices=(0, 1), default=0, help="0 graph (compiles), 1 PyNative")
     parser.add_argument("--shapes", type=int, default=4, help="bucket shapes to visit, the square first")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile_cache", default=None, help="folder of MindSpore's compile cache (graph mode)")
     args = parser.parse_args()
-    init_env("CPU", mode=args.mode, threads=args.threads)
+    init_env("CPU", mode=args.mode, threads=args.threads, compile_cache_dir=args.compile_cache)
     config = load_config(CONFIG_DIR / "tiny_sd/tiny-sd.yaml")
     model = build_model_from_config(config)
     inject_lora(model.model, targets=UNET_ATTENTION_TARGETS, rank=4)
@@ -64,7 +67,8 @@ def main() -> None:
         return latents[0], context, t, latents[1], ms.Tensor(np.zeros((BATCH, model.channels, 1, 1), np.float32))
 
     mode = "graph" if args.mode == 0 else "PyNative"
-    print(f"tiny SD LoRA step, batch {BATCH}, {mode} mode, {args.threads} threads, load average {load_average()}")
+    cache = f", compile cache {args.compile_cache}" if args.compile_cache else ""
+    print(f"tiny SD LoRA step, batch {BATCH}, {mode} mode{cache}, {args.threads} threads, load {load_average()}")
     print(f"{'bucket':>8} {'latent':>7} {'first call s':>12} {'step s':>7} {'compile s':>9} {'again s':>7}")
     rows = []
     for bucket in buckets:
