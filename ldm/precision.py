@@ -129,15 +129,15 @@ def store_frozen_weights_low(model, policy: PrecisionPolicy) -> int:
 
 def _compute_weights(cell) -> list:
     """The parameters ``cell`` itself feeds to a matmul/convolution: a Dense/Conv's weight and bias, a LoRA-wrapped
-    Dense's frozen base weight and bias (not its adapter), an OpenCLIP attention's fused ``in_proj``."""
+    Dense or Conv2d frozen base weight and bias (not its adapter), an OpenCLIP attention's fused ``in_proj``."""
     from mindspore import nn
 
-    from ldm.lora.layers import LoRADense
+    from ldm.lora.layers import LoRAWrapper
 
     own = cell.get_parameters(expand=False)
     if isinstance(cell, (nn.Dense, nn.Conv2d)):
         return list(own)
-    if isinstance(cell, LoRADense):
+    if isinstance(cell, LoRAWrapper):
         return [p for p in own if p is cell.weight or (cell.has_bias and p is cell.bias)]
     if hasattr(cell, "in_proj_weight"):
         return [p for p in own if p.name.split(".")[-1].startswith("in_proj_")]

@@ -129,8 +129,9 @@ def test_kohya_alpha_conventions(rng):
         "lora_unet_down_blocks_0_resnets_0_conv1.alpha": np.float32(1),
         **state,
     }
-    with pytest.raises(CheckpointError, match="conv LoRA"):
-        from_kohya(conv, "sd1", LAYOUT)
+    locon = modules(from_kohya(conv, "sd1", LAYOUT))  # LoCon: the 3x3 down stays 4-D, the 1x1 up is stored 2-D
+    down, up, alpha = locon["model.diffusion_model.input_blocks.1.0.in_layers.2"]
+    assert down.shape == (4, 32, 3, 3) and up.shape == (32, 4) and alpha == 1.0
     with pytest.warns(UserWarning, match="dropped 1 conv LoRA modules"):
         assert len(modules(from_kohya(conv, "sd1", LAYOUT, skip_conv=True))) == 2
 

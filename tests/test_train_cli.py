@@ -70,7 +70,9 @@ def test_empty_csv_and_corrupt_image(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", ["lora_v1", "lora_v2", "lora_v2_vpred", "vanilla_v2", "lora_tiny"])
+@pytest.mark.parametrize(
+    "name", ["lora_v1", "lora_v2", "lora_v2_vpred", "vanilla_v2", "lora_tiny", "locon_v1", "dora_v1"]
+)
 def test_bundled_train_configs_parse(name):
     opts = parse_options(["--train_config", str(ROOT / f"configs/train/train_config_{name}.yaml")])
     assert (ROOT / opts.model_config).is_file()

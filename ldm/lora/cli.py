@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ldm.cli import Parser, add_allow_pickle, run
 from ldm.io.checkpoint import CheckpointError, read_metadata, read_state_dict, write_state_dict
-from ldm.lora.adapter import modules, read_adapter, write_adapter
+from ldm.lora.adapter import parse, product_delta, read_adapter, write_adapter
 from ldm.lora.any_format import FORMATS, read_any_adapter
 from ldm.lora.interop import UNetLayout, to_diffusers, to_kohya
 from ldm.lora.merge import combine_lpl, combine_svd, merge_into_base
@@ -134,7 +134,7 @@ def build_parser(prog: str = PROG) -> Parser:
     p.add_argument(
         "--skip_conv",
         action="store_true",
-        help="drop conv LoRA modules (LoCon, kernels > 1x1) with a warning instead of failing",
+        help="drop conv LoRA modules with kernels > 1x1 (LoCon's 3x3) with a warning instead of importing them",
     )
     _add_layout(p)
 
@@ -274,20 +274,20 @@ def _run(args) -> str:
         family = adapter.meta["family"]
         adapter.meta.update(context_dim=args.context_dim, parameterization=args.parameterization)
         write_adapter(dst, adapter)
-        return f"wrote {dst} ({len(modules(adapter))} modules, family {family})"
+        return f"wrote {dst} ({_describe(adapter)}, family {family})"
     if args.command == "merge":
         out = _check_out(args.out, args.overwrite)
         adapter = read_adapter(args.lora)
         base = read_state_dict(args.base, allow_pickle=args.allow_pickle)
         metadata = read_metadata(args.base) if out.suffix.lower() == ".safetensors" else None
         write_state_dict(out, merge_into_base(base, adapter, args.weight, source=args.lora), metadata or None)
-        return f"wrote {out} ({len(modules(adapter))} modules merged, weight {args.weight})"
+        return f"wrote {out} ({_describe(adapter)} merged, weight {args.weight})"
     out = _check_out(args.out, args.overwrite)
     a, b = read_adapter(args.a), read_adapter(args.b)
     if args.mode == "lpl":
         write_adapter(out, combine_lpl(a, b, args.w1, args.w2))
         return f"wrote {out} (lpl, w1={args.w1}, w2={args.w2}; approximate by construction)"
-    rank = args.rank or sum(max(m.down.shape[0] for m in modules(x).values()) for x in (a, b))
+    rank = args.rank or _exact_rank(a) + _exact_rank(b)
     combined, report = combine_svd(a, b, args.w1, args.w2, rank)
     write_adapter(out, combined)
     worst = max(report.per_module.items(), key=lambda kv: kv[1])
@@ -295,6 +295,22 @@ def _run(args) -> str:
         f"wrote {out} (svd rank {rank}); relative Frobenius error overall {report.overall:.3e}, "
         f"worst {worst[1]:.3e} ({worst[0]})"
     )
+
+
+def _describe(adapter) -> str:
+    """``N modules (lora_type)``."""
+    loras, _, products = parse(adapter)
+    return f"{len(loras) + len(products)} modules ({adapter.meta.get('lora_type', 'lora')})"
+
+
+def _exact_rank(adapter) -> int:
+    """The largest rank any module's delta can have: a LoRA's rank, a LoHa/LoKr delta's full rank."""
+    loras, _, products = parse(adapter)
+    ranks = [m[0].shape[0] for m in loras.values()]
+    for module in products.values():
+        delta = product_delta(*module)
+        ranks.append(min(delta.shape[0], delta.size // delta.shape[0]))
+    return max(ranks)
 
 
 def _print_result(args) -> int:

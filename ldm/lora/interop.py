@@ -27,13 +27,19 @@ SD2's fused ``in_proj`` (OpenCLIP) against separate q/k/v LoRAs (HF CLIP names i
   the up blocks (alpha = rank). Three parts with one shared down and scale (what export writes) join back at rank r,
   so export followed by import gives the trainer's own parameter shapes.
 
-1x1-convolution LoRAs (SD1 ``proj_in``/``proj_out``: ``[r, in, 1, 1]``) are stored squeezed to 2-D and re-expanded
-on export for SD1 (and on merge, to the base weight's shape). Larger conv LoRAs (LoCon) are refused, or dropped with
-``skip_conv``.
+Convolutions (LoCon): a 1x1 conv's LoRA (SD1 ``proj_in``/``proj_out``, ResBlock shortcuts: ``[r, in, 1, 1]``) is
+stored squeezed to 2-D and re-expanded on export (and on merge, to the base weight's shape); a larger kernel keeps its
+``[r, in, kh, kw]`` down and stores its ``[out, r, 1, 1]`` up as ``[out, r]``. ``skip_conv`` drops kernels > 1x1.
+
+Other variants: DoRA magnitudes (kohya/LyCORIS ``dora_scale`` ``[out, 1]``, PEFT/diffusers ``lora_magnitude_vector``
+``[out]`` or ``[1, out, 1, 1]``) are read and written flat (a fused SD2 q/k/v magnitude splits into thirds, as the
+row norms do); LoHa/LoKr factors keep LyCORIS' names and shapes. A file of another LyCORIS algorithm (GLoRA, (IA)^3,
+OFT/BOFT, full diff, norms, Tucker factors) is refused with its name.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -44,7 +50,16 @@ import numpy as np
 
 from ldm.io import text_encoder_keys, unet_keys
 from ldm.io.checkpoint import CheckpointError
-from ldm.lora.adapter import FUSED_IN_PROJ, Adapter, Module, make_adapter, module_scale, modules
+from ldm.lora.adapter import (
+    FUSED_IN_PROJ,
+    PRODUCT_FACTORS,
+    Adapter,
+    Module,
+    make_adapter,
+    module_scale,
+    parse,
+    product_rank,
+)
 from ldm.names import TEXT_PREFIX, UNET_PREFIX, check_family
 
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -53,6 +68,18 @@ _QKV = ("q", "k", "v")
 _HF_QKV = re.compile(r"(text_model\.encoder\.layers\.\d+\.self_attn)\.([qkv])_proj")
 HF_TEXT_ROOT = "text_model."  # the CLIPTextModel level that transformers >= 5 no longer has
 _CONV1X1 = re.compile(r"proj_in|proj_out")
+LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+PRODUCT_PARTS = tuple(n for names in PRODUCT_FACTORS.values() for n in names)
+_UNSUPPORTED = {  # a module part -> the LyCORIS algorithm (or feature) whose files carry it
+    **dict.fromkeys(("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"), "GLoRA"),
+    **dict.fromkeys(("on_input", "weight"), "(IA)^3"),
+    **dict.fromkeys(("oft_blocks", "oft_diag", "rescale", "oft_R", "boft_m"), "OFT/BOFT"),
+    **dict.fromkeys(("diff", "diff_b"), "full (native fine-tuning diff)"),
+    **dict.fromkeys(("w_norm", "b_norm"), "norm"),
+    "lora_mid.weight": "LoCon with Tucker decomposition (lora_mid)",
+    **dict.fromkeys(("hada_t1", "hada_t2"), "LoHa with Tucker decomposition (hada_t1/hada_t2)"),
+    "lokr_t2": "LoKr with Tucker decomposition (lokr_t2)",
+}
 
 
 @dataclass(frozen=True)
@@ -138,9 +165,24 @@ def installed_text_path(path: str) -> str:
     return path[len(HF_TEXT_ROOT) :] if path.startswith(HF_TEXT_ROOT) else path
 
 
-def _is_conv1x1(path: str, family: str) -> bool:
-    """SD1's transformer ``proj_in``/``proj_out`` are 1x1 convolutions (SD2 uses Linear)."""
-    return family == "sd1" and path.startswith(UNET_PREFIX) and _CONV1X1.fullmatch(path.rsplit(".", 1)[-1]) is not None
+def _is_conv(path: str, family: str, down: np.ndarray) -> bool:
+    """A convolution in the reference UNet: a kernel > 1x1 (4-D down), a ResBlock's 1x1 ``skip_connection`` or SD1's
+    transformer ``proj_in``/``proj_out`` (SD2 uses Linear)."""
+    if down.ndim == 4 or not path.startswith(UNET_PREFIX):
+        return down.ndim == 4
+    leaf = path.rsplit(".", 1)[-1]
+    return leaf == "skip_connection" or (family == "sd1" and _CONV1X1.fullmatch(leaf) is not None)
+
+
+def unsupported_part(part: str, key: str, source) -> CheckpointError:
+    """The error for a key whose module part is not one of ours: the LyCORIS algorithm's name when it is known."""
+    algorithm = _UNSUPPORTED.get(part)
+    if algorithm is not None:
+        return _err(
+            source,
+            f"key {key!r}: LyCORIS algorithm {algorithm} is not supported (supported: LoRA/LoCon, LoHa, LoKr, DoRA)",
+        )
+    return _err(source, f"key {key!r}: {part!r} is not a LoRA/LoCon, DoRA, LoHa or LoKr part")
 
 
 def _split_fused(module: Module) -> list:
@@ -189,32 +231,95 @@ def _join_qkv(parts: dict, source) -> Module:
     return Module(down, up, common * rank if common is not None else float(rank))
 
 
-def _linear_pair(name: str, down: np.ndarray, up: np.ndarray, skip_conv: bool, source):
-    """2-D factors of a linear or 1x1-conv LoRA; None (module skipped) or an error for a larger conv kernel."""
-    if down.ndim == up.ndim == 2:
-        return down, up
-    if down.ndim == up.ndim == 4 and down.shape[2:] == up.shape[2:] == (1, 1):
-        return down[:, :, 0, 0], up[:, :, 0, 0]
-    if skip_conv:
+def _lora_factors(name: str, down: np.ndarray, up: np.ndarray, skip_conv: bool, source):
+    """Our factors of a linear or conv LoRA (1x1 squeezed to 2-D, up always 2-D); None (module skipped) for a kernel
+    larger than 1x1 with ``skip_conv``."""
+    if down.ndim == 4 and down.shape[2:] == (1, 1):
+        down = down[:, :, 0, 0]
+    if up.ndim == 4 and up.shape[2:] == (1, 1):
+        up = up[:, :, 0, 0]
+    if down.ndim not in (2, 4) or up.ndim != 2:
+        raise _err(source, f"{name}: LoRA factors down {down.shape}, up {up.shape} are not linear or conv factors")
+    if down.ndim == 4 and skip_conv:
         return None
-    raise _err(
-        source,
-        f"{name}: LoRA factors down {down.shape}, up {up.shape} are not linear or 1x1 conv (conv "
-        "LoRA / LoCon is not supported; pass skip_conv / --skip_conv to drop such modules)",
-    )
+    if down.shape[0] != up.shape[1]:
+        raise _err(source, f"{name}: rank mismatch: down {down.shape}, up {up.shape}")
+    return down, up
 
 
-def exported_modules(adapter: Adapter, layout: UNetLayout, source) -> list:
-    """(component, diffusers/HF module path, (down, up, alpha), is 1x1 conv) for export, fused in_proj split."""
+def _magnitude(name: str, value, out: int, source) -> np.ndarray:
+    """A DoRA magnitude per output row/channel: kohya/LyCORIS ``[out, 1(, 1, 1)]``, PEFT ``[out]``/``[1, out, 1, 1]``;
+    LyCORIS' per-input-column variant (``wd_on_out=False``, ``[1, in]``) is refused."""
+    value = np.asarray(value)
+    if value.size != out or (value.ndim >= 2 and value.shape[0] != out and value.shape[1] != out):
+        raise _err(
+            source,
+            f"{name}: DoRA magnitude of shape {value.shape} is not one per output channel ({out}); per-input "
+            "decomposition (LyCORIS wd_on_out=False) is not supported",
+        )
+    return value.reshape(-1)
+
+
+@dataclass
+class Imported:
+    """One module read from a file: a LoRA ``(down, up, alpha)`` with an optional DoRA magnitude, or a LoHa/LoKr
+    ``(kind, factors, alpha)`` (``lora`` None)."""
+
+    lora: tuple | None = None
+    magnitude: np.ndarray | None = None
+    product: tuple | None = None
+
+
+def _read_module(name: str, parts: dict, skip_conv: bool, source, alpha_of) -> Imported | None:
+    """An :class:`Imported` from ``{part: array}`` (our part names); ``alpha_of(rank)`` gives a missing alpha."""
+    kinds = {kind for kind, names in PRODUCT_FACTORS.items() if any(n in parts for n in names)}
+    if len(kinds) > 1 or (kinds and ("lora_down.weight" in parts or "lora_up.weight" in parts)):
+        raise _err(source, f"{name} mixes factors of several kinds: {', '.join(sorted(parts))}")
+    alpha = parts.get("alpha")
+    if kinds:
+        kind = kinds.pop()
+        if "dora_scale" in parts:
+            raise _err(source, f"{name}: DoRA (dora_scale) on a {kind} module is not supported")
+        factors = {n: np.asarray(parts[n]) for n in PRODUCT_FACTORS[kind] if n in parts}
+        rank = product_rank(kind, factors)
+        alpha = alpha_of(rank) if alpha is None else float(np.asarray(alpha, np.float32).reshape(()))
+        return Imported(product=(kind, factors, alpha))
+    down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+    if down is None or up is None:
+        raise _err(source, f"{name} has no {'down' if down is None else 'up'} factor")
+    pair = _lora_factors(name, np.asarray(down), np.asarray(up), skip_conv, source)
+    if pair is None:
+        return None
+    down, up = pair
+    alpha = alpha_of(down.shape[0]) if alpha is None else float(np.asarray(alpha, np.float32).reshape(()))
+    magnitude = parts.get("dora_scale")
+    if magnitude is not None:
+        magnitude = _magnitude(name, magnitude, up.shape[0], source)
+    return Imported(lora=Module(down, up, alpha), magnitude=magnitude)
+
+
+def exported_modules(adapter: Adapter, layout: UNetLayout, source, with_products: bool = False) -> list:
+    """(component, diffusers/HF module path, (down, up, alpha), is conv, DoRA magnitude or None) for export of the
+    LoRA-factored modules, fused in_proj split; LoHa/LoKr modules are refused unless ``with_products`` (the caller
+    writes them itself)."""
     family = adapter.meta["family"]
+    loras, magnitudes, products = parse(adapter, source)
+    if products and not with_products:
+        path, (kind, _, _) = next(iter(products.items()))
+        raise _err(source, f"{path}: {kind} modules export only to the kohya/LyCORIS format (--format kohya)")
     out = []
-    for path, module in modules(adapter, source).items():
+    for path, module in loras.items():
+        magnitude = magnitudes.get(path)
         if path.startswith(UNET_PREFIX):
-            out.append(("unet", _unet_to_diffusers(path, layout), module, _is_conv1x1(path, family)))
+            conv = _is_conv(path, family, module[0])
+            out.append(("unet", _unet_to_diffusers(path, layout), module, conv, magnitude))
             continue
         hf_paths = _te_to_hf(path, family)
-        split = _split_fused(module) if len(hf_paths) == 3 else [module]
-        out.extend(("text_encoder", p, m, False) for p, m in zip(hf_paths, split))
+        if len(hf_paths) == 3:
+            thirds = np.split(magnitude, 3) if magnitude is not None else [None] * 3
+            out.extend(("text_encoder", p, m, False, g) for p, m, g in zip(hf_paths, _split_fused(module), thirds))
+        else:
+            out.append(("text_encoder", hf_paths[0], module, False, magnitude))
     return out
 
 
@@ -223,66 +328,73 @@ def lora_factors(module: Module, conv: bool, fold: bool):
     if fold:
         up = (up.astype(np.float64) * module_scale(down, alpha)).astype(np.float32)
     if conv:
-        down, up = down[:, :, None, None], up[:, :, None, None]
+        down = down if down.ndim == 4 else down[:, :, None, None]
+        up = up[:, :, None, None]
     return np.ascontiguousarray(down), np.ascontiguousarray(up)
 
 
 def import_modules(found: dict, family: str, layout: UNetLayout, skip_conv: bool, source, label, alpha_of):
-    """Our adapter from ``{(component, diffusers/HF module path): [down, up, alpha]}``; ``label(component, path)``
-    names a module in errors, ``alpha_of(component, path, rank)`` gives the alpha of one without an alpha tensor."""
-    mods, hf_qkv, skipped = {}, {}, []
-    for (component, path), (down, up, alpha) in sorted(found.items()):
+    """Our adapter from ``{(component, diffusers/HF module path): {part: array}}`` (part names as in our adapter:
+    ``lora_down.weight``, ``lora_up.weight``, ``alpha``, ``dora_scale``, ``hada_*``, ``lokr_*``); ``label(component,
+    path)`` names a module in errors, ``alpha_of(component, path, rank)`` gives the alpha of one without an alpha
+    tensor (``rank`` None for a LoKr with neither factor decomposed)."""
+    mods, magnitudes, products, hf_qkv, skipped = {}, {}, {}, {}, []
+    for (component, path), parts in sorted(found.items()):
         name = label(component, path)
-        if down is None or up is None:
-            raise _err(source, f"{name} has no {'down' if down is None else 'up'} factor")
-        pair = _linear_pair(name, np.asarray(down), np.asarray(up), skip_conv, source)
-        if pair is None:
+        item = _read_module(name, parts, skip_conv, source, functools.partial(alpha_of, component, path))
+        if item is None:
             skipped.append(name)
             continue
-        down, up = pair
-        if down.shape[0] != up.shape[1]:
-            raise _err(source, f"{name}: rank mismatch: down {down.shape}, up {up.shape}")
-        rank = down.shape[0]
-        alpha = alpha_of(component, path, rank) if alpha is None else float(np.asarray(alpha, np.float32).reshape(()))
-        module = Module(down, up, alpha)
-        if component != "unet":
-            path = hf_text_path(path)
         if component == "unet":
-            mods[_unet_from_diffusers(path, layout)] = module
-        elif (qkv := _HF_QKV.fullmatch(path)) is not None:
-            hf_qkv.setdefault(qkv.group(1), {})[qkv.group(2)] = module
+            ours = _unet_from_diffusers(path, layout)
+        elif (qkv := _HF_QKV.fullmatch(hf_text_path(path))) is not None and family == "sd2":
+            if item.product is not None:
+                kind = item.product[0]
+                raise _err(source, f"{name}: {kind} on SD2's q/k/v (one fused in_proj here) is not supported")
+            hf_qkv.setdefault(qkv.group(1), {})[qkv.group(2)] = item
+            continue
         else:
-            mods[_te_from_hf(path, family)] = module
+            ours = _te_from_hf(hf_text_path(path), family)
+        if item.product is not None:
+            products[ours] = item.product
+            continue
+        mods[ours] = item.lora
+        if item.magnitude is not None:
+            magnitudes[ours] = item.magnitude
     if skipped:
         warnings.warn(
             f"{source}: dropped {len(skipped)} conv LoRA modules (skip_conv), e.g. {skipped[0]}", stacklevel=3
         )
     for layer, parts in hf_qkv.items():
-        if family == "sd2":
-            attn = _te_from_hf(f"{layer}.out_proj", family).rsplit(".", 1)[0]
-            mods[f"{attn}.{FUSED_IN_PROJ}"] = _join_qkv(parts, source)
-        else:
-            for name, module in parts.items():
-                mods[_te_from_hf(f"{layer}.{name}_proj", family)] = module
-    if not mods:
+        attn = _te_from_hf(f"{layer}.out_proj", family).rsplit(".", 1)[0]
+        fused = f"{attn}.{FUSED_IN_PROJ}"
+        mods[fused] = _join_qkv({n: item.lora for n, item in parts.items()}, source)
+        with_dora = [n for n in _QKV if n in parts and parts[n].magnitude is not None]
+        if with_dora and with_dora != list(_QKV):
+            raise _err(source, f"{layer}: DoRA on SD2's q/k/v needs all three of q, k and v (found {with_dora})")
+        if with_dora:
+            magnitudes[fused] = np.concatenate([parts[n].magnitude for n in _QKV])
+    if not (mods or products):
         raise _err(source, "holds no LoRA modules")
-    return make_adapter(mods, {"family": family})
+    return make_adapter(mods, {"family": family}, magnitudes, products)
 
 
 # -------------------------------------------------------------------------------------------------------- diffusers
 
 _DIFFUSERS_KEY = re.compile(
     r"(unet|text_encoder)\.(.+?)\.(?:(lora_A|lora\.down|lora_linear_layer\.down)\.weight"
-    r"|(lora_B|lora\.up|lora_linear_layer\.up)\.weight|(alpha))"
+    r"|(lora_B|lora\.up|lora_linear_layer\.up)\.weight|(alpha)|(lora_magnitude_vector)(?:\.weight)?)"
 )
+MAGNITUDE_KEY = "lora_magnitude_vector"  # PEFT's and diffusers' name of DoRA's magnitude
 
 
-def peft_config(entries: list) -> dict:
+def peft_config(entries: list, use_dora: bool = False) -> dict:
     """PEFT ``LoraConfig`` kwargs for ``[(module path, rank, alpha)]``: most common r/alpha plus patterns. A pattern
     is the escaped full path, which PEFT matches as a dotted suffix (so it also matches under a ``text_model.``)."""
     rank = Counter(r for _, r, _ in entries).most_common(1)[0][0]
     alpha = Counter(a for _, _, a in entries).most_common(1)[0][0]
     return {
+        "use_dora": use_dora,
         "r": rank,
         "lora_alpha": alpha,
         "rank_pattern": {re.escape(p): r for p, r, _ in entries if r != rank},
@@ -296,17 +408,32 @@ def to_diffusers(
 ) -> tuple:
     """``(state dict, safetensors metadata)`` in the diffusers/PEFT form ``unet.<path>.lora_A.weight`` etc."""
     state, entries = {}, {}
-    for component, path, module, conv in exported_modules(adapter, layout, source):
+    dora = False
+    for component, path, module, conv, magnitude in exported_modules(adapter, layout, source):
         down, up = lora_factors(module, conv, fold_scale)
         path = installed_text_path(path) if component == "text_encoder" else path
         state[f"{component}.{path}.lora_A.weight"] = down
         state[f"{component}.{path}.lora_B.weight"] = up
+        if magnitude is not None:
+            if fold_scale:
+                raise _err(source, "--fold_scale cannot keep DoRA exact (its norm needs the scale); export without it")
+            # diffusers hands text-encoder keys to transformers' loader, which maps ``.weight`` (PEFT's own save
+            # strips it, and that loader then drops the magnitude); the UNet keys go through PEFT, which adds it
+            suffix = ".weight" if component == "text_encoder" else ""
+            state[f"{component}.{path}.{MAGNITUDE_KEY}{suffix}"] = peft_magnitude(magnitude, conv)
+            dora = True
         entries.setdefault(component, []).append((path, int(down.shape[0]), float(np.float32(module.alpha))))
     metadata = {"format": "pt"}
     if not fold_scale:
-        packed = {f"{c}.{k}": v for c, items in entries.items() for k, v in peft_config(items).items()}
+        packed = {f"{c}.{k}": v for c, items in entries.items() for k, v in peft_config(items, use_dora=dora).items()}
         metadata[PEFT_METADATA_KEY] = json.dumps(packed, sort_keys=True)
     return state, metadata
+
+
+def peft_magnitude(magnitude: np.ndarray, conv: bool) -> np.ndarray:
+    """PEFT's shape of a DoRA magnitude: ``[out]`` for a Linear, ``[1, out, 1, 1]`` for a Conv2d."""
+    magnitude = np.ascontiguousarray(magnitude, dtype=np.float32)
+    return magnitude.reshape(1, -1, 1, 1) if conv else magnitude
 
 
 def peft_pattern_value(patterns: dict, path: str, default):
@@ -335,7 +462,7 @@ def from_diffusers(
     source="diffusers LoRA",
 ) -> Adapter:
     """Our adapter from a diffusers/PEFT LoRA state dict (``lora_A``/``lora_B``, ``lora.down``/``lora.up``,
-    or ``lora_linear_layer.down``/``up``; legacy ``<module>.alpha`` keys optional)."""
+    or ``lora_linear_layer.down``/``up``; legacy ``<module>.alpha`` keys optional; DoRA's ``lora_magnitude_vector``)."""
     check_family(family, source)
     try:
         peft_meta = json.loads((metadata or {}).get(PEFT_METADATA_KEY) or "{}")
@@ -349,8 +476,9 @@ def from_diffusers(
         match = _DIFFUSERS_KEY.fullmatch(key)
         if match is None:
             raise _err(source, f"key {key!r} is not a diffusers/PEFT LoRA key (unet.* / text_encoder.*)")
-        component, path, is_down, is_up, _ = match.groups()
-        found.setdefault((component, path), [None, None, None])[0 if is_down else 1 if is_up else 2] = value
+        component, path, is_down, is_up, is_alpha, _ = match.groups()
+        part = "lora_down.weight" if is_down else "lora_up.weight" if is_up else "alpha" if is_alpha else "dora_scale"
+        found.setdefault((component, path), {})[part] = value
     return import_modules(
         found, family, layout, skip_conv, source, lambda c, p: f"{c}.{p}", lambda c, p, r: _peft_alpha(configs[c], p, r)
     )
@@ -359,7 +487,7 @@ def from_diffusers(
 # ------------------------------------------------------------------------------------------------------------ kohya
 
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-_KOHYA_KEY = re.compile(r"(lora_(?:unet|te)_\w+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+_KOHYA_KEY = re.compile(r"(lora_(?:unet|te)_[A-Za-z0-9_]+)\.(.+)")
 _KOHYA_TE = re.compile(r"lora_te_text_model_encoder_layers_(\d+)_(\w+)")
 _HF_LAYER_MODULES = (
     "self_attn.q_proj",
@@ -420,29 +548,47 @@ def _kohya_te_path(name: str) -> str | None:
 
 
 def to_kohya(adapter: Adapter, layout: UNetLayout = UNetLayout(), source="adapter") -> tuple:
-    """``(state dict, metadata)`` in kohya sd-scripts form, with an ``.alpha`` tensor for every module."""
+    """``(state dict, metadata)`` in kohya sd-scripts form, with an ``.alpha`` tensor for every module; LoHa/LoKr
+    modules keep LyCORIS' factor names (``hada_w1_a``..., ``lokr_w1``...)."""
+    _, magnitudes, products = parse(adapter, source)
+    if magnitudes:
+        raise _err(
+            source,
+            "DoRA adapters export to --format diffusers or peft (diffusers' kohya loader drops dora_scale for SD1/SD2)",
+        )
     state = {}
-    for component, path, module, conv in exported_modules(adapter, layout, source):
+    for component, path, module, conv, _ in exported_modules(adapter, layout, source, with_products=True):
         down, up = lora_factors(module, conv, False)
         name = _kohya_name(component, path)
         state[f"{name}.lora_down.weight"] = down
         state[f"{name}.lora_up.weight"] = up
         state[f"{name}.alpha"] = np.asarray(module.alpha, dtype=np.float32)
+    family = adapter.meta["family"]
+    for path, (_, factors, alpha) in products.items():
+        if path.startswith(UNET_PREFIX):
+            name = _kohya_name("unet", _unet_to_diffusers(path, layout))
+        else:
+            (hf_path,) = _te_to_hf(path, family)
+            name = _kohya_name("text_encoder", hf_text_path(hf_path))
+        state.update({f"{name}.{factor}": np.ascontiguousarray(a) for factor, a in factors.items()})
+        state[f"{name}.alpha"] = np.asarray(alpha, dtype=np.float32)
     meta = adapter.meta
     metadata = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if not products else "lycoris.kohya",
         "ss_network_dim": str(meta.get("rank")),
         "ss_network_alpha": str(meta.get("alpha")),
         "ss_v2": str(meta["family"] == "sd2"),
     }
+    if products:
+        metadata["ss_network_args"] = json.dumps({"algo": meta.get("lora_type")})
     return state, metadata
 
 
 def from_kohya(
     state: dict, family: str, layout: UNetLayout = UNetLayout(), skip_conv: bool = False, source="kohya LoRA"
 ) -> Adapter:
-    """Our adapter from a kohya/A1111 LoRA (``lora_unet_*``/``lora_te_*``); names are resolved through a table of
-    the known modules, never by guessing dots."""
+    """Our adapter from a kohya/A1111/LyCORIS file (``lora_unet_*``/``lora_te_*``: LoRA/LoCon, ``dora_scale``, LoHa,
+    LoKr); names are resolved through a table of the known modules, never by guessing dots."""
     check_family(family, source)
     unet_table = _kohya_unet_table(layout)
     found: dict = {}
@@ -454,16 +600,19 @@ def from_kohya(
                 f"key {key!r} is not a kohya LoRA key (lora_unet_* / lora_te_* with .lora_down.weight, "
                 ".lora_up.weight or .alpha)",
             )
-        name, kind = match.groups()
+        name, part = match.groups()
+        if part not in LORA_PARTS + PRODUCT_PARTS:
+            raise unsupported_part(part, key, source)
         if name.startswith("lora_unet_"):
             target = ("unet", unet_table.get(name))
         else:
             target = ("text_encoder", _kohya_te_path(name))
         if target[1] is None:
             raise _err(source, f"key {key!r}: {name!r} is not a module of the {family} model/UNet layout given")
-        slot = ("lora_down.weight", "lora_up.weight", "alpha").index(kind)
-        found.setdefault(target, [None, None, None])[slot] = value
-    return import_modules(found, family, layout, skip_conv, source, _kohya_name, lambda c, p, r: float(r))
+        found.setdefault(target, {})[part] = value
+    return import_modules(
+        found, family, layout, skip_conv, source, _kohya_name, lambda c, p, r: float(r) if r is not None else 1.0
+    )
 
 
 def detect_format(state: dict) -> str:

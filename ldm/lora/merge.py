@@ -7,6 +7,11 @@ against the base's. :func:`combine_lpl` is cloneofsimo's ``lpl``: ``w1 * f_a + w
 ``dW = (w1 U_a + w2 U_b)(w1 D_a + w2 D_b)``, which is NOT ``w1 dW_a + w2 dW_b`` (an approximation kept for
 compatibility). :func:`combine_svd` forms the exact ``w1 dW_a + w2 dW_b`` and truncates its SVD to the requested rank,
 reporting the relative Frobenius error of every module; at rank >= ``r_a + r_b`` it is exact up to float32 rounding.
+
+Variants: merging takes any of them (DoRA: ``W = m (W + dW) / ||W + dW||``; LoHa/LoKr: their delta, reshaped to the
+base weight). ``combine_svd`` sums deltas, so it takes LoRA, LoCon, LoHa and LoKr (the result is a LoRA); DoRA's
+weight is not a delta (it depends on the base), so a DoRA module is refused by name, and ``combine_lpl`` (a sum of
+LoRA factors) refuses LoHa/LoKr as well.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from ldm.lora.adapter import (
     Adapter,
     Module,
     delta_weight,
+    dora_weight,
     fused_weight_key,
     make_adapter,
     module_scale,
-    modules,
+    parse,
+    product_delta,
     read_adapter,
     without_text_encoder,
 )
@@ -40,20 +47,23 @@ class SvdReport:
 
 
 def merge_into_base(base_state: dict, adapter: Adapter, weight: float = 1.0, source="adapter") -> dict:
-    """A copy of ``base_state`` (full LDM keys) with ``W += weight * alpha / r * up @ down`` for every module; the
-    fused SD2 ``in_proj`` delta goes to ``<attn>.in_proj_weight``. Arithmetic in float64, result in W's dtype.
+    """A copy of ``base_state`` (full LDM keys) with ``W += weight * alpha / r * up @ down`` for every module (DoRA:
+    ``W = m (W + weight dW) / ||W + weight dW||``; LoHa/LoKr: ``W += weight * dW``); the fused SD2 ``in_proj`` delta
+    goes to ``<attn>.in_proj_weight``. Arithmetic in float64, result in W's dtype.
 
     The adapter's family must be the base's (read from its text-encoder keys), even where the shapes would agree.
     """
-    mods = modules(adapter, source)
+    loras, magnitudes, products = parse(adapter, source)
     family = adapter.meta.get("family")
     base_family = family_of_state_dict(base_state)
     if base_family is not None and base_family != family:
         raise CheckpointError(
             f"{source}: adapter family {family!r} does not match the base model family {base_family!r}"
         )
+    deltas = {path: delta_weight(*m) for path, m in loras.items()}
+    deltas.update({path: product_delta(*m) for path, m in products.items()})
     out = dict(base_state)
-    for path, (down, up, alpha) in mods.items():
+    for path, delta in deltas.items():
         key = fused_weight_key(path) or path + ".weight"
         if key not in base_state:
             raise CheckpointError(
@@ -61,12 +71,15 @@ def merge_into_base(base_state: dict, adapter: Adapter, weight: float = 1.0, sou
                 f"(wrong family or model? adapter family {family!r})"
             )
         base = np.asarray(base_state[key])
-        delta = weight * delta_weight(down, up, alpha)
-        if delta.size != base.size or delta.shape != base.shape[:2]:
+        if delta.size != base.size or delta.shape[0] != base.shape[0]:
             raise CheckpointError(
                 f"{source}: LoRA module {path!r}: delta shape {delta.shape} does not fit {key!r} {base.shape}"
             )
-        out[key] = (base.astype(np.float64) + delta.reshape(base.shape)).astype(base.dtype)
+        if path in magnitudes:
+            merged = dora_weight(base, weight * delta, magnitudes[path])
+        else:
+            merged = base.astype(np.float64) + weight * delta.reshape(base.shape)
+        out[key] = merged.astype(base.dtype)
     return out
 
 
@@ -104,6 +117,20 @@ def _same_family(a: Adapter, b: Adapter) -> str:
     return a.meta["family"]
 
 
+def _combinable(adapter: Adapter, source: str, mode: str, products_ok: bool) -> tuple:
+    """``(loras, products)`` of an adapter ``combine`` can sum exactly; DoRA (and, for lpl, LoHa/LoKr) refused."""
+    loras, magnitudes, products = parse(adapter, source)
+    if magnitudes:
+        raise CheckpointError(
+            f"{source}: DoRA module {next(iter(magnitudes))!r} cannot be combined exactly (its weight m (W + dW) / "
+            f"||W + dW|| depends on the base weight, not a delta); merge it into the base instead"
+        )
+    if products and not products_ok:
+        path, (kind, _, _) = next(iter(products.items()))
+        raise CheckpointError(f"{source}: {mode} sums LoRA factors; {kind} module {path!r} has none (use --mode svd)")
+    return loras, products
+
+
 def combine_lpl(a: Adapter, b: Adapter, w1: float = 1.0, w2: float = 1.0) -> Adapter:
     """cloneofsimo ``lpl``: ``up = w1 up_a + w2 up_b`` and ``down = w1 down_a + w2 down_b`` per module.
 
@@ -111,7 +138,8 @@ def combine_lpl(a: Adapter, b: Adapter, w1: float = 1.0, w2: float = 1.0) -> Ada
     the same modules and ranks. Where their scales differ, ``alpha / r`` is first folded into each up (alpha = r).
     """
     _same_family(a, b)
-    ma, mb = modules(a, "first adapter"), modules(b, "second adapter")
+    ma, _ = _combinable(a, "first adapter", "lpl", False)
+    mb, _ = _combinable(b, "second adapter", "lpl", False)
     if set(ma) != set(mb):
         only = sorted(set(ma) ^ set(mb))
         raise CheckpointError(f"lpl needs the same modules in both adapters; {len(only)} differ, e.g. {only[0]!r}")
@@ -130,6 +158,12 @@ def combine_lpl(a: Adapter, b: Adapter, w1: float = 1.0, w2: float = 1.0) -> Ada
     return make_adapter(out, a.meta)
 
 
+def _deltas(adapter: Adapter, source: str) -> dict:
+    """``{module: float64 delta}`` of every module of an adapter ``combine_svd`` can sum."""
+    loras, products = _combinable(adapter, source, "svd", True)
+    return {**{p: delta_weight(*m) for p, m in loras.items()}, **{p: product_delta(*m) for p, m in products.items()}}
+
+
 def combine_svd(a: Adapter, b: Adapter, w1: float = 1.0, w2: float = 1.0, rank: int = 8) -> tuple:
     """``(adapter, SvdReport)``: per module the exact ``w1 dW_a + w2 dW_b`` (a module in one adapter only counts
     once) truncated to ``rank`` by SVD; ``up = U S``, ``down = Vh``, ``alpha = rank`` (scale 1). The report's errors
@@ -137,19 +171,23 @@ def combine_svd(a: Adapter, b: Adapter, w1: float = 1.0, w2: float = 1.0, rank: 
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     _same_family(a, b)
-    ma, mb = modules(a, "first adapter"), modules(b, "second adapter")
+    ma, mb = _deltas(a, "first adapter"), _deltas(b, "second adapter")
     out, errors = {}, {}
     total_res, total_ref = 0.0, 0.0
     for path in sorted(set(ma) | set(mb)):
-        parts = [w * delta_weight(*m[path]) for w, m in ((w1, ma), (w2, mb)) if path in m]
-        if len({p.shape for p in parts}) != 1:
+        parts = [w * m[path] for w, m in ((w1, ma), (w2, mb)) if path in m]
+        shapes = {p.shape for p in parts}
+        if len(shapes) != 1 and len({p.size for p in parts}) == 1 and any(p.ndim == 4 for p in parts):
+            parts = [p.reshape(next(q.shape for q in parts if q.ndim == 4)) for p in parts]  # LoHa conv: [out, in*k*k]
+        elif len(shapes) != 1:
             raise CheckpointError(f"{path!r}: the adapters' deltas have different shapes {[p.shape for p in parts]}")
         delta = sum(parts)
-        u, s, vh = np.linalg.svd(delta, full_matrices=False)
+        kernel = delta.shape[1:]
+        u, s, vh = np.linalg.svd(delta.reshape(delta.shape[0], -1), full_matrices=False)
         r = min(rank, s.size)
         up = (u[:, :r] * s[:r]).astype(np.float32)
-        down = vh[:r].astype(np.float32)
-        residual = np.linalg.norm(delta - up.astype(np.float64) @ down.astype(np.float64))
+        down = vh[:r].reshape((r,) + kernel).astype(np.float32)
+        residual = np.linalg.norm(delta - delta_weight(down, up, float(r)))
         reference = np.linalg.norm(delta)
         errors[path] = float(residual / reference) if reference > 0 else 0.0
         total_res += residual**2

@@ -4,7 +4,9 @@
 :class:`~ldm.lora.layers.LoRAFusedInProj` to OpenCLIP attention cells for an ``in_proj`` target); the LoRA parameter
 names are the module paths of the adapter file, so :func:`load_adapter` and
 :func:`to_adapter` move weights between a network and a file without renaming.
-1x1-convolution ``proj_in``/``proj_out`` (SD1) are not adapted: :func:`inject_lora` skips them with a warning.
+Matching convolutions (SD1's 1x1 ``proj_in``/``proj_out``, ResBlock 3x3 convs) become
+:class:`~ldm.lora.layers.LoRAConv` (LoCon) with ``convolutions=True``, and are skipped with a warning otherwise.
+``use_dora`` makes every injected layer DoRA.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 
-from ldm.lora.adapter import FUSED_IN_PROJ, Adapter, Module, make_adapter, modules
-from ldm.lora.layers import LoRADense, LoRAFusedInProj, LoRALayer
+from ldm.lora.adapter import FUSED_IN_PROJ, MAGNITUDE, Adapter, Module, make_adapter, parse
+from ldm.lora.layers import LoRAConv, LoRADense, LoRAFusedInProj, LoRALayer
 from ldm.lora.targets import UNET_ATTENTION_TARGETS
 from ldm.models.layers import assign_array
 
@@ -70,15 +72,18 @@ def inject_lora(
     dropout: float = 0.0,
     lora_dtype=ms.float32,
     scope: str | None = None,
+    convolutions: bool = False,
+    use_dora: bool = False,
 ) -> list[str]:
     """Replace every Dense whose path ends with a target by a :class:`LoRADense`, then freeze all but LoRA.
 
     ``targets`` are dotted path suffixes (``"to_q"``, ``"attn1.to_q"``, ``"ff.net.0.proj"``, ``"self_attn.q_proj"``);
     a target ending in ``in_proj`` selects the fused ``in_proj_weight`` of an attention cell (:class:`LoRAFusedInProj`,
     attached as ``in_proj_lora``). ``scope`` restricts the search to one sub-cell path (e.g.
-    ``"model.diffusion_model"``). Matching cells that are not Dense (SD1's 1x1-conv ``proj_in``) are skipped with a
-    warning. Every parameter outside LoRA layers gets ``requires_grad=False``, and the trainable set is checked to
-    be exactly the LoRA parameters. Returns the injected module names, in network order.
+    ``"model.diffusion_model"``). Matching Conv2d cells become :class:`LoRAConv` with ``convolutions`` (LoCon) and are
+    skipped with a warning without it, as are other matching cells. ``use_dora`` adds DoRA's magnitude to every
+    injected layer. Every parameter outside LoRA layers gets ``requires_grad=False``, and the trainable set is checked
+    to be exactly the LoRA parameters. Returns the injected module names, in network order.
     """
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if not targets:
@@ -108,23 +113,24 @@ def inject_lora(
         target = _match(path, targets)
         if target is None:
             continue
-        if isinstance(cell, nn.Dense):
-            plans.append(("dense", path, cell, target))
-        else:
+        if isinstance(cell, nn.Dense) or (convolutions and isinstance(cell, nn.Conv2d)):
+            plans.append(("wrap", path, cell, target))
+        elif not isinstance(cell, nn.Identity):  # e.g. a ResBlock's skip_connection where channels do not change
             skipped.append(f"{path} ({type(cell).__name__})")
     if skipped:
-        logger.warning(
-            "LoRA skipped %d matching modules that are not Dense (no conv LoRA): %s", len(skipped), ", ".join(skipped)
-        )
+        what = "not Dense or Conv2d" if convolutions else "not Dense (conv LoRA is off: conv_rank / convolutions=True)"
+        logger.warning("LoRA skipped %d matching modules that are %s: %s", len(skipped), what, ", ".join(skipped))
     if not plans:
         raise ValueError(
-            f"no Dense module matches LoRA targets {list(targets)}" + (f" under scope {scope!r}" if scope else "")
+            f"no {'Dense/Conv2d' if convolutions else 'Dense'} module matches LoRA targets {list(targets)}"
+            + (f" under scope {scope!r}" if scope else "")
         )
     injected = []
     for kind, path, cell, target in plans:
-        if kind == "dense":
+        if kind == "wrap":
             base_names = [(p, p.name) for p in (cell.weight, cell.bias) if p is not None]
-            layer = LoRADense(cell, rank, alpha, dropout, lora_dtype)
+            wrapper = LoRADense if isinstance(cell, nn.Dense) else LoRAConv
+            layer = wrapper(cell, rank, alpha, dropout, lora_dtype, use_dora)
             prefix = _module_prefix(cell.weight, ".weight", path)
             parent_path, _, key = path.rpartition(".")
             _replace_child(cells[parent_path], key, layer)
@@ -132,7 +138,7 @@ def inject_lora(
                 param.name = name
         else:
             weight = cell.in_proj_weight
-            layer = LoRAFusedInProj(weight, rank, alpha, dropout, lora_dtype)
+            layer = LoRAFusedInProj(weight, rank, alpha, dropout, lora_dtype, use_dora)
             prefix = _module_prefix(weight, ".in_proj_weight", path) + f".{FUSED_IN_PROJ}"
             setattr(cell, FUSED_IN_PROJ, layer)
         layer.target = target
@@ -140,7 +146,8 @@ def inject_lora(
         injected.append(prefix)
     _freeze_all_but_lora(network)
     logger.info(
-        "LoRA rank %d injected into %d modules (%d trainable parameters)",
+        "%s rank %d injected into %d modules (%d trainable parameters)",
+        "DoRA" if use_dora else "LoRA",
         rank,
         len(injected),
         sum(int(np.prod(p.shape)) for p in network.trainable_params()),
@@ -149,12 +156,18 @@ def inject_lora(
 
 
 def count_lora_parameters(network: nn.Cell) -> int:
-    """Number of LoRA weights (``rank * (in + out)`` per module)."""
+    """Number of adapter weights (``rank * (in * kh * kw + out)`` per module, plus ``out`` for DoRA)."""
     return sum(int(np.prod(p.shape)) for _, layer in lora_layers(network) for p in layer.lora_parameters())
 
 
+def lora_parameters(network: nn.Cell) -> list:
+    """The trainable adapter parameters of every LoRA layer (factors, DoRA magnitudes), in network order."""
+    return [p for _, layer in lora_layers(network) for p in layer.lora_parameters()]
+
+
 def lora_state_dict(network: nn.Cell) -> dict[str, np.ndarray]:
-    """``{<module>.lora_down.weight: [r, in], <module>.lora_up.weight: [out, r]}`` as float32 numpy arrays."""
+    """``{<module>.lora_down.weight: [r, in], <module>.lora_up.weight: [out, r]}`` (and DoRA's
+    ``<module>.dora_scale``) as float32 numpy arrays."""
     return {p.name: p.asnumpy() for _, layer in lora_layers(network) for p in layer.lora_parameters()}
 
 
@@ -209,19 +222,25 @@ def load_lora_state_dict(network: nn.Cell, state_dict: dict, alphas: dict[str, f
 
 
 def to_adapter(network: nn.Cell, family: str, **meta) -> Adapter:
-    """The adapter of an injected network (its LoRA weights and per-module alphas); ``meta`` adds e.g.
-    ``context_dim`` and ``parameterization``."""
-    return make_adapter(lora_modules(network), {"family": family, **meta})
+    """The adapter of an injected network (its LoRA weights, DoRA magnitudes and per-module alphas); ``meta`` adds
+    e.g. ``context_dim`` and ``parameterization``."""
+    magnitudes = {name: layer.dora_scale.asnumpy() for name, layer in lora_layers(network) if layer.use_dora}
+    return make_adapter(lora_modules(network), {"family": family, **meta}, magnitudes)
 
 
 def load_adapter(network: nn.Cell, adapter: Adapter, source="adapter") -> None:
-    """Load an :class:`~ldm.lora.adapter.Adapter` into an injected network (weights and per-module alphas)."""
-    mods = modules(adapter, source)
+    """Load an :class:`~ldm.lora.adapter.Adapter` into an injected network (weights, DoRA magnitudes and per-module
+    alphas). LoHa/LoKr modules have no layer here: merge them (:func:`ldm.lora.merge.apply_adapters`)."""
+    mods, magnitudes, products = parse(adapter, source)
+    if products:
+        kind, _, _ = next(iter(products.values()))
+        raise ValueError(f"{source}: {kind} modules cannot be loaded into LoRA layers; merge them into the weights")
     state = {
         path + suffix: array
         for path, (down, up, _) in mods.items()
         for suffix, array in ((".lora_down.weight", down), (".lora_up.weight", up))
     }
+    state.update({path + MAGNITUDE: m for path, m in magnitudes.items()})
     load_lora_state_dict(network, state, {path: alpha for path, (_, _, alpha) in mods.items()})
 
 

@@ -6,9 +6,12 @@ A PEFT folder holds ``adapter_config.json`` (a ``LoraConfig``) and ``adapter_mod
 transformers CLIP text model). A run folder holds one per network: ``unet/`` and/or ``text_encoder/``.
 
 Scale: PEFT's ``lora_alpha / r`` per module (``rank_pattern``/``alpha_pattern`` matched as PEFT does), or
-``lora_alpha / sqrt(r)`` with ``use_rslora``, which import turns into our ``alpha = lora_alpha * sqrt(r)``. Config
-fields that change what the layers compute and that our layers do not implement (DoRA, LoRA bias, ``modules_to_save``,
-...) are refused by name; so is any field this reader does not know unless it holds its neutral value (off/empty).
+``lora_alpha / sqrt(r)`` with ``use_rslora``, which import turns into our ``alpha = lora_alpha * sqrt(r)``. DoRA
+(``use_dora``, ``lora_magnitude_vector``) is read and written; ``LoHaConfig``/``LoKrConfig`` folders (``alpha``,
+``hada_*``/``lokr_*``) are read, PEFT's LoKr scale ``alpha / r`` folded into ``lokr_w1`` where neither factor is
+decomposed (LyCORIS scales those by 1). Config fields that change what the layers compute and that our layers do not
+implement (LoRA bias, ``modules_to_save``, ...) are refused by name; so is any field this reader does not know unless
+it holds its neutral value (off/empty).
 Export writes the text-encoder names the installed transformers uses (no ``text_model.``, see
 :mod:`ldm.lora.interop`).
 """
@@ -20,26 +23,44 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+
 from ldm.atomic import atomic_folder, write_json
 from ldm.io.checkpoint import CheckpointError, read_state_dict, write_state_dict
 from ldm.lora.adapter import Adapter
 from ldm.lora.interop import (
+    MAGNITUDE_KEY,
+    PRODUCT_PARTS,
     UNetLayout,
     exported_modules,
     import_modules,
     installed_text_path,
     lora_factors,
     peft_config,
+    peft_magnitude,
     peft_pattern_value,
+    unsupported_part,
 )
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 COMPONENTS = ("unet", "text_encoder")
-_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight")
+_KEY = re.compile(rf"base_model\.model\.(.+?)\.(lora_A\.weight|lora_B\.weight|{MAGNITUDE_KEY}|[a-z0-9_]+)")
+_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", MAGNITUDE_KEY: "dora_scale"}
+_PEFT_TYPES = ("LORA", "LOHA", "LOKR")
 _TEXT_ROOTS = ("text_model.", "encoder.", "embeddings.", "final_layer_norm")
 # read and used
-_USED = {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "use_rslora"}
+_USED = {
+    "r",
+    "lora_alpha",
+    "alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "exclude_modules",
+    "use_rslora",
+    "use_dora",
+}
 # no effect on what loaded weights compute (bookkeeping, training-time dropout, initialisation schemes)
 _INERT = {
     "peft_type",
@@ -57,9 +78,15 @@ _INERT = {
     "lora_ga_config",
     "megatron_core",
     "qalora_group_size",
+    "init_weights",  # LoHa/LoKr: initialisation, and the factors' shapes below say how they were built
+    "rank_dropout",
+    "module_dropout",
+    "rank_dropout_scale",
+    "use_effective_conv2d",
+    "decompose_both",
+    "decompose_factor",
 }
 _WHY = {
-    "use_dora": "DoRA needs a magnitude vector the LoRA layers here do not have",
     "lora_bias": "the LoRA layers here have no bias on lora_B",
     "bias": "bias training changes base biases, which an adapter here cannot carry",
     "modules_to_save": "fully trained modules are not LoRA factors",
@@ -90,8 +117,8 @@ def _read_config(folder: Path) -> dict:
         raise _err(source, f"unreadable: {e}") from None
     if not isinstance(config, dict):
         raise _err(source, "must hold a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise _err(source, f"peft_type {config['peft_type']!r} is not supported (only LORA)")
+    if config.get("peft_type", "LORA") not in _PEFT_TYPES:
+        raise _err(source, f"peft_type {config['peft_type']!r} is not supported (only {', '.join(_PEFT_TYPES)})")
     for key, value in config.items():
         if key not in _USED and key not in _INERT and not _neutral(value):
             why = _WHY.get(key, "not implemented here")
@@ -108,8 +135,9 @@ def _check_types(config: dict, source) -> None:
     """The fields this reader uses have PEFT's types (patterns: valid regexes mapping to numbers)."""
     if not isinstance(config.get("r"), int) or isinstance(config["r"], bool) or config["r"] <= 0:
         raise _err(source, f"field 'r' must be a positive integer, got {json.dumps(config.get('r'))}")
-    if not _number(config.get("lora_alpha", 8)):
-        raise _err(source, f"field 'lora_alpha' must be a number, got {json.dumps(config['lora_alpha'])}")
+    for field in ("lora_alpha", "alpha"):
+        if not _number(config.get(field, 8)):
+            raise _err(source, f"field {field!r} must be a number, got {json.dumps(config[field])}")
     for field in ("rank_pattern", "alpha_pattern"):
         patterns = config.get(field) or {}
         if not isinstance(patterns, dict) or not all(_number(v) for v in patterns.values()):
@@ -158,12 +186,15 @@ def _read_network(folder: Path, found: dict, alpha_of: dict) -> None:
         match = _KEY.fullmatch(key)
         if match is None:
             raise _err(weights, f"key {key!r} is not a LoRA factor (base_model.model.<module>.lora_A/lora_B.weight)")
-        path, factor = match.groups()
+        path, part = match.groups()
+        part = _PARTS.get(part, part)
+        if part not in _PARTS.values() and part not in PRODUCT_PARTS:
+            raise unsupported_part(part, key, weights)
         if not _targeted(config, path):
             raise _err(weights, f"module {path!r} is outside target_modules/exclude_modules of {CONFIG_NAME}")
         component = _component_of(path)
         components.add(component)
-        found.setdefault((component, path), [None, None, None])[0 if factor == "lora_A" else 1] = value
+        found.setdefault((component, path), {})[part] = value
         alpha_of[(component, path)] = (config, folder)
     if len(components) > 1:
         raise _err(weights, "mixes UNet and text-encoder modules; PEFT folders hold one network each")
@@ -171,13 +202,28 @@ def _read_network(folder: Path, found: dict, alpha_of: dict) -> None:
         raise _err(weights, f"holds {components.pop()} modules but the folder is named {folder.name!r}")
 
 
-def _alpha(config: dict, folder: Path, path: str, rank: int) -> float:
-    """Our alpha (``scale * rank``) of one module; the file's rank must be what ``rank_pattern``/``r`` say."""
+def _alpha(config: dict, folder: Path, path: str, rank: int | None) -> float:
+    """Our alpha (``scale * rank``) of one module; the file's rank must be what ``rank_pattern``/``r`` say. ``rank``
+    None (a LoKr with neither factor decomposed) gives PEFT's scale ``alpha / r`` itself, which
+    :func:`_fold_lokr_scale` moves into the factors."""
     declared = int(peft_pattern_value(config.get("rank_pattern"), path, config["r"]))
-    if declared != rank:
+    if rank is not None and declared != rank:
         raise _err(folder, f"module {path!r} has rank {rank} but {CONFIG_NAME} gives r = {declared}")
-    alpha = float(peft_pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8)))
+    default = config.get("lora_alpha", config.get("alpha", 8))
+    alpha = float(peft_pattern_value(config.get("alpha_pattern"), path, default))
+    if rank is None:
+        return alpha / declared
     return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
+
+
+def _fold_lokr_scale(found: dict, alpha_of: dict) -> None:
+    """PEFT scales every LoKr by ``alpha / r``, LyCORIS (our convention) a LoKr with neither factor decomposed by 1:
+    such a module gets PEFT's scale multiplied into ``lokr_w1`` (alpha 1)."""
+    for (component, path), parts in found.items():
+        if "lokr_w1" in parts and "lokr_w2" in parts:
+            scale = _alpha(*alpha_of[(component, path)], path, None)
+            parts["lokr_w1"] = (np.asarray(parts["lokr_w1"], np.float64) * scale).astype(np.float32)
+            parts["alpha"] = np.float32(1.0)
 
 
 def read_peft_folder(folder, family: str, layout: UNetLayout, skip_conv: bool = False) -> Adapter:
@@ -192,6 +238,7 @@ def read_peft_folder(folder, family: str, layout: UNetLayout, skip_conv: bool = 
             raise _err(folder, f"no {CONFIG_NAME} here nor in unet/ or text_encoder/ (not a PEFT folder)")
         for sub in subfolders:
             _read_network(sub, found, alpha_of)
+    _fold_lokr_scale(found, alpha_of)
     return import_modules(
         found,
         family,
@@ -212,17 +259,20 @@ def write_peft_folder(folder, adapter: Adapter, layout: UNetLayout, overwrite: b
     if folder.exists() and not overwrite:
         raise _err(folder, "already exists (pass --overwrite to replace it)")
     networks: dict = {}
-    for component, path, module, conv in exported_modules(adapter, layout, folder):
+    for component, path, module, conv, magnitude in exported_modules(adapter, layout, folder):
         path = installed_text_path(path) if component == "text_encoder" else path
-        networks.setdefault(component, []).append((path, module, conv))
+        networks.setdefault(component, []).append((path, module, conv, magnitude))
     with atomic_folder(folder, overwrite=True) as build:
         for component, items in networks.items():
             state, entries = {}, []
-            for path, module, conv in items:
+            for path, module, conv, magnitude in items:
                 down, up = lora_factors(module, conv, False)
                 state[f"base_model.model.{path}.lora_A.weight"] = down
                 state[f"base_model.model.{path}.lora_B.weight"] = up
+                if magnitude is not None:
+                    state[f"base_model.model.{path}.{MAGNITUDE_KEY}"] = peft_magnitude(magnitude, conv)
                 entries.append((path, int(down.shape[0]), float(module.alpha)))
+            dora = any(m is not None for _, _, _, m in items)
             config = {
                 "peft_type": "LORA",
                 "task_type": None,
@@ -232,10 +282,9 @@ def write_peft_folder(folder, adapter: Adapter, layout: UNetLayout, overwrite: b
                 "bias": "none",
                 "fan_in_fan_out": False,
                 "use_rslora": False,
-                "use_dora": False,
                 "lora_bias": False,
                 "init_lora_weights": True,
-                **peft_config(entries),
+                **peft_config(entries, use_dora=dora),
             }
             (build / component).mkdir()
             write_state_dict(build / component / WEIGHTS_NAME, state, {"format": "pt"})

@@ -14,3 +14,8 @@ TEXT_ENCODER_TARGETS = (
     "attn.out_proj",
 )
 UNET_TARGET_PRESETS = {"attention": UNET_ATTENTION_TARGETS, "extended": UNET_EXTENDED_TARGETS}
+# LoCon (kohya's conv_dim): the 3x3 convs of ResBlocks, Downsample and Upsample take conv_rank/conv_alpha, and the
+# ResBlocks' Linear and 1x1 conv (time embedding, shortcut) the LoRA rank, as kohya's networks.lora adds them.
+UNET_CONV3X3_TARGETS = ("in_layers.2", "out_layers.3", "op", "conv")
+UNET_RESBLOCK_TARGETS = ("emb_layers.1", "skip_connection")
+LORA_TYPES = ("lora", "dora")

@@ -23,7 +23,7 @@ from ldm.data.buckets import BucketSpec
 from ldm.data.captions import CaptionRules
 from ldm.data.kohya import FolderOptions, read_dataset_config, read_records
 from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
-from ldm.lora.targets import UNET_TARGET_PRESETS
+from ldm.lora.targets import LORA_TYPES, UNET_TARGET_PRESETS
 from ldm.options import (
     RunOptions,
     add_options,
@@ -150,6 +150,24 @@ class TrainOptions(RunOptions):
     )
     lora_dropout: float = option(0.0, "dropout on the LoRA input")
     lora_fp16: bool = option(False, "compute the LoRA branch in float16 (params stay float32)")
+    lora_type: str = option(
+        "lora",
+        "adapter kind: lora (LoRA; LoCon with conv_rank) | dora (weight-decomposed LoRA: magnitude x direction, "
+        "peft's use_dora formula)",
+        choices=LORA_TYPES,
+    )
+    use_dora: bool = option(False, "peft's/diffusers' spelling: True means lora_type dora")
+    conv_rank: int = option(
+        0,
+        "LoCon (kohya's conv_dim): LoRA rank of the UNet's 3x3 ResBlock/Downsample/Upsample convs; also adapts SD1's "
+        "1x1 proj_in/proj_out and the ResBlocks' time-embedding Linear and 1x1 shortcut at lora_rank. 0: off",
+    )
+    conv_alpha: float | None = option(
+        None,
+        "LoCon alpha of the 3x3 convs (kohya's conv_alpha; scale = conv_alpha / conv_rank; default conv_alpha = "
+        "conv_rank, like lora_alpha, where kohya defaults to 1)",
+        parse=optional_float,
+    )
     precision: str | None = option(
         None,
         "compute dtype of the UNet (and by default the text encoder): Dense/Conv in it, frozen weights stored in it, "
@@ -394,6 +412,16 @@ def check_dreambooth(opts: TrainOptions) -> None:
         LOGGER.warning("class_data_dir/class_prompt are unused without with_prior_preservation")
 
 
+def lora_variant(opts: TrainOptions, source: str = "TrainOptions") -> str:
+    """The adapter kind to train (``use_dora`` read as ``lora_type: dora``); a negative ``conv_rank``, or
+    ``conv_alpha`` without it, is a :class:`ConfigError` naming the options."""
+    if opts.conv_rank < 0:
+        raise ConfigError(f"{source}: conv_rank must be >= 0 (0: no conv LoRA), got {opts.conv_rank}")
+    if opts.conv_alpha is not None and not opts.conv_rank:
+        raise ConfigError(f"{source}: conv_alpha is set but conv_rank is 0 (conv LoRA off); set conv_rank too")
+    return "dora" if opts.use_dora else opts.lora_type
+
+
 def precision_policy(opts: TrainOptions) -> PrecisionPolicy:
     """The run's precision policy (``use_fp16`` read as ``precision: fp16``); a conflict is a ValueError."""
     return resolve_policy(opts.precision, opts.vae_precision, opts.text_encoder_precision, opts.use_fp16)
@@ -459,6 +487,7 @@ def parse_options(argv=None) -> TrainOptions:
     check_validation_options(opts, args.train_config or "command line")
     check_training_controls(opts, args.train_config or "command line")
     check_dreambooth(opts)
+    lora_variant(opts, args.train_config or "command line")
     precision_policy(opts)  # a use_fp16/precision conflict is reported before MindSpore starts
     return opts
 

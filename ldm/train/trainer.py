@@ -29,8 +29,8 @@ from ldm.io.model_io import load_pretrained, model_family
 from ldm.lora.adapter import write_adapter
 from ldm.lora.any_format import read_any_adapter
 from ldm.lora.interop import UNetLayout
-from ldm.lora.network import inject_lora, load_adapter, to_adapter
-from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_TARGET_PRESETS
+from ldm.lora.network import inject_lora, load_adapter, lora_parameters, to_adapter
+from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_CONV3X3_TARGETS, UNET_RESBLOCK_TARGETS, UNET_TARGET_PRESETS
 from ldm.models.diffusion import build_model_from_config
 from ldm.names import TEXT_PREFIX, UNET_PREFIX
 from ldm.options import check_choices
@@ -48,6 +48,7 @@ from ldm.train.options import (
     check_training_controls,
     check_validation_options,
     folder_options,
+    lora_variant,
     loss_scaler_of,
     precision_policy,
     resolve_cache_options,
@@ -88,18 +89,31 @@ def build_trainable_model(opts: TrainOptions, config):
     else:
         LOGGER.warning("no pretrained_model_path: training from random weights (only useful for smoke tests)")
     if opts.use_lora:
+        dora = lora_variant(opts) == "dora"
 
         def lora_kwargs(precision: str) -> dict:
             fp16 = opts.lora_fp16 or precision == "fp16"
             dtype = ms.float16 if fp16 else ms.float32
-            return {"rank": opts.lora_rank, "alpha": opts.lora_alpha, "dropout": opts.lora_dropout, "lora_dtype": dtype}
+            return {
+                "rank": opts.lora_rank,
+                "alpha": opts.lora_alpha,
+                "dropout": opts.lora_dropout,
+                "lora_dtype": dtype,
+                "use_dora": dora,
+            }
 
         if opts.lora_ft_text_encoder:
             inject_lora(model.cond_stage_model, targets=TEXT_ENCODER_TARGETS, **lora_kwargs(policy.text_encoder))
-        inject_lora(model.model, targets=UNET_TARGET_PRESETS[opts.lora_targets], **lora_kwargs(policy.unet))
+        unet_kwargs = lora_kwargs(policy.unet)
+        conv = opts.conv_rank > 0
+        inject_lora(model.model, targets=UNET_TARGET_PRESETS[opts.lora_targets], convolutions=conv, **unet_kwargs)
+        if conv:  # LoCon, with kohya's module set
+            inject_lora(model.model, targets=UNET_RESBLOCK_TARGETS, convolutions=True, **unet_kwargs)
+            conv_kwargs = {**unet_kwargs, "rank": opts.conv_rank, "alpha": opts.conv_alpha}
+            inject_lora(model.model, targets=UNET_CONV3X3_TARGETS, convolutions=True, **conv_kwargs)
         if opts.init_lora_weights:
             load_init_adapter(model, opts.init_lora_weights, config)
-        params = [p for p in model.get_parameters() if ".lora_down." in p.name or ".lora_up." in p.name]
+        params = lora_parameters(model)
         chosen = {id(p) for p in params}
         for p in model.get_parameters():
             p.requires_grad = id(p) in chosen
