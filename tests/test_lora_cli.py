@@ -216,11 +216,11 @@ def test_cli_entry_point_help_and_error(tmp_path):
 @pytest.mark.parametrize(
     "field,value,expected",
     [
-        ("use_dora", True, "'use_dora' = true is not supported (DoRA"),
+        ("lora_bias", True, "'lora_bias' = true is not supported (the LoRA layers here have no bias"),
         ("some_future_feature", {"on": 1}, "'some_future_feature'"),
         ("r", "4", "field 'r' must be a positive integer"),
         ("alpha_pattern", {"attn1.(": 2}, "is not a regular expression"),
-        ("peft_type", "LOHA", "peft_type 'LOHA' is not supported"),
+        ("peft_type", "OFT", "peft_type 'OFT' is not supported (only LORA, LOHA, LOKR)"),
     ],
 )
 def test_peft_folder_bad_config_is_one_line(field, value, expected, tmp_path, rng, capsys):

@@ -122,7 +122,7 @@ def _tiny_text_encoder():
     )
 
 
-@pytest.mark.parametrize("field", ["use_dora", "lora_bias"])
+@pytest.mark.parametrize("field", ["lora_bias"])
 def test_unsupported_peft_feature_is_refused_by_name(field, tmp_path, capsys):
     config = peft.LoraConfig(r=2, target_modules=["q_proj"], **{field: True})
     peft.get_peft_model(_tiny_text_encoder(), config).save_pretrained(tmp_path / "text_encoder")
