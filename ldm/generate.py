@@ -61,6 +61,7 @@ def validate_job(job: GenerateOptions) -> list[float]:
         parse_prompt_weights(prompt)  # PromptSyntaxError naming the bracket's position
     if job.clip_skip < 0:
         raise GenerationError(f"--clip_skip {job.clip_skip} must be >= 0 (0: the last layer)")
+    job.sampler_options()
     if job.sampling_steps < 1 or job.n_samples < 1 or job.n_iter < 1:
         raise GenerationError("--sampling_steps, --n_samples and --n_iter must be at least 1")
     for flag, value in (("--H", job.H), ("--W", job.W)):
@@ -138,7 +139,9 @@ def generate(job: GenerateOptions, log=print, warn=None) -> dict:
         sampler=job.sampler, steps=job.sampling_steps, scale=scale, height=height, width=width, eta=job.ddim_eta
     )
     clip_skip = check_clip_skip(job.clip_skip, model.cond_stage_model.layers)
-    pipe = Text2ImagePipeline(model, job.sampler, clip_skip=clip_skip, prompt_weighting=job.prompt_weighting)
+    pipe = Text2ImagePipeline(
+        model, job.sampler, clip_skip=clip_skip, prompt_weighting=job.prompt_weighting, **job.sampler_options()
+    )
     pipe.set_memory_options(job.attention_slice_size, job.vae_slicing, job.vae_tile_latent_size)
     # Every prompt is known up front: encode them all, then free the text encoder's weights for the UNet and VAE.
     batches = [[prompt] * job.n_samples for prompt in job.prompts]
@@ -153,6 +156,7 @@ def generate(job: GenerateOptions, log=print, warn=None) -> dict:
     common = {
         "negative_prompt": job.negative_prompt,
         "sampler": job.sampler,
+        **job.sampler_options(),
         "steps": job.sampling_steps,
         "scale": scale,
         "eta": job.ddim_eta,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ldm.cli import Parser
 from ldm.io.model_config import find_config_file
-from ldm.names import SAMPLER_NAMES
+from ldm.names import DPM_ALGORITHM_TYPES, KARRAS_SAMPLERS, SAMPLER_NAMES
 from ldm.options import (
     RunOptions,
     add_options,
@@ -48,8 +48,22 @@ class GenerateOptions(RunOptions):
         "read PyTorch pickle checkpoints (.ckpt/.pt/.bin) with a restricted unpickler that only rebuilds tensors; "
         "only for files you trust",
     )
-    sampler: str = option("dpm_solver_pp", "sampler (docs/samplers.md)", choices=SAMPLER_NAMES)
-    sampling_steps: int = option(20, "sampler steps")
+    sampler: str = option(
+        "dpm_solver_pp",
+        "sampler (docs/samplers.md): ddim, plms, dpm_solver_pp (DPM++ 2M), unipc, euler, euler_a (Euler ancestral), "
+        "heun",
+        choices=SAMPLER_NAMES,
+    )
+    sampling_steps: int = option(20, "sampler steps (heun calls the model twice per step)")
+    use_karras_sigmas: bool = option(
+        False, f"Karras noise levels (diffusers' use_karras_sigmas; {', '.join(KARRAS_SAMPLERS)} only)"
+    )
+    algorithm_type: str = option(
+        DPM_ALGORITHM_TYPES[0],
+        "dpm_solver_pp only: dpmsolver++ (DPM++ 2M) or sde-dpmsolver++ (DPM++ 2M SDE, stochastic: its noise is seeded "
+        "by --seed)",
+        choices=DPM_ALGORITHM_TYPES,
+    )
     scale: float | None = option(None, "guidance scale (not set: 9.0 for SD2, 7.5 for SD1)", parse=optional_float)
     ddim_eta: float = option(0.0, "DDIM eta (0: deterministic)")
     clip_skip: int = option(
@@ -90,6 +104,25 @@ class GenerateOptions(RunOptions):
     def adapters(self) -> list[str]:
         """The adapter files to merge: ``lora_ckpt_path`` when ``use_lora`` is on, else none."""
         return list(self.lora_ckpt_path) if self.use_lora else []
+
+    def sampler_options(self) -> dict:
+        """The options of ``sampler`` that differ from its defaults; an option the sampler lacks is an error."""
+        options = {}
+        if self.use_karras_sigmas:
+            if self.sampler not in KARRAS_SAMPLERS:
+                raise GenerationError(
+                    f"--use_karras_sigmas does not apply to --sampler {self.sampler} (Karras sigmas are an option of "
+                    f"{', '.join(KARRAS_SAMPLERS)})"
+                )
+            options["use_karras_sigmas"] = True
+        if self.algorithm_type != DPM_ALGORITHM_TYPES[0]:
+            if self.sampler != "dpm_solver_pp":
+                raise GenerationError(
+                    f"--algorithm_type {self.algorithm_type} applies to --sampler dpm_solver_pp only "
+                    f"(not {self.sampler})"
+                )
+            options["algorithm_type"] = self.algorithm_type
+        return options
 
     def unet_precision(self) -> str:
         """``precision``, or fp16 from mindone's ``use_fp16``, by the rule training uses too (both at odds: an error

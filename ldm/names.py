@@ -23,7 +23,9 @@ TEXT_ENCODER_CLASSES = {
 
 DEVICE_TARGETS = ("CPU", "GPU", "Ascend")  # MindSpore's device_target values, for every CLI
 
-SAMPLER_NAMES = ("ddim", "plms", "dpm_solver_pp", "unipc")
+SAMPLER_NAMES = ("ddim", "plms", "dpm_solver_pp", "unipc", "euler", "euler_a", "heun")
+KARRAS_SAMPLERS = ("dpm_solver_pp", "unipc", "euler", "heun")  # those with a use_karras_sigmas option
+DPM_ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")  # diffusers' algorithm_type of dpm_solver_pp; first: default
 
 # Default guidance scale per family (Stability's sampling scripts: 7.5 for SD1, 9.0 for SD2).
 DEFAULT_GUIDANCE = {"sd1": 7.5, "sd2": 9.0}

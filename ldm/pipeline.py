@@ -142,8 +142,10 @@ class Text2ImagePipeline:
         settings: GenerationSettings,
         seed: int = 0,
         callback=None,
+        generator=None,
     ) -> Tensor:
-        """Run the sampler from ``latents`` (x_T) with classifier-free guidance; returns x_0 latents."""
+        """Run the sampler from ``latents`` (x_T) with classifier-free guidance; returns x_0 latents. A stochastic
+        sampler draws its noise from ``generator`` (default: a numpy generator seeded with ``seed + 1``)."""
         cond = self.encode_prompts(prompts)
         if settings.scale == 1.0:
             context, model_fn = cond, self.denoise
@@ -155,9 +157,9 @@ class Text2ImagePipeline:
             def model_fn(x, t, ctx):
                 return self.guided_denoise(x, t, ctx, scale)
 
-        extra = {}
-        if settings.sampler == "ddim":
-            extra = {"eta": settings.eta, "generator": np.random.default_rng(seed + 1)}
+        extra = {"eta": settings.eta} if settings.sampler == "ddim" else {}
+        if self.sampler.stochastic:
+            extra["generator"] = np.random.default_rng(seed + 1) if generator is None else generator
         return self.sampler.sample(
             model_fn, Tensor(latents), context, num_steps=settings.steps, callback=callback, **extra
         )

@@ -30,6 +30,8 @@ NON_DEFAULT = {
     "allow_pickle": True,
     "sampler": "ddim",
     "sampling_steps": 7,
+    "use_karras_sigmas": True,
+    "algorithm_type": "sde-dpmsolver++",
     "scale": 3.5,
     "ddim_eta": 0.5,
     "clip_skip": 1,
@@ -153,6 +155,9 @@ print("MINDSPORE", "mindspore" in sys.modules)
         (["--prompt", "x", "--ckpt_path", "missing.safetensors"], "missing.safetensors: checkpoint not found"),
         (["--config_file", "{tmp}/bad.yaml"], "bad.yaml: unknown option 'sampling_stpes'"),
         (["--config_file", "{tmp}/missing.yaml"], "missing.yaml"),
+        (["--prompt", "x", "--sampler", "euler_a", "--use_karras_sigmas"], "--use_karras_sigmas does not apply to"),
+        (["--prompt", "x", "--sampler", "ddim", "--use_karras_sigmas", "True"], "--sampler ddim (Karras sigmas are"),
+        (["--prompt", "x", "--sampler", "euler", "--algorithm_type", "sde-dpmsolver++"], "dpm_solver_pp only"),
     ],
 )
 def test_errors_before_mindspore_import(tmp_path, argv, needle):
@@ -166,6 +171,12 @@ def test_errors_before_mindspore_import(tmp_path, argv, needle):
     assert not (tmp_path / "out").exists()
 
 
+def test_shipped_config_file_parses():
+    opts = parse_options(["--config_file", str(ROOT / "configs/generate/tiny_sd_euler_a.yaml")])
+    assert (opts.sampler, opts.ckpt_path, opts.seed) == ("euler_a", "models/tiny_sd/tiny_sd.safetensors", 7)
+    assert (ROOT / opts.ckpt_path).is_file()
+
+
 def test_help_lists_samplers_and_config_file():
     run = subprocess.run([sys.executable, str(SCRIPT), "-h"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 0
@@ -173,4 +184,4 @@ def test_help_lists_samplers_and_config_file():
     from ldm.names import SAMPLER_NAMES
 
     assert "{" + ",".join(SAMPLER_NAMES) + "}" in text
-    assert "--config_file" in text
+    assert "--config_file" in text and "--use_karras_sigmas" in text and "sde-dpmsolver++" in text

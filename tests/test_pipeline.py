@@ -1,9 +1,10 @@
 """End to end: our text-to-image pipeline vs diffusers' StableDiffusionPipeline on the same tiny random weights.
 
-The same initial latents, prompts, guidance scale and sampler configuration go through both; the final latents
-must agree to 1e-4 relative (fp32 on both sides; 10 sampler steps each compound the ~1e-6 per-call UNet error and the
-float32 scheduler arithmetic of diffusers vs our float64 coefficients), and the decoded uint8 images to within one
-grey level.
+The same initial latents, prompts, guidance scale and sampler configuration go through both (and for the stochastic
+samplers the same noise: one torch generator seed, handed to diffusers' pipeline as its ``generator`` and to ours
+behind numpy's ``standard_normal``, ``test_samplers.TorchNoise``); the final latents must agree to 1e-4 relative
+(fp32 on both sides; 10 sampler steps each compound the ~1e-6 per-call UNet error and the float32 scheduler
+arithmetic of diffusers vs our float64 coefficients), and the decoded uint8 images to within one grey level.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from ldm.pipeline import GenerationSettings, Text2ImagePipeline, check_size, mak
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+from test_samplers import TorchNoise  # noqa: E402
 from tiny_diffusers import save_folder  # noqa: E402
 
 PROMPTS = ["a photo of an astronaut riding a horse", "a watercolor painting of a fox"]
 NEGATIVE = ["", "blurry"]
+KARRAS = {"use_karras_sigmas": True}
 
 
 @pytest.fixture(scope="module", params=[("sd2", "v_prediction"), ("sd1", "epsilon")], ids=["sd2-v", "sd1-eps"])
@@ -44,15 +47,25 @@ def pair(request, tmp_path_factory):
     [
         ("dpm_solver_pp", "DPMSolverMultistepScheduler", {}),
         ("ddim", "DDIMScheduler", {}),
+        ("euler_a", "EulerAncestralDiscreteScheduler", {}),
+        ("heun", "HeunDiscreteScheduler", KARRAS),
+        (
+            "dpm_solver_pp",
+            "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+        ),
     ],
+    ids=["dpmpp_2m", "ddim", "euler_a", "heun_karras", "dpmpp_2m_sde_karras"],
 )
 def test_pipeline_matches_diffusers(pair, sampler, scheduler_cls, options):
     ref, model = pair
-    ref.scheduler = getattr(diffusers, scheduler_cls).from_config(ref.scheduler.config)
+    spacing = {"timestep_spacing": "linspace"} if sampler in ("euler", "euler_a", "heun") else {}
+    ref.scheduler = getattr(diffusers, scheduler_cls).from_config(ref.scheduler.config, **options, **spacing)
     settings = GenerationSettings(sampler=sampler, steps=10, scale=7.5, height=32, width=32)
     pipe = Text2ImagePipeline(model, sampler=sampler, **options)
     latents = pipe.initial_latents(len(PROMPTS), 32, 32, seed=3)
-    ours = pipe.sample_latents(PROMPTS, NEGATIVE, latents, settings).asnumpy()
+    noise = TorchNoise(11) if pipe.sampler.stochastic and sampler != "ddim" else None
+    ours = pipe.sample_latents(PROMPTS, NEGATIVE, latents, settings, generator=noise).asnumpy()
     with torch.no_grad():
         theirs = ref(
             PROMPTS,
@@ -62,6 +75,7 @@ def test_pipeline_matches_diffusers(pair, sampler, scheduler_cls, options):
             height=32,
             width=32,
             latents=torch.from_numpy(latents),
+            generator=torch.Generator().manual_seed(11),
             output_type="latent",
         ).images.numpy()
     err = np.abs(ours - theirs).max() / np.abs(theirs).max()

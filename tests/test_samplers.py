@@ -1,17 +1,25 @@
 """Sampler parity with diffusers' schedulers, classifier-free guidance batching, determinism and graph-mode use.
 
 Parity: the same deterministic toy "network" ``out = tanh(A * x + B * t / 1000)`` is written twice (MindSpore for
-our samplers, torch for the diffusers loop) and read as eps or as v; both start from the same x_T and, for DDIM
-with eta > 0, get the same per-step noise (ours from the seeded numpy generator, passed to diffusers as
-``variance_noise``). We compare the model-call timesteps exactly and the final latents with ``atol = rtol = 1e-4``.
+our samplers, torch for the diffusers loop, which runs as diffusers' pipelines run it: ``x_T * init_noise_sigma``,
+``scale_model_input`` before every call) and read as eps or as v; both start from the same x_T. The stochastic
+samplers get the same noise: DDIM with eta > 0 from the seeded numpy generator, passed to diffusers as
+``variance_noise``; Euler ancestral and SDE DPM-Solver++ from one torch generator seed, handed to diffusers as its
+``generator`` and to ours wrapped in numpy's ``standard_normal`` (:class:`TorchNoise`), drawn in the same order.
+We compare the model-call timesteps exactly (the Karras timesteps of euler/heun, fractional and computed by
+diffusers from float32 sigmas, to ``TS_ATOL = 2e-3``; observed <= 1.3e-3) and the final latents with
+``atol = rtol = 1e-4``, except SDE DPM-Solver++ read as eps (below).
 
 Why 1e-4: diffusers builds betas, alpha_bar and its sigmas in float32 (alpha_bar[999] ~ 4.7e-3 carries a relative
 error of ~1e-6 from the float32 cumprod) and evaluates every coefficient in float32, while we compute coefficients
 in float64. The toy is a poor denoiser, so read as eps its x0 predictions (x - sigma eps) / alpha reach |x| ~ 40
 and the float32 coefficient error is amplified by up to 1 / sqrt(alpha_bar) ~ 15: observed max differences are
-<= 5e-4 on |x| <= 43 for eps (~1e-5 relative) and <= 4e-6 on |x| <= 2.7 for v (print them with ``-s``). Changing
-a solver option (order 2 -> 3, midpoint -> heun, zero -> sigma_min final sigma) moves the result by 5e-3..2e-1, far
-outside ``atol + rtol * |x|``.
+<= 7.3e-4 on |x| <= 45 for eps (~2e-5 relative) and <= 8e-6 on |x| <= 2.7 for v (print them with ``-s``).
+The SDE step adds ``sigma_t sqrt(1 - e^-2h) z`` to every element with float32 coefficients, so there the error
+follows the latents' overall size rather than each element's: observed max differences are <= 1.7e-5 * max |x|
+(7.3e-4 on |x| <= 43), which one element of 512 exceeds ``atol + rtol * |x|`` by, so those cases compare with
+``atol = SDE_REL * max |x|``, ``SDE_REL = 3e-5``. Changing a solver option (order 2 -> 3, midpoint -> heun, zero
+-> sigma_min final sigma) moves the result by 5e-3..2e-1, and another noise seed by far more, far outside either.
 """
 
 import ldm  # noqa: F401, I001  (must precede mindspore)
@@ -19,7 +27,15 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
 from mindspore import ops
 
 from ldm.samplers import SAMPLERS, DDIMSampler, get_sampler, guided_model_fn
@@ -28,6 +44,9 @@ from ldm.samplers.dpm_solver import dpm_solver_orders
 A, B = 0.8, 1.3
 SHAPE = (2, 4, 8, 8)
 ATOL = RTOL = 1e-4
+TS_ATOL = 2e-3  # fractional Karras timesteps of the sigma samplers (see the module docstring)
+SDE_REL = 3e-5  # SDE DPM-Solver++ read as eps: atol = SDE_REL * max |x| (see the module docstring)
+NOISE_SEED = 5
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 DIFFUSERS_PRED = {"eps": "epsilon", "v": "v_prediction"}
 
@@ -47,6 +66,18 @@ def x_T(seed=0):
     return np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
 
 
+class TorchNoise:
+    """A torch generator behind numpy's ``standard_normal``: what our stochastic samplers draw from, so they get the
+    noise diffusers draws from ``torch.Generator().manual_seed(seed)``."""
+
+    def __init__(self, seed):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def standard_normal(self, shape, dtype=np.float32):
+        assert dtype == np.float32
+        return torch.randn(shape, generator=self.generator, dtype=torch.float32).numpy()
+
+
 # ---- diffusers reference configurations (SD settings written out, not taken from defaults) -------------------------
 
 
@@ -64,8 +95,9 @@ def ref_scheduler(name, pred, **opts):
         )  # fmt: skip
     if name == "dpm_solver_pp":
         return DPMSolverMultistepScheduler(
-            **SD, prediction_type=p, algorithm_type="dpmsolver++", solver_order=opts.get("order", 2),
+            **SD, prediction_type=p, solver_order=opts.get("order", 2),
             solver_type=opts.get("solver_type", "midpoint"), lower_order_final=opts.get("lower_order_final", True),
+            algorithm_type=opts.get("algorithm_type", "dpmsolver++"),
             use_karras_sigmas=opts.get("use_karras_sigmas", False),
             final_sigmas_type=opts.get("final_sigmas_type", "zero"), timestep_spacing="linspace", steps_offset=0,
         )  # fmt: skip
@@ -75,17 +107,30 @@ def ref_scheduler(name, pred, **opts):
             predict_x0=True, lower_order_final=True, use_karras_sigmas=opts.get("use_karras_sigmas", False),
             final_sigmas_type=opts.get("final_sigmas_type", "zero"), timestep_spacing="linspace", steps_offset=0,
         )  # fmt: skip
+    karras = opts.get("use_karras_sigmas", False)
+    if name == "euler":
+        return EulerDiscreteScheduler(**SD, prediction_type=p, timestep_spacing="linspace", use_karras_sigmas=karras)
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler(**SD, prediction_type=p, timestep_spacing="linspace")
+    if name == "heun":
+        return HeunDiscreteScheduler(**SD, prediction_type=p, timestep_spacing="linspace", use_karras_sigmas=karras)
     raise KeyError(name)
 
 
 def run_reference(scheduler, x0, num_steps, eta=0.0, noises=None):
+    """diffusers' denoising loop (as in its SD pipelines); stochastic schedulers draw from a seeded generator."""
     scheduler.set_timesteps(num_steps)
-    x = torch.from_numpy(x0.copy())
+    x = torch.from_numpy(x0.copy()) * scheduler.init_noise_sigma
+    generator = torch.Generator().manual_seed(NOISE_SEED)
     for i, t in enumerate(scheduler.timesteps):
         kw = {}
         if eta > 0:
             kw = dict(eta=eta, variance_noise=torch.from_numpy(noises[i]))
-        x = scheduler.step(torch_toy(x, t), t, x, **kw).prev_sample
+        elif isinstance(scheduler, EulerAncestralDiscreteScheduler) or "sde" in scheduler.config.get(
+            "algorithm_type", ""
+        ):
+            kw = dict(generator=generator)
+        x = scheduler.step(torch_toy(scheduler.scale_model_input(x, t), t), t, x, **kw).prev_sample
     return x.numpy(), scheduler.timesteps.numpy()
 
 
@@ -93,20 +138,28 @@ def run_ours(sampler, x0, num_steps, **kw):
     called = []
 
     def model(x, t, cond):
-        called.append(int(t.asnumpy()[0]))
+        called.append(float(t.asnumpy()[0]))
         return ms_toy(x, t, cond)
 
+    if sampler.stochastic and "generator" not in kw and sampler.name != "ddim":
+        kw["generator"] = TorchNoise(NOISE_SEED)
     out = sampler.sample(model, ms.Tensor(x0), None, num_steps, **kw)
     return out.asnumpy(), np.array(called)
 
 
-def check(ours, ref, label):
+def timestep_tolerance(name, opts):
+    return TS_ATOL if name in ("euler", "heun") and opts.get("use_karras_sigmas") else 0.0
+
+
+def check(ours, ref, label, ts_atol=0.0, sde=False):
     (x, ts), (x_ref, ts_ref) = ours, ref
-    np.testing.assert_array_equal(ts, ts_ref, err_msg=f"{label}: model-call timesteps differ")
+    assert ts.shape == ts_ref.shape, f"{label}: {len(ts)} model calls, diffusers makes {len(ts_ref)}"
+    np.testing.assert_allclose(ts, ts_ref, rtol=0, atol=ts_atol, err_msg=f"{label}: model-call timesteps differ")
     err = float(np.abs(x - x_ref).max())
     print(f"{label}: max |ours - diffusers| = {err:.2e} (max |x| = {np.abs(x_ref).max():.2f})")
     assert np.all(np.isfinite(x))
-    np.testing.assert_allclose(x, x_ref, atol=ATOL, rtol=RTOL, err_msg=label)
+    atol = max(ATOL, SDE_REL * float(np.abs(x_ref).max())) if sde else ATOL
+    np.testing.assert_allclose(x, x_ref, atol=atol, rtol=RTOL, err_msg=label)
 
 
 # The solvers the brief asks for, at every step count ...
@@ -118,6 +171,13 @@ CORE = {
     "dpmpp_3m": ("dpm_solver_pp", {"order": 3}),
     "unipc_2": ("unipc", {}),
     "unipc_3": ("unipc", {"order": 3}),
+    "euler": ("euler", {}),
+    "euler_karras": ("euler", {"use_karras_sigmas": True}),
+    "euler_a": ("euler_a", {}),
+    "heun": ("heun", {}),
+    "heun_karras": ("heun", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("dpm_solver_pp", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_karras": ("dpm_solver_pp", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
 }
 # ... and the other options, with (10) and without (20) diffusers' lower_order_final rule in effect.
 OPTIONS = {
@@ -128,6 +188,9 @@ OPTIONS = {
     "dpmpp_3m_no_lower_order_final": ("dpm_solver_pp", {"order": 3, "lower_order_final": False}),
     "unipc_3_karras": ("unipc", {"order": 3, "use_karras_sigmas": True}),
     "unipc_2_bh1_sigma_min": ("unipc", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
+    "dpmpp_sde_1": ("dpm_solver_pp", {"algorithm_type": "sde-dpmsolver++", "order": 1}),
+    "dpmpp_2m_sde_heun": ("dpm_solver_pp", {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
+    "dpmpp_3m_sde": ("dpm_solver_pp", {"algorithm_type": "sde-dpmsolver++", "order": 3}),
 }
 PARITY = [(c, n) for c in CORE for n in (10, 20, 25)] + [(c, n) for c in OPTIONS for n in (10, 20)]
 
@@ -139,7 +202,26 @@ def test_parity_with_diffusers(case, num_steps, pred):
     x0 = x_T()
     ours = run_ours(get_sampler(name, prediction_type=pred, **opts), x0, num_steps)
     ref = run_reference(ref_scheduler(name, pred, **opts), x0, num_steps)
-    check(ours, ref, f"{case} n={num_steps} {pred}")
+    sde = opts.get("algorithm_type") == "sde-dpmsolver++"
+    check(ours, ref, f"{case} n={num_steps} {pred}", timestep_tolerance(name, opts), sde)
+
+
+@pytest.mark.parametrize("case", ["euler_a", "dpmpp_2m_sde"])
+def test_stochastic_samplers_follow_their_generator(case):
+    """Same seed, same images (a numpy seed or Generator alike); another seed moves them; the noise is really used
+    (an all-zero noise source gives another result than diffusers' draws)."""
+    name, opts = CORE[case]
+    sampler, x0 = get_sampler(name, **opts), ms.Tensor(x_T())
+    a = sampler.sample(ms_toy, x0, None, 8, generator=7).asnumpy()
+    np.testing.assert_array_equal(a, sampler.sample(ms_toy, x0, None, 8, generator=np.random.default_rng(7)).asnumpy())
+    assert np.abs(a - sampler.sample(ms_toy, x0, None, 8, generator=8).asnumpy()).max() > 1e-2
+
+    class Zeros:
+        def standard_normal(self, shape, dtype):
+            return np.zeros(shape, dtype)
+
+    ref, _ = run_reference(ref_scheduler(name, "eps", **opts), x_T(), 8)
+    assert np.abs(sampler.sample(ms_toy, x0, None, 8, generator=Zeros()).asnumpy() - ref).max() > 1e-2
 
 
 @pytest.mark.parametrize("pred", ["eps", "v"])
@@ -159,7 +241,7 @@ def test_timesteps_method_matches_calls():
         sampler = get_sampler(name)
         for n in (1, 7, 30):
             _, called = run_ours(sampler, x_T(), n)
-            np.testing.assert_array_equal(sampler.timesteps(n), called, err_msg=f"{name} n={n}")
+            np.testing.assert_array_equal(sampler.timesteps(n), called.astype(np.float32), err_msg=f"{name} n={n}")
 
 
 @pytest.mark.parametrize("case", list(CORE))
@@ -168,7 +250,9 @@ def test_timesteps_match_diffusers_at_other_step_counts(case):
     for n in (1, 2, 3, 7, 30, 50, 1000):
         ref = ref_scheduler(name, "eps", **opts)
         ref.set_timesteps(n)
-        np.testing.assert_array_equal(get_sampler(name, **opts).timesteps(n), ref.timesteps.numpy(), err_msg=f"n={n}")
+        ours = get_sampler(name, **opts).timesteps(n)
+        atol = timestep_tolerance(name, opts)
+        np.testing.assert_allclose(ours, ref.timesteps.numpy(), rtol=0, atol=atol, err_msg=f"n={n}")
 
 
 def test_dpm_solver_orders():
@@ -251,8 +335,14 @@ def test_graph_compiled_model_fn(graph_mode):
 
 
 def test_bad_options_raise():
-    with pytest.raises(ValueError, match="unknown sampler"):
-        get_sampler("euler")
+    with pytest.raises(
+        ValueError, match=r"unknown sampler 'euler_x'; choose from ddim, plms, .*, euler, euler_a, heun"
+    ):
+        get_sampler("euler_x")
+    with pytest.raises(ValueError, match="use_karras_sigmas does not apply to euler_a"):
+        get_sampler("euler_a", use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="algorithm_type"):
+        get_sampler("dpm_solver_pp", algorithm_type="sde-dpmsolver")
     with pytest.raises(ValueError, match="prediction_type"):
         get_sampler("ddim", prediction_type="epsilon")
     with pytest.raises(ValueError, match="final_sigmas_type"):

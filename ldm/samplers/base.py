@@ -2,7 +2,8 @@
 
 Interface
     ``model_fn(x, t, cond) -> eps or v``: ``x`` is a MindSpore latent tensor ``[B, ...]``, ``t`` an int32 tensor
-    ``[B]`` of discrete DDPM timestep indices (0..T-1, SD: T = 1000), ``cond`` is passed through untouched. The call
+    ``[B]`` of DDPM timesteps (0..T-1, SD: T = 1000; float32 and fractional for the sigma samplers below), ``cond``
+    is passed through untouched. The call
     may be (and for a UNet should be) a graph-compiled function, e.g. ``ms.jit(unet)``: samplers call it with the
     same shapes and dtypes at every step, so it compiles once.
 
@@ -16,9 +17,15 @@ Numerics
     scalar coefficients are computed in float64 numpy/Python; the combination itself runs in the latent's dtype.
     The solver state lives on the host as numpy arrays: a latent is small (16K floats for a 512px image), so each
     step costs one copy in and one out of the model call, where MindSpore ops would each pay an op launch (tens of
-    microseconds on CPU; measured in ``benchmarks/profile_sample.py``). Solvers are deterministic; the only random
-    draw (DDIM with eta > 0) comes from a numpy ``Generator`` the caller passes, so a seed fixes the result on every
-    device.
+    microseconds on CPU; measured in ``benchmarks/profile_sample.py``). The random draws (DDIM with eta > 0, Euler
+    ancestral, SDE DPM-Solver++) come from a ``generator`` the caller passes: a numpy ``Generator`` or a seed, or any
+    object with numpy's ``standard_normal(shape, dtype=)`` (a test wraps a torch generator so diffusers draws the same
+    noise), so a seed fixes the result on every device. ``Sampler.stochastic`` says whether a sampler draws.
+
+Sigma samplers
+    The Euler family (:class:`SigmaSampler`) integrates in the variance-exploding form ``x = x_vp / alpha_t`` as
+    diffusers' Euler/Heun schedulers and k-diffusion do: the state starts at ``x_T * sigma_max``, the model sees
+    ``x / sqrt(sigma^2 + 1)`` and a fractional timestep (float32), and the state at sigma = 0 is x_0.
 
 Classifier-free guidance
     :func:`guided_model_fn` wraps ``model_fn`` so one batched call per step evaluates [uncond, cond] and combines
@@ -192,6 +199,8 @@ class Sampler:
     """Common configuration (prediction type, schedule) and the model call of every solver."""
 
     name = ""
+    stochastic = False  # whether sample() draws noise from its generator
+    timestep_dtype = np.int32
 
     def __init__(self, prediction_type: str = "eps", alphas_cumprod: np.ndarray | None = None):
         if prediction_type not in PREDICTION_TYPES:
@@ -224,10 +233,21 @@ class Sampler:
         """
         raise NotImplementedError
 
-    def _call(self, model_fn: ModelFn, x: np.ndarray, t: int, cond: Any) -> np.ndarray:
+    def _call(self, model_fn: ModelFn, x: np.ndarray, t: float, cond: Any) -> np.ndarray:
         """The model's output at host latents ``x`` and timestep ``t``, as a host array of ``x``'s dtype."""
-        ts = ms.Tensor(np.full((x.shape[0],), int(t), dtype=np.int32))
+        ts = ms.Tensor(np.full((x.shape[0],), t, dtype=self.timestep_dtype))
         return model_fn(ms.Tensor(x), ts, cond).asnumpy().astype(x.dtype, copy=False)
+
+
+def noise_source(generator: Any):
+    """What a stochastic sampler draws from: ``generator`` itself when it has ``standard_normal``, else a numpy
+    ``Generator`` seeded with it (``None``: fresh entropy)."""
+    return generator if hasattr(generator, "standard_normal") else np.random.default_rng(generator)
+
+
+def draw_noise(generator: Any, like: np.ndarray) -> np.ndarray:
+    """One standard-normal draw of ``like``'s shape (float32, as diffusers draws it), in ``like``'s dtype."""
+    return np.asarray(generator.standard_normal(tuple(like.shape), dtype=np.float32)).astype(like.dtype, copy=False)
 
 
 def to_host(x: ms.Tensor | np.ndarray) -> np.ndarray:
@@ -273,3 +293,55 @@ class MultistepSigmaSampler(Sampler):
 
     def timesteps(self, num_steps: int) -> np.ndarray:
         return self.schedule(num_steps)[0]
+
+
+def euler_schedule(
+    alphas_cumprod: np.ndarray, num_steps: int, use_karras_sigmas: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Timesteps ``[n]`` and sigmas ``[n + 1]`` (last 0) of diffusers' Euler/Heun schedulers (``timestep_spacing=
+    "linspace"``, ``interpolation_type="linear"``): ``n`` timesteps ``linspace(T-1, 0)``, sigmas interpolated
+    linearly in t; or Karras sigmas between the first and last of those (sigma(t=T-1) and sigma(t=0)) at the
+    fractional timesteps that interpolating log-sigma gives (diffusers does not round them here)."""
+    _check_steps(num_steps, len(alphas_cumprod))
+    all_sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+    timesteps = np.linspace(0.0, len(alphas_cumprod) - 1.0, num_steps)[::-1]
+    sigmas = np.interp(timesteps, np.arange(len(all_sigmas), dtype=np.float64), all_sigmas)
+    if use_karras_sigmas:  # between the ends of the linspace grid, as diffusers (the same ends unless n = 1)
+        sigmas = karras_sigmas(sigmas[-1], sigmas[0], num_steps)
+        timesteps = sigma_to_t(sigmas, np.log(all_sigmas))
+    return timesteps, np.append(sigmas, 0.0)
+
+
+class SigmaSampler(Sampler):
+    """Shared set-up of the Euler family: the schedule, the initial state and the model's x0 prediction at a sigma
+    (see "Sigma samplers")."""
+
+    timestep_dtype = np.float32
+
+    def __init__(
+        self, prediction_type: str = "eps", alphas_cumprod: np.ndarray | None = None, use_karras_sigmas: bool = False
+    ):
+        super().__init__(prediction_type, alphas_cumprod)
+        self.use_karras_sigmas = use_karras_sigmas
+
+    def schedule(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """(timesteps [n], sigmas [n + 1]); see :func:`euler_schedule`."""
+        return euler_schedule(self.alphas_cumprod, num_steps, self.use_karras_sigmas)
+
+    def timesteps(self, num_steps: int) -> np.ndarray:
+        """Timesteps of the model calls, as the model gets them (float32)."""
+        return self.schedule(num_steps)[0].astype(np.float32)
+
+    @staticmethod
+    def initial_state(x_T: ms.Tensor | np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+        """``x_T * sigma_max``: diffusers' ``init_noise_sigma`` for "linspace" spacing."""
+        x = to_host(x_T)
+        return x * x.dtype.type(sigmas.max())
+
+    def denoised(self, model_fn: ModelFn, x: np.ndarray, sigma: float, t: float, cond: Any) -> np.ndarray:
+        """The model's x0 prediction at state ``x`` and noise level ``sigma``, called at timestep ``t`` on the
+        VP-scaled input ``alpha x`` with ``alpha = 1 / sqrt(sigma^2 + 1)``."""
+        alpha = 1.0 / np.sqrt(sigma * sigma + 1.0)
+        out = self._call(model_fn, x * x.dtype.type(alpha), t, cond)
+        (c_x, c_out), _ = x0_eps_coeffs(alpha, sigma * alpha, self.prediction_type)
+        return lincomb((c_x * alpha, c_out), (x, out))

@@ -14,7 +14,16 @@ from typing import Any, Callable
 import mindspore as ms
 import numpy as np
 
-from ldm.samplers.base import ModelFn, Sampler, leading_timesteps, lincomb, to_host, x0_eps_coeffs
+from ldm.samplers.base import (
+    ModelFn,
+    Sampler,
+    draw_noise,
+    leading_timesteps,
+    lincomb,
+    noise_source,
+    to_host,
+    x0_eps_coeffs,
+)
 
 
 def ddim_step_coeffs(a_t: float, a_prev: float, prediction_type: str, std: float = 0.0) -> tuple[float, float]:
@@ -37,6 +46,7 @@ class DDIMSampler(Sampler):
     """DDIM with ``eta``; one model call per step."""
 
     name = "ddim"
+    stochastic = True  # with eta > 0
 
     def __init__(self, prediction_type: str = "eps", alphas_cumprod: np.ndarray | None = None, steps_offset: int = 1):
         super().__init__(prediction_type, alphas_cumprod)
@@ -58,14 +68,15 @@ class DDIMSampler(Sampler):
         num_steps: int = 50,
         callback: Callable[[int, int, ms.Tensor], None] | None = None,
         eta: float = 0.0,
-        generator: np.random.Generator | int | None = None,
+        generator: Any = None,
     ) -> ms.Tensor:
         """DDIM sampling. With ``eta > 0`` each step adds ``std * z``, ``z = generator.standard_normal(x.shape)``
-        (float32, drawn once per step in step order); ``generator`` may be a seed. ``None`` draws fresh entropy."""
+        (float32, drawn once per step in step order); ``generator`` may be a seed (see
+        :func:`~ldm.samplers.base.noise_source`). ``None`` draws fresh entropy."""
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        if eta > 0 and not isinstance(generator, np.random.Generator):
-            generator = np.random.default_rng(generator)
+        if eta > 0:
+            generator = noise_source(generator)
         x = to_host(x_T)
         for i, t in enumerate(self.timesteps(num_steps)):
             out = self._call(model_fn, x, t, cond)
@@ -73,8 +84,7 @@ class DDIMSampler(Sampler):
             std = ddim_sigma(a_t, a_prev, eta) if eta > 0 else 0.0
             x = lincomb(ddim_step_coeffs(a_t, a_prev, self.prediction_type, std), (x, out))
             if eta > 0:
-                z = generator.standard_normal(tuple(x.shape), dtype=np.float32)
-                x = x + z.astype(x.dtype, copy=False) * x.dtype.type(std)
+                x = x + draw_noise(generator, x) * x.dtype.type(std)
             if callback is not None:
                 callback(i, int(t), ms.Tensor(x))
         return ms.Tensor(x)

@@ -27,6 +27,13 @@ mindone's default DPM-Solver++ sampler (a port of LuChengTHU's ``DPM_Solver.samp
 We follow diffusers (``final_sigmas_type="zero"``, n < 15 rule, "linspace") so results can be checked against it
 step by step; ``final_sigmas_type="sigma_min"`` gets mindone's end point. With "zero" the final step discards any
 noise left at sigma(t=0), the residual-noise issue of diffusers #5689.
+
+``algorithm_type="sde-dpmsolver++"`` is diffusers' SDE variant ("DPM++ 2M SDE" at order 2, "DPM++ 2M SDE Karras"
+with Karras sigmas): the same finite differences, with the step of the reverse SDE instead of the ODE,
+
+    x_t = (sigma_t / sigma_s) e^-h x + alpha_t (1 - e^-2h) D0 [+ 2nd/3rd order terms] + sigma_t sqrt(1 - e^-2h) z
+
+and ``z ~ N(0, I)`` drawn from the caller's generator once per step (the last included), as diffusers draws it.
 """
 
 from __future__ import annotations
@@ -36,12 +43,15 @@ from typing import Any, Callable, Sequence
 import mindspore as ms
 import numpy as np
 
+from ldm.names import DPM_ALGORITHM_TYPES
 from ldm.samplers.base import (
     ModelFn,
     MultistepSigmaSampler,
     alpha_sigma,
+    draw_noise,
     lincomb,
     log_snr,
+    noise_source,
     to_host,
     x0_eps_coeffs,
     zero_length_step,
@@ -105,12 +115,60 @@ def dpm_solver_pp_coeffs(sigma_t: float, sigmas_prev: Sequence[float], order: in
     return c_x, -alpha_t * phi1 * e[0] + alpha_t * phi2 * d1 - alpha_t * phi3 * d2
 
 
+def sde_dpm_solver_pp_coeffs(
+    sigma_t: float, sigmas_prev: Sequence[float], order: int, solver_type: str = "midpoint"
+) -> tuple[float, np.ndarray, float]:
+    """Coefficients of one SDE DPM-Solver++ step ``x_t = c_x x + sum_k c_m[k] m_k + c_z z`` (names as in
+    :func:`dpm_solver_pp_coeffs`; ``z`` the step's standard-normal draw). A zero-length step leaves x unchanged."""
+    if zero_length_step(sigma_t, sigmas_prev[0]):
+        return 1.0, np.zeros(order), 0.0
+    alpha_t, sig_t = alpha_sigma(sigma_t)
+    _, sig_s0 = alpha_sigma(sigmas_prev[0])
+    lams = [log_snr(s) for s in sigmas_prev[:order]]
+    h = log_snr(sigma_t) - lams[0]
+    decay = float(np.exp(-h))  # 0 at sigma_t = 0 (h = inf)
+    one_minus = float(-np.expm1(-2.0 * h))  # 1 - e^-2h
+    c_x, c_z = sig_t / sig_s0 * decay, sig_t * float(np.sqrt(one_minus))
+    e = np.eye(order)
+    c_m = alpha_t * one_minus * e[0]
+    if order == 1:
+        return c_x, c_m, c_z
+    r0 = (lams[0] - lams[1]) / h
+    d1_0 = (e[0] - e[1]) / r0
+    phi2 = one_minus / (-2.0 * h) + 1.0
+    if order == 2:
+        if solver_type == "midpoint":
+            return c_x, c_m + 0.5 * alpha_t * one_minus * d1_0, c_z
+        if solver_type == "heun":
+            return c_x, c_m + alpha_t * phi2 * d1_0, c_z
+        raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+    if order != 3:
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+    r1 = (lams[1] - lams[2]) / h
+    d1_1 = (e[1] - e[2]) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi3 = (one_minus - 2.0 * h) / (2.0 * h) ** 2 - 0.5
+    return c_x, c_m + alpha_t * phi2 * d1 + alpha_t * phi3 * d2, c_z
+
+
 class DPMSolverPPSampler(MultistepSigmaSampler):
-    """Multistep DPM-Solver++ ("DPM++ 2M" at order 2, "DPM++ 2M Karras" with ``use_karras_sigmas``)."""
+    """Multistep DPM-Solver++ ("DPM++ 2M" at order 2, "DPM++ 2M Karras" with ``use_karras_sigmas``; "DPM++ 2M SDE"
+    with ``algorithm_type="sde-dpmsolver++"``)."""
 
     name = "dpm_solver_pp"
 
     solver_types = SOLVER_TYPES
+
+    def __init__(self, *args, algorithm_type: str = DPM_ALGORITHM_TYPES[0], **kwargs):
+        super().__init__(*args, **kwargs)
+        if algorithm_type not in DPM_ALGORITHM_TYPES:
+            raise ValueError(f"algorithm_type must be one of {DPM_ALGORITHM_TYPES}, got {algorithm_type!r}")
+        self.algorithm_type = algorithm_type
+
+    @property
+    def stochastic(self) -> bool:
+        return self.algorithm_type == "sde-dpmsolver++"
 
     def orders(self, num_steps: int) -> list[int]:
         return dpm_solver_orders(num_steps, self.order, self.lower_order_final, self.final_sigmas_type == "zero")
@@ -122,15 +180,24 @@ class DPMSolverPPSampler(MultistepSigmaSampler):
         cond: Any = None,
         num_steps: int = 20,
         callback: Callable[[int, int, ms.Tensor], None] | None = None,
+        generator: Any = None,
     ) -> ms.Tensor:
+        """Sampling; the SDE variant draws ``z`` from ``generator`` (a seed, a numpy ``Generator`` or any object with
+        its ``standard_normal``; see :func:`~ldm.samplers.base.noise_source`), the ODE one ignores it."""
+        generator = noise_source(generator) if self.stochastic else None
         timesteps, sigmas = self.schedule(num_steps)
         x, x0s = to_host(x_T), []  # x0 predictions, newest last
         for i, (t, order) in enumerate(zip(timesteps, self.orders(num_steps))):
             out = self._call(model_fn, x, t, cond)
             (c_x, c_out), _ = x0_eps_coeffs(*alpha_sigma(sigmas[i]), self.prediction_type)
             x0s = (x0s + [lincomb((c_x, c_out), (x, out))])[-self.order :]
-            c_x, c_m = dpm_solver_pp_coeffs(sigmas[i + 1], sigmas[i::-1], order, self.solver_type)
-            x = lincomb([c_x, *c_m], [x, *x0s[::-1][:order]])
+            recent = x0s[::-1][:order]
+            if generator is None:
+                c_x, c_m = dpm_solver_pp_coeffs(sigmas[i + 1], sigmas[i::-1], order, self.solver_type)
+                x = lincomb([c_x, *c_m], [x, *recent])
+            else:
+                c_x, c_m, c_z = sde_dpm_solver_pp_coeffs(sigmas[i + 1], sigmas[i::-1], order, self.solver_type)
+                x = lincomb([c_x, *c_m, c_z], [x, *recent, draw_noise(generator, x)])
             if callback is not None:
                 callback(i, int(t), ms.Tensor(x))
         return ms.Tensor(x)
