@@ -332,11 +332,34 @@ class SigmaSampler(Sampler):
         """Timesteps of the model calls, as the model gets them (float32)."""
         return self.schedule(num_steps)[0].astype(np.float32)
 
-    @staticmethod
-    def initial_state(x_T: ms.Tensor | np.ndarray, sigmas: np.ndarray) -> np.ndarray:
-        """``x_T * sigma_max``: diffusers' ``init_noise_sigma`` for "linspace" spacing."""
+    def sample(
+        self,
+        model_fn: ModelFn,
+        x_T: ms.Tensor,
+        cond: Any = None,
+        num_steps: int = 20,
+        callback: Callable[[int, float, ms.Tensor], None] | None = None,
+        generator: Any = None,
+    ) -> ms.Tensor:
+        """Integrate from ``x_T * sigma_max`` to sigma = 0 with :meth:`step`; a stochastic sampler draws from
+        ``generator`` (see :func:`noise_source`), the others ignore it."""
+        generator = noise_source(generator) if self.stochastic else None
+        timesteps, sigmas = self.schedule(num_steps)
         x = to_host(x_T)
-        return x * x.dtype.type(sigmas.max())
+        x = x * x.dtype.type(sigmas.max())  # diffusers' init_noise_sigma for "linspace" spacing
+
+        def denoise(x_, sigma, t):
+            return self.denoised(model_fn, x_, sigma, t, cond)
+
+        for i, t in enumerate(timesteps):
+            x = self.step(denoise, x, i, timesteps, sigmas, generator)
+            if callback is not None:
+                callback(i, float(t), ms.Tensor(x))
+        return ms.Tensor(x)
+
+    def step(self, denoise, x: np.ndarray, i: int, timesteps, sigmas, generator) -> np.ndarray:
+        """Step ``i``: from ``sigmas[i]`` to ``sigmas[i + 1]``; ``denoise(x, sigma, t)`` is the model's x0."""
+        raise NotImplementedError
 
     def denoised(self, model_fn: ModelFn, x: np.ndarray, sigma: float, t: float, cond: Any) -> np.ndarray:
         """The model's x0 prediction at state ``x`` and noise level ``sigma``, called at timestep ``t`` on the

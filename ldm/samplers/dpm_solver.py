@@ -74,6 +74,34 @@ def dpm_solver_orders(num_steps: int, order: int, lower_order_final: bool, final
     return orders
 
 
+def _step_geometry(sigma_t: float, sigmas_prev: Sequence[float], order: int):
+    """(alpha_t, sigma_t, sigma_s0 in VP terms, the log-SNRs of the stored predictions, h = lambda_t - lambda_s0)."""
+    alpha_t, sig_t = alpha_sigma(sigma_t)
+    _, sig_s0 = alpha_sigma(sigmas_prev[0])
+    lams = [log_snr(s) for s in sigmas_prev[:order]]
+    return alpha_t, sig_t, sig_s0, lams, log_snr(sigma_t) - lams[0]
+
+
+def _differences(lams: Sequence[float], h: float, order: int):
+    """``(e, D1, D2)``: the stored x0 predictions m0, m1, m2 as unit vectors ``e`` and their finite differences in
+    lambda as coefficient vectors over them; D1 from m0, m1 at order 2 (D2 None), extrapolated with m2 at order 3."""
+    if order not in (2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+    e = np.eye(order)
+    r0 = (lams[0] - lams[1]) / h
+    d1_0 = (e[0] - e[1]) / r0
+    if order == 2:
+        return e, d1_0, None
+    r1 = (lams[1] - lams[2]) / h
+    d1_1 = (e[1] - e[2]) / r1
+    return e, d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1), (d1_0 - d1_1) / (r0 + r1)
+
+
+def _check_solver_type(solver_type: str) -> None:
+    if solver_type not in SOLVER_TYPES:
+        raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+
+
 def dpm_solver_pp_coeffs(sigma_t: float, sigmas_prev: Sequence[float], order: int, solver_type: str = "midpoint"):
     """Coefficients of one multistep DPM-Solver++ step ``x_t = c_x x + sum_k c_m[k] m_k``.
 
@@ -82,37 +110,20 @@ def dpm_solver_pp_coeffs(sigma_t: float, sigmas_prev: Sequence[float], order: in
     zero-length step (Karras sigmas end at sigma_min, so "sigma_min" repeats it) leaves x unchanged; diffusers
     gets the same at orders 1-2 and NaN at order 3 (0/0 in phi_2).
     """
+    _check_solver_type(solver_type)
     if zero_length_step(sigma_t, sigmas_prev[0]):
         return 1.0, np.zeros(order)
-    alpha_t, sig_t = alpha_sigma(sigma_t)
-    _, sig_s0 = alpha_sigma(sigmas_prev[0])
-    lam_t = log_snr(sigma_t)
-    lams = [log_snr(s) for s in sigmas_prev[:order]]
-    h = lam_t - lams[0]
+    alpha_t, sig_t, sig_s0, lams, h = _step_geometry(sigma_t, sigmas_prev, order)
     phi1 = float(np.expm1(-h))
     c_x = sig_t / sig_s0
     if order == 1:
         return c_x, np.array([-alpha_t * phi1])
-    e = np.eye(order)  # m_k as unit vectors, so D1/D2 are coefficient vectors over (m0, m1, m2)
-    r0 = (lams[0] - lams[1]) / h
-    d1_0 = (e[0] - e[1]) / r0
-    if order == 2:
-        if solver_type == "midpoint":
-            c_m = -alpha_t * phi1 * e[0] - 0.5 * alpha_t * phi1 * d1_0
-        elif solver_type == "heun":
-            c_m = -alpha_t * phi1 * e[0] + alpha_t * (phi1 / h + 1.0) * d1_0
-        else:
-            raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
-        return c_x, c_m
-    if order != 3:
-        raise ValueError(f"order must be 1, 2 or 3, got {order}")
-    r1 = (lams[1] - lams[2]) / h
-    d1_1 = (e[1] - e[2]) / r1
-    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
+    e, d1, d2 = _differences(lams, h, order)
     phi2 = phi1 / h + 1.0
-    phi3 = phi2 / h - 0.5
-    return c_x, -alpha_t * phi1 * e[0] + alpha_t * phi2 * d1 - alpha_t * phi3 * d2
+    c_m = -alpha_t * phi1 * e[0]
+    if order == 3:
+        return c_x, c_m + alpha_t * phi2 * d1 - alpha_t * (phi2 / h - 0.5) * d2
+    return c_x, c_m + (-0.5 * alpha_t * phi1 if solver_type == "midpoint" else alpha_t * phi2) * d1
 
 
 def sde_dpm_solver_pp_coeffs(
@@ -120,36 +131,22 @@ def sde_dpm_solver_pp_coeffs(
 ) -> tuple[float, np.ndarray, float]:
     """Coefficients of one SDE DPM-Solver++ step ``x_t = c_x x + sum_k c_m[k] m_k + c_z z`` (names as in
     :func:`dpm_solver_pp_coeffs`; ``z`` the step's standard-normal draw). A zero-length step leaves x unchanged."""
+    _check_solver_type(solver_type)
     if zero_length_step(sigma_t, sigmas_prev[0]):
         return 1.0, np.zeros(order), 0.0
-    alpha_t, sig_t = alpha_sigma(sigma_t)
-    _, sig_s0 = alpha_sigma(sigmas_prev[0])
-    lams = [log_snr(s) for s in sigmas_prev[:order]]
-    h = log_snr(sigma_t) - lams[0]
+    alpha_t, sig_t, sig_s0, lams, h = _step_geometry(sigma_t, sigmas_prev, order)
     decay = float(np.exp(-h))  # 0 at sigma_t = 0 (h = inf)
     one_minus = float(-np.expm1(-2.0 * h))  # 1 - e^-2h
     c_x, c_z = sig_t / sig_s0 * decay, sig_t * float(np.sqrt(one_minus))
-    e = np.eye(order)
-    c_m = alpha_t * one_minus * e[0]
     if order == 1:
-        return c_x, c_m, c_z
-    r0 = (lams[0] - lams[1]) / h
-    d1_0 = (e[0] - e[1]) / r0
+        return c_x, np.array([alpha_t * one_minus]), c_z
+    e, d1, d2 = _differences(lams, h, order)
     phi2 = one_minus / (-2.0 * h) + 1.0
-    if order == 2:
-        if solver_type == "midpoint":
-            return c_x, c_m + 0.5 * alpha_t * one_minus * d1_0, c_z
-        if solver_type == "heun":
-            return c_x, c_m + alpha_t * phi2 * d1_0, c_z
-        raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
-    if order != 3:
-        raise ValueError(f"order must be 1, 2 or 3, got {order}")
-    r1 = (lams[1] - lams[2]) / h
-    d1_1 = (e[1] - e[2]) / r1
-    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
-    phi3 = (one_minus - 2.0 * h) / (2.0 * h) ** 2 - 0.5
-    return c_x, c_m + alpha_t * phi2 * d1 + alpha_t * phi3 * d2, c_z
+    c_m = alpha_t * one_minus * e[0]
+    if order == 3:
+        phi3 = (one_minus - 2.0 * h) / (2.0 * h) ** 2 - 0.5
+        return c_x, c_m + alpha_t * phi2 * d1 + alpha_t * phi3 * d2, c_z
+    return c_x, c_m + (0.5 * alpha_t * one_minus if solver_type == "midpoint" else alpha_t * phi2) * d1, c_z
 
 
 class DPMSolverPPSampler(MultistepSigmaSampler):

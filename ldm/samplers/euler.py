@@ -11,11 +11,9 @@ Settings follow diffusers' ``EulerDiscreteScheduler`` as loaded for SD (``timest
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import numpy as np
 
-import mindspore as ms
-
-from ldm.samplers.base import ModelFn, SigmaSampler, lincomb
+from ldm.samplers.base import SigmaSampler, lincomb
 
 
 class EulerSampler(SigmaSampler):
@@ -23,20 +21,6 @@ class EulerSampler(SigmaSampler):
 
     name = "euler"
 
-    def sample(
-        self,
-        model_fn: ModelFn,
-        x_T: ms.Tensor,
-        cond: Any = None,
-        num_steps: int = 20,
-        callback: Callable[[int, float, ms.Tensor], None] | None = None,
-    ) -> ms.Tensor:
-        timesteps, sigmas = self.schedule(num_steps)
-        x = self.initial_state(x_T, sigmas)
-        for i, t in enumerate(timesteps):
-            x0 = self.denoised(model_fn, x, sigmas[i], t, cond)
-            ratio = sigmas[i + 1] / sigmas[i]
-            x = lincomb((ratio, 1.0 - ratio), (x, x0))
-            if callback is not None:
-                callback(i, float(t), ms.Tensor(x))
-        return ms.Tensor(x)
+    def step(self, denoise, x: np.ndarray, i: int, timesteps, sigmas, generator) -> np.ndarray:
+        ratio = sigmas[i + 1] / sigmas[i]
+        return lincomb((ratio, 1.0 - ratio), (x, denoise(x, sigmas[i], timesteps[i])))

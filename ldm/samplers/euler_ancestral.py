@@ -14,12 +14,9 @@ schedule no reference checks would be a guess.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-import mindspore as ms
 import numpy as np
 
-from ldm.samplers.base import ModelFn, SigmaSampler, draw_noise, lincomb, noise_source
+from ldm.samplers.base import SigmaSampler, draw_noise, lincomb
 
 
 def ancestral_sigmas(sigma_from: float, sigma_to: float) -> tuple[float, float]:
@@ -44,25 +41,8 @@ class EulerAncestralSampler(SigmaSampler):
             )
         super().__init__(prediction_type, alphas_cumprod)
 
-    def sample(
-        self,
-        model_fn: ModelFn,
-        x_T: ms.Tensor,
-        cond: Any = None,
-        num_steps: int = 20,
-        callback: Callable[[int, float, ms.Tensor], None] | None = None,
-        generator: Any = None,
-    ) -> ms.Tensor:
-        """Sampling with ``z = generator.standard_normal(x.shape, dtype=float32)`` once per step; ``generator`` may
-        be a seed (see :func:`~ldm.samplers.base.noise_source`)."""
-        generator = noise_source(generator)
-        timesteps, sigmas = self.schedule(num_steps)
-        x = self.initial_state(x_T, sigmas)
-        for i, t in enumerate(timesteps):
-            x0 = self.denoised(model_fn, x, sigmas[i], t, cond)
-            down, up = ancestral_sigmas(sigmas[i], sigmas[i + 1])
-            ratio = down / sigmas[i]
-            x = lincomb((ratio, 1.0 - ratio, up), (x, x0, draw_noise(generator, x)))
-            if callback is not None:
-                callback(i, float(t), ms.Tensor(x))
-        return ms.Tensor(x)
+    def step(self, denoise, x: np.ndarray, i: int, timesteps, sigmas, generator) -> np.ndarray:
+        x0 = denoise(x, sigmas[i], timesteps[i])
+        down, up = ancestral_sigmas(sigmas[i], sigmas[i + 1])
+        ratio = down / sigmas[i]
+        return lincomb((ratio, 1.0 - ratio, up), (x, x0, draw_noise(generator, x)))

@@ -13,12 +13,9 @@ The last step (to sigma = 0) is the Euler step alone. Settings follow diffusers'
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-import mindspore as ms
 import numpy as np
 
-from ldm.samplers.base import ModelFn, SigmaSampler, lincomb
+from ldm.samplers.base import SigmaSampler, lincomb
 
 
 class HeunSampler(SigmaSampler):
@@ -30,26 +27,12 @@ class HeunSampler(SigmaSampler):
         steps = super().timesteps(num_steps)
         return np.concatenate([steps[:1], np.repeat(steps[1:], 2)])
 
-    def sample(
-        self,
-        model_fn: ModelFn,
-        x_T: ms.Tensor,
-        cond: Any = None,
-        num_steps: int = 20,
-        callback: Callable[[int, float, ms.Tensor], None] | None = None,
-    ) -> ms.Tensor:
-        timesteps, sigmas = self.schedule(num_steps)
-        x = self.initial_state(x_T, sigmas)
-        for i, t in enumerate(timesteps):
-            x0 = self.denoised(model_fn, x, sigmas[i], t, cond)
-            k = (sigmas[i + 1] - sigmas[i]) / sigmas[i]  # dt / sigma_i
-            x_euler = lincomb((1.0 + k, -k), (x, x0))
-            if sigmas[i + 1] > 0:
-                x0_end = self.denoised(model_fn, x_euler, sigmas[i + 1], timesteps[i + 1], cond)
-                k_end = (sigmas[i + 1] - sigmas[i]) / sigmas[i + 1]  # dt / sigma_i+1
-                x = lincomb((1.0 + k / 2, -k / 2, k_end / 2, -k_end / 2), (x, x0, x_euler, x0_end))
-            else:
-                x = x_euler
-            if callback is not None:
-                callback(i, float(t), ms.Tensor(x))
-        return ms.Tensor(x)
+    def step(self, denoise, x: np.ndarray, i: int, timesteps, sigmas, generator) -> np.ndarray:
+        x0 = denoise(x, sigmas[i], timesteps[i])
+        k = (sigmas[i + 1] - sigmas[i]) / sigmas[i]  # dt / sigma_i
+        x_euler = lincomb((1.0 + k, -k), (x, x0))
+        if sigmas[i + 1] == 0:
+            return x_euler
+        x0_end = denoise(x_euler, sigmas[i + 1], timesteps[i + 1])
+        k_end = (sigmas[i + 1] - sigmas[i]) / sigmas[i + 1]  # dt / sigma_i+1
+        return lincomb((1.0 + k / 2, -k / 2, k_end / 2, -k_end / 2), (x, x0, x_euler, x0_end))
