@@ -5,8 +5,12 @@ Steps, each one the CLI a user would run: (1) ``text_to_image.py`` renders the h
 configs/train/train_config_lora_tiny_sd_blueprint.yaml`` LoRA fine-tunes it on the concept's 200 training images
 (validation grids on the way); (3) ``text_to_image.py --use_lora True`` renders the prompts again; (4)
 ``eval_fid.py --kid`` against the Inception features of the concept's 612 held-out test images and
-``eval_clip_score.py`` with the tiny CLIP score both sets. Prints a table, the grid paths and, last, one line
-``FID before=.. after=.. KID before=.. after=.. CLIP before=.. after=..``.
+``eval_clip_score.py`` with the tiny CLIP score both sets. The fine-tune holds out ``VALIDATION_SPLIT`` of the images
+for the validation loss (printed per step, drawn in ``loss.png``) and keeps an adapter every ``CKPT_EVERY`` steps;
+(5) ``python -m ldm.lora select`` scores those adapters at ``SELECT_SCALES`` on a few held-out prompts (KID, CLIP score)
+and their prior drift on the base model's own clip-art prompts, and names the adapter and scale it would ship.
+Prints a table, the grid paths and, last, one line ``FID before=.. after=.. KID before=.. after=.. CLIP before=..
+after=..``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ CONCEPT = "blueprint"  # the held-out concept (tools/tiny_sd/make_data.py): its 
 TRAIN_CONFIG = ROOT / f"configs/train/train_config_lora_tiny_sd_{CONCEPT}.yaml"
 SAMPLES_PER_PROMPT = 4
 GUIDANCE = 5.0
+VALIDATION_SPLIT, VALIDATION_EVERY, CKPT_EVERY = 0.1, 25, 50
+SELECT_SCALES, SELECT_PROMPTS, SELECT_SAMPLES = ("0.5", "1.0"), 4, 2  # small N: 16 images per candidate
+BASE_STYLE = "a clip art drawing of"  # the base model's own captions: the prior the adapter should leave alone
 
 
 def run(step: str, args: list[str]) -> None:
@@ -66,6 +73,29 @@ def evaluate(samples: Path, ref_stats: Path, image_prompts: Path, out_json: Path
     return {"fid": fid["fid"], "kid": fid["kid_mean"], "clip": clip["clip_score"]}
 
 
+def select(out: Path, lines: list[str], ref_stats: Path) -> str:
+    """Run ``python -m ldm.lora select`` on the run's adapters; returns what it would ship."""
+    held, prior = out / "select_prompts.txt", out / "prior_prompts.txt"
+    chosen = lines[:: max(len(lines) // SELECT_PROMPTS, 1)][:SELECT_PROMPTS]
+    write_text(held, "".join(f"{p}\n" for p in chosen))
+    write_text(prior, "".join(f"{p.replace('a blueprint drawing of', BASE_STYLE)}\n" for p in chosen))
+    args = ["-m", "ldm.lora", "select", str(out / "lora"), "--ckpt_path", str(MODEL / "tiny_sd.safetensors")]
+    args += ["--prompts", str(held), "--prior_prompts", str(prior), "--real_stats", str(ref_stats)]
+    args += ["--scales", *SELECT_SCALES, "--n_samples", str(SELECT_SAMPLES), "--guidance", str(GUIDANCE)]
+    args += ["--size", "64", "--rank_by", "kid", "--clip_model_dir", str(MODEL / "clip")]
+    args += ["--output_dir", str(out / "selection")]
+    run("select adapter and scale", args)
+    best = json.loads((out / "selection/selection.json").read_text(encoding="utf-8"))["best"]
+    return "the base model (no adapter)" if best["path"] is None else f"{best['label']} at scale {best['scale']:g}"
+
+
+def validation_curve(metrics: Path) -> str:
+    """The held-out validation loss per step, from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    points = ", ".join(f"{r['step']}: {r['val_loss']:.4f}" for r in rows if "val_loss" in r)
+    return f"validation loss (held-out {VALIDATION_SPLIT:.0%} of the images) by step: {points}"
+
+
 def side_by_side(before: Path, after: Path, path: Path, columns: int = SAMPLES_PER_PROMPT, n_rows: int = 8) -> None:
     """One image: the first ``n_rows`` prompts' samples before LoRA (left) and after (right), one prompt per row."""
     from PIL import Image
@@ -91,7 +121,12 @@ def main() -> int:
     parser.add_argument("--max_train_steps", type=int, help="override the recipe's step count")
     args = parser.parse_args()
     out = (ROOT / args.output_path).resolve()
-    for previous in ("before", "after", "lora"):  # a rerun starts clean: sample numbering must match the prompts
+    for previous in (
+        "before",
+        "after",
+        "lora",
+        "selection",
+    ):  # a rerun starts clean: sample numbering must match the prompts
         if (out / previous).exists():
             print(f"removing the previous demo run's {out / previous}")
             shutil.rmtree(out / previous)
@@ -114,11 +149,14 @@ def main() -> int:
     train = ["examples/stable_diffusion_v2/train_text_to_image.py", "--train_config", str(TRAIN_CONFIG)]
     train += ["--data_path", str(MODEL / f"data/{CONCEPT}_train"), "--output_path", str(out / "lora")]
     train += ["--pretrained_model_path", str(MODEL / "tiny_sd.safetensors")]
+    train += ["--validation_split", str(VALIDATION_SPLIT), "--validation_loss_steps", str(VALIDATION_EVERY)]
+    train += ["--ckpt_save_interval", str(CKPT_EVERY)]
     if args.max_train_steps:
         train += ["--max_train_steps", str(args.max_train_steps)]
     run("LoRA fine-tune", train)
     lora = max((out / "lora/ckpt").glob("lora-*.safetensors"))
     generate(out / "after", prompts, lora)
+    shipped = select(out, lines, ref_stats)
 
     before = evaluate(out / "before/samples", ref_stats, image_prompts, out / "before")
     after = evaluate(out / "after/samples", ref_stats, image_prompts, out / "after")
@@ -133,6 +171,8 @@ def main() -> int:
     print(f"grids: before {out / 'before'}/grid-*.png, after {out / 'after'}/grid-*.png, side by side {grid}")
     print(f"demo time: {time.monotonic() - start:.0f} s")
     print(f"LoRA: {lora}; loss plot {out / 'lora/loss.png'}; validation grids {out / 'lora/validation'}")
+    print(validation_curve(out / "lora/metrics.jsonl"))
+    print(f"selection ({out / 'selection'}): would ship {shipped}")
     print(
         f"FID before={before['fid']:.2f} after={after['fid']:.2f} KID before={before['kid']:.4f} "
         f"after={after['kid']:.4f} CLIP before={before['clip']:.2f} after={after['clip']:.2f}"
