@@ -96,11 +96,26 @@ def _loss(model, rng_seed=0):
     return float(LDMTrainLoss(model, None, 0.0, encode_text=True)(x0, ids, t, noise, noise[:, :, :1, :1]).asnumpy())
 
 
-@pytest.mark.parametrize("fmt", ["ours", "diffusers", "kohya"])
-def test_init_lora_weights_starts_from_the_adapter(fmt, tmp_path, pynative):
-    rng = np.random.default_rng(1)
+@pytest.fixture(scope="module")
+def trained():
+    """One 'trained' model (random LoRA weights and alphas), its adapter, its loss and the loss of a fresh LoRA."""
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # see pynative()
     recipe = dict(lora_rank=2, lora_ft_text_encoder=True)
-    model, adapter = _trained_like(rng, TrainOptions(**recipe))
+    model, adapter = _trained_like(np.random.default_rng(1), TrainOptions(**recipe))
+    yield {
+        "recipe": recipe,
+        "modules": lora_modules(model),
+        "adapter": adapter,
+        "loss": _loss(model),
+        "fresh_loss": _loss(_built(TrainOptions(**recipe))),
+    }
+    ms.set_context(mode=mode)
+
+
+@pytest.mark.parametrize("fmt", ["ours", "diffusers", "kohya"])
+def test_init_lora_weights_starts_from_the_adapter(fmt, trained, tmp_path):
+    adapter, recipe = trained["adapter"], trained["recipe"]
     layout = UNetLayout.from_config(load_config(CONFIG))
     path = tmp_path / f"{fmt}.safetensors"
     if fmt == "ours":
@@ -108,14 +123,13 @@ def test_init_lora_weights_starts_from_the_adapter(fmt, tmp_path, pynative):
     else:
         write_state_dict(path, *(to_kohya(adapter, layout) if fmt == "kohya" else to_diffusers(adapter, layout)))
     started = _built(TrainOptions(**recipe, init_lora_weights=str(path)))
-    want, got = lora_modules(model), lora_modules(started)
+    want, got = trained["modules"], lora_modules(started)
     assert want.keys() == got.keys()
     for name, (down, up, alpha) in want.items():
         np.testing.assert_array_equal(got[name][0], down, err_msg=name)
         np.testing.assert_array_equal(got[name][1], up, err_msg=name)
         assert got[name][2] == alpha, name
-    fresh = _built(TrainOptions(**recipe))
-    assert _loss(started) == _loss(model) != _loss(fresh)
+    assert _loss(started) == trained["loss"] != trained["fresh_loss"]
 
 
 def test_init_lora_weights_mismatch_is_named(tmp_path, pynative):
