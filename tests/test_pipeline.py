@@ -48,7 +48,7 @@ def pair(request, tmp_path_factory):
         ("dpm_solver_pp", "DPMSolverMultistepScheduler", {}),
         ("ddim", "DDIMScheduler", {}),
         ("euler_a", "EulerAncestralDiscreteScheduler", {}),
-        ("heun", "HeunDiscreteScheduler", KARRAS),
+        pytest.param("heun", "HeunDiscreteScheduler", KARRAS, marks=pytest.mark.slow),  # 19 UNet calls
         (
             "dpm_solver_pp",
             "DPMSolverMultistepScheduler",
