@@ -19,11 +19,13 @@ import numpy as np
 from ldm.atomic import save_image, write_json
 from ldm.generate_options import GenerateOptions, GenerationError
 from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
-from ldm.names import DEFAULT_GUIDANCE, SAMPLER_NAMES, family_of_config, model_node
+from ldm.names import DEFAULT_GUIDANCE, IMG2IMG_SAMPLER_NAMES, SAMPLER_NAMES, family_of_config, model_node
 from ldm.precision import resolve_policy
 from ldm.prompt_syntax import parse_prompt_weights
+from ldm.schedule import img2img_start_step
 
 DEFAULT_VERSION = "2.1"
+DEFAULT_STRENGTH = 0.8  # diffusers' StableDiffusionImg2ImgPipeline default
 _NUMBERED = re.compile(r"(\d{5})\.(?:png|json)")
 _GRID = re.compile(r"grid-(\d+)\.png")
 
@@ -51,6 +53,47 @@ def resolve_lora_scales(paths: list[str], scales: list[float] | None) -> list[fl
     return [float(s) for s in scales]
 
 
+def read_init_image(path: str | Path) -> np.ndarray:
+    """The img2img start image as uint8 RGB [H, W, 3] (alpha dropped, grey expanded); a missing or unreadable file
+    is an error naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenerationError(f"{path}: init image not found")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise GenerationError(f"{path}: cannot read the init image ({exc})") from exc
+
+
+def check_img2img(job: GenerateOptions) -> np.ndarray | None:
+    """The init image of an img2img job (None without one), after checking the options that go with it: the
+    sampler can start part-way, the strength leaves steps to run, the image has the asked size."""
+    if not job.init_image:
+        if job.strength is not None:
+            raise GenerationError(f"--strength {job.strength} needs --init_image")
+        return None
+    if job.sampler not in IMG2IMG_SAMPLER_NAMES:
+        raise GenerationError(
+            f"--sampler {job.sampler} cannot start from --init_image; use one of {', '.join(IMG2IMG_SAMPLER_NAMES)}"
+        )
+    img2img_start_step(job.sampling_steps, img2img_strength(job))
+    image = read_init_image(job.init_image)
+    height, width = image.shape[:2]
+    if (job.H or height, job.W or width) != (height, width):
+        raise GenerationError(
+            f"{job.init_image}: init image is {width}x{height} (W x H) but --W {job.W or width} --H {job.H or height} "
+            "were asked; give an image of that size or leave out --H/--W"
+        )
+    return image
+
+
+def img2img_strength(job: GenerateOptions) -> float:
+    return DEFAULT_STRENGTH if job.strength is None else job.strength
+
+
 def validate_job(job: GenerateOptions) -> list[float]:
     """Checks that need no model (cheap, MindSpore-free: the CLI runs them before start-up); returns the scales."""
     if not job.prompts or not all(p.strip() for p in job.prompts):
@@ -71,6 +114,7 @@ def validate_job(job: GenerateOptions) -> list[float]:
         raise GenerationError(f"--attention_slice_size {job.attention_slice_size} must be >= 0 (0: no slicing)")
     if job.vae_tile_latent_size < 0 or job.vae_tile_latent_size == 1:
         raise GenerationError(f"--vae_tile_latent_size {job.vae_tile_latent_size} must be 0 (off) or >= 2")
+    check_img2img(job)
     resolve_policy(job.unet_precision(), job.vae_precision, job.text_encoder_precision)
     if job.ckpt_path and not Path(job.ckpt_path).exists():
         raise GenerationError(f"{job.ckpt_path}: checkpoint not found")
@@ -110,9 +154,12 @@ def generate(job: GenerateOptions, log=print, warn=None) -> dict:
 
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     scales = validate_job(job)
+    init_image = check_img2img(job)
     resolved = resolve_config(job)
     config, config_label = resolved.config, resolved.label
     native_h, native_w, default_scale = default_settings(config)
+    if init_image is not None:
+        native_h, native_w = init_image.shape[:2]
     height, width = job.H or native_h, job.W or native_w
     scale = default_scale if job.scale is None else job.scale
     policy = resolve_policy(job.unet_precision(), job.vae_precision, job.text_encoder_precision)
@@ -162,6 +209,8 @@ def generate(job: GenerateOptions, log=print, warn=None) -> dict:
         "eta": job.ddim_eta,
         "clip_skip": job.clip_skip,
         "prompt_weighting": job.prompt_weighting,
+        "init_image": job.init_image or None,
+        "strength": img2img_strength(job) if job.init_image else None,
         "H": height,
         "W": width,
         "config": config_label,
@@ -182,7 +231,15 @@ def generate(job: GenerateOptions, log=print, warn=None) -> dict:
         for i in range(job.n_iter):
             seed = batch_seed(job, k, i)
             start = time.perf_counter()
-            images = pipe(batch, [job.negative_prompt] * job.n_samples, settings=settings, seed=seed, callback=on_step)
+            images = pipe(
+                batch,
+                [job.negative_prompt] * job.n_samples,
+                settings=settings,
+                seed=seed,
+                callback=on_step,
+                init_image=init_image,
+                strength=img2img_strength(job),
+            )
             batch_seconds.append(time.perf_counter() - start)
             for j, image in enumerate(images):
                 png = samples / f"{index:05d}.png"

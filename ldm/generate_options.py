@@ -76,6 +76,17 @@ class GenerateOptions(RunOptions):
         "read the WebUI's weights in prompts: (word:1.3), (word) = x1.1, [word] = /1.1, \\( for a literal "
         "bracket; False: brackets are text, as in training captions",
     )
+    init_image: str = option(
+        "",
+        "img2img: start from this image (PNG/JPEG of the output size; --H/--W default to its size) noised to "
+        "--strength; empty: text-to-image",
+    )
+    strength: float | None = option(
+        None,
+        "img2img: how far the image is noised, in (0, 1]; the run takes int(sampling_steps * strength) steps "
+        "(diffusers' strength; not set: 0.8)",
+        parse=optional_float,
+    )
     n_samples: int = option(1, "batch size per prompt")
     n_iter: int = option(2, "batches per prompt; iteration i uses seed + i")
     H: int | None = option(None, "image height (not set: the model config's native size)", parse=optional_int)

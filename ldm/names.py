@@ -26,6 +26,9 @@ DEVICE_TARGETS = ("CPU", "GPU", "Ascend")  # MindSpore's device_target values, f
 SAMPLER_NAMES = ("ddim", "plms", "dpm_solver_pp", "unipc", "euler", "euler_a", "heun")
 KARRAS_SAMPLERS = ("dpm_solver_pp", "unipc", "euler", "heun")  # those with a use_karras_sigmas option
 DPM_ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")  # diffusers' algorithm_type of dpm_solver_pp; first: default
+# Samplers that can start part-way, from a noised image (img2img); PLMS cannot: its pseudo-Heun warm-up has no
+# reference for a late start (diffusers' PNDM img2img slices its duplicated warm-up timestep list off by one).
+IMG2IMG_SAMPLER_NAMES = ("ddim", "dpm_solver_pp", "unipc")
 
 # Default guidance scale per family (Stability's sampling scripts: 7.5 for SD1, 9.0 for SD2).
 DEFAULT_GUIDANCE = {"sd1": 7.5, "sd2": 9.0}

@@ -17,9 +17,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from ldm.data.cache_networks import op_by_op
 from ldm.names import SAMPLER_NAMES
 from ldm.prompt_encoding import encode_prompts, same_length
 from ldm.samplers import get_sampler
+from ldm.schedule import img2img_start_step
 
 
 class _Denoiser(nn.Cell):
@@ -134,6 +136,39 @@ class Text2ImagePipeline:
         shape = (batch, self.model.channels, height // f, width // f)
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
+    def image_latents(self, image: np.ndarray, posterior_noise: np.ndarray) -> np.ndarray:
+        """Scaled VAE latents [N, C, h, w] of one uint8 image [H, W, 3]: a posterior sample per row of
+        ``posterior_noise`` [N, C, h, w] (diffusers' img2img draws one, N = 1, and repeats it over the batch)."""
+        pixels = image.astype(np.float32)[None].transpose(0, 3, 1, 2) / 255.0 * 2.0 - 1.0
+        with op_by_op():  # one encode per batch: eager, so no encoder graph is compiled (nor kept alive)
+            mean, logvar = self.model.encode_first_stage(Tensor(pixels))
+        return self.model.get_first_stage_encoding(mean, logvar, Tensor(posterior_noise)).asnumpy()
+
+    def img2img_latents(
+        self,
+        image: np.ndarray,
+        batch: int,
+        strength: float,
+        steps: int,
+        seed: int = 0,
+        noise: np.ndarray | None = None,
+        posterior_noise: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, int]:
+        """(start latents, start step) of an img2img run: ``image`` encoded, noised to the level of step
+        ``steps - int(steps * strength)`` (diffusers' ``StableDiffusionImg2ImgPipeline``). ``noise`` defaults to the
+        text-to-image initial latents of ``seed``, ``posterior_noise`` to one draw ``[1, C, h, w]`` of
+        ``default_rng([seed, 2])`` shared by the batch."""
+        start = img2img_start_step(steps, strength)
+        alpha, sigma = self.sampler.start_scales(steps, start)
+        h, w = image.shape[:2]
+        if noise is None:
+            noise = self.initial_latents(batch, h, w, seed)
+        if posterior_noise is None:
+            shape = (1, *noise.shape[1:])
+            posterior_noise = np.random.default_rng([seed, 2]).standard_normal(shape, dtype=np.float32)
+        x0 = self.image_latents(image, posterior_noise)
+        return x0 * np.float32(alpha) + noise * np.float32(sigma), start
+
     def sample_latents(
         self,
         prompts: list[str],
@@ -143,9 +178,11 @@ class Text2ImagePipeline:
         seed: int = 0,
         callback=None,
         generator=None,
+        start_step: int = 0,
     ) -> Tensor:
-        """Run the sampler from ``latents`` (x_T) with classifier-free guidance; returns x_0 latents. A stochastic
-        sampler draws its noise from ``generator`` (default: a numpy generator seeded with ``seed + 1``)."""
+        """Run the sampler from ``latents`` (x_T, or the noised image at ``start_step``) with classifier-free
+        guidance; returns x_0 latents. A stochastic sampler draws its noise from ``generator`` (default: a numpy
+        generator seeded with ``seed + 1``)."""
         cond = self.encode_prompts(prompts)
         if settings.scale == 1.0:
             context, model_fn = cond, self.denoise
@@ -160,6 +197,8 @@ class Text2ImagePipeline:
         extra = {"eta": settings.eta} if settings.sampler == "ddim" else {}
         if self.sampler.stochastic:
             extra["generator"] = np.random.default_rng(seed + 1) if generator is None else generator
+        if start_step:
+            extra["start_step"] = start_step
         return self.sampler.sample(
             model_fn, Tensor(latents), context, num_steps=settings.steps, callback=callback, **extra
         )
@@ -178,15 +217,29 @@ class Text2ImagePipeline:
         seed: int = 0,
         latents: np.ndarray | None = None,
         callback=None,
+        init_image: np.ndarray | None = None,
+        strength: float = 0.8,
     ) -> np.ndarray:
+        """uint8 images [B, H, W, 3]; with ``init_image`` (uint8 [H, W, 3] of the settings' size) img2img at
+        ``strength`` (see :meth:`img2img_latents`)."""
         settings = settings or GenerationSettings()
         check_size(self.model, settings.height, settings.width)
         negative_prompts = list(negative_prompts or [""] * len(prompts))
         if len(negative_prompts) != len(prompts):
             raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
-        if latents is None:
+        start = 0
+        if init_image is not None:
+            if init_image.shape != (settings.height, settings.width, 3):
+                raise ValueError(
+                    f"init image of {init_image.shape[1]}x{init_image.shape[0]} (W x H) for images of "
+                    f"{settings.width}x{settings.height}"
+                )
+            latents, start = self.img2img_latents(init_image, len(prompts), strength, settings.steps, seed)
+        elif latents is None:
             latents = self.initial_latents(len(prompts), settings.height, settings.width, seed)
-        x0 = self.sample_latents(prompts, negative_prompts, latents, settings, seed=seed, callback=callback)
+        x0 = self.sample_latents(
+            prompts, negative_prompts, latents, settings, seed=seed, callback=callback, start_step=start
+        )
         return self.decode(x0)
 
 

@@ -31,3 +31,18 @@ def make_betas(
 def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
     """Cumulative product of (1 - beta): the signal fraction alpha_bar_t, float64."""
     return np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+
+
+def img2img_start_step(num_steps: int, strength: float) -> int:
+    """First step an img2img run takes of ``num_steps``: diffusers' ``num_steps - int(num_steps * strength)`` (the
+    image is noised to that step's level; strength 1 starts from pure noise). Raises ValueError for a strength
+    outside (0, 1] or one that leaves no step to run."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"--strength {strength} must be in (0, 1]")
+    kept = min(int(num_steps * strength), num_steps)
+    if kept < 1:
+        raise ValueError(
+            f"--strength {strength} with --sampling_steps {num_steps} runs int({num_steps} * {strength}) = 0 steps; "
+            "raise either"
+        )
+    return num_steps - kept

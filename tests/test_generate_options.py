@@ -35,6 +35,8 @@ NON_DEFAULT = {
     "scale": 3.5,
     "ddim_eta": 0.5,
     "clip_skip": 1,
+    "init_image": "init.png",
+    "strength": 0.5,
     "prompt_weighting": True,
     "n_samples": 3,
     "n_iter": 4,

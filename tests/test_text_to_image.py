@@ -108,7 +108,18 @@ def files(work):
     write_adapter(lora_sd1, _random_adapter(sd1_state, "sd1", rng))
     empty = work / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
-    return {"weights": weights, "lora": lora, "lora_sd1": lora_sd1, "empty": empty}
+    init, init_small = work / "init.png", work / "init_small.png"
+    pixels = (rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(init)
+    Image.fromarray(pixels[:24]).save(init_small)
+    return {
+        "weights": weights,
+        "lora": lora,
+        "lora_sd1": lora_sd1,
+        "empty": empty,
+        "init": init,
+        "init_small": init_small,
+    }
 
 
 def _images(folder: Path, start: int, count: int) -> list:
@@ -130,13 +141,21 @@ ERROR_CASES = {
         "'(' at character 9 is never closed",
     ),
     "clip_skip_too_deep": (["--clip_skip", "2"], "clip_skip 2 must be in [0, 1]"),
+    "strength_zero": (["--init_image", "{init}", "--strength", "0"], "--strength 0.0 must be in (0, 1]"),
+    "strength_above_one": (["--init_image", "{init}", "--strength", "1.5"], "--strength 1.5 must be in (0, 1]"),
+    "strength_without_init_image": (["--strength", "0.5"], "--strength 0.5 needs --init_image"),
+    "init_image_other_size": (["--init_image", "{init_small}"], "init image is 32x24 (W x H) but --W 32 --H 32"),
+    "missing_init_image": (["--init_image", "{work}/nope.png"], "nope.png: init image not found"),
+    "plms_img2img": (["--init_image", "{init}", "--sampler", "plms"], "--sampler plms cannot start from --init_image"),
 }
+IMG2IMG = ("--init_image", "{init}", "--strength", "0.7", "--vae_slicing", "True")
 
 
 @pytest.fixture(scope="module")
 def runs(work, files):
     """One run compiles the graphs (shared cache); then, concurrently: the same run again into the same folder (must
-    continue the numbering), the adapter at scale 1 and 0, and every bad-input case."""
+    continue the numbering), the adapter at scale 1 and 0, img2img with the adapter and VAE slicing, and every
+    bad-input case."""
     common = ("--prompt", "a red fox", "--ckpt_path", files["weights"])
     base = work / "base"
     first = finish(start_cli(work, *common, "--output_path", base))
@@ -146,6 +165,9 @@ def runs(work, files):
         lora = ("--use_lora", "True", "--lora_ckpt_path", files["lora"], "--lora_scale", scale)
         procs[f"lora_{scale}"] = start_cli(work, *common, *lora, "--output_path", work / f"lora_{scale}")
     fmt = {"work": work, **files}
+    img2img = [a.format(**fmt) for a in IMG2IMG]
+    lora = ("--use_lora", "True", "--lora_ckpt_path", files["lora"])
+    procs["img2img"] = start_cli(work, *common, *lora, *img2img, "--output_path", work / "img2img")
     for name, (extra, _) in ERROR_CASES.items():
         args = [a.format(**fmt) for a in extra]
         if "--data_path" not in args:
@@ -154,7 +176,7 @@ def runs(work, files):
             args += ["--ckpt_path", str(files["weights"])]
         procs[f"error_{name}"] = start_cli(work, *args, "--output_path", work / f"err_{name}")
     results = {"base": first, **{name: finish(p) for name, p in procs.items()}}
-    for name in ("base2", "lora_1.0", "lora_0"):
+    for name in ("base2", "lora_1.0", "lora_0", "img2img"):
         assert results[name][0] == 0, results[name][2][-3000:]
     return results
 
@@ -209,3 +231,13 @@ def test_bad_input_fails_with_one_line(runs, case):
     assert "Traceback" not in stderr
     if case == "other_family":
         assert "'sd1'" in errors[0] and "'sd2'" in errors[0]
+
+
+def test_img2img_with_lora_and_vae_memory_options(work, runs, files):
+    """img2img runs with an adapter and sliced VAE decode, records its init image and strength, and starts
+    from the image: the same seed and adapter give other images than text-to-image."""
+    meta = json.loads((work / "img2img/samples/00000.json").read_text(encoding="utf-8"))
+    assert meta["init_image"] == str(files["init"]) and meta["strength"] == 0.7
+    ours, text_only = _images(work / "img2img", 0, PER_RUN), _images(work / "lora_1.0", 0, PER_RUN)
+    assert all(a.shape == (SIZE, SIZE, 3) for a in ours)
+    assert all(not np.array_equal(a, b) for a, b in zip(ours, text_only))

@@ -3,6 +3,11 @@
     python examples/stable_diffusion_v2/text_to_image.py --prompt "a red fox" --ckpt_path sd21.safetensors \
         [--use_lora True --lora_ckpt_path a.safetensors --lora_scale 0.8] [--sampler dpm_solver_pp]
     python examples/stable_diffusion_v2/text_to_image.py --config_file my_run.yaml [--seed 7]
+    python examples/stable_diffusion_v2/text_to_image.py --prompt "a (red:1.3) fox" --prompt_weighting True \
+        --init_image fox.png --strength 0.6 --clip_skip 1 --ckpt_path sd15.safetensors
+
+Prompts longer than 77 tokens are encoded in 75-token chunks; ``--init_image``/``--strength`` is img2img
+(docs/prompts_and_img2img.md).
 
 Every option is also a key of the ``--config_file`` YAML (the command line wins; ``ldm.generate_options``).
 

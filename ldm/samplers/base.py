@@ -12,6 +12,11 @@ Interface
     (0.00085..0.012, 1000 steps, :mod:`ldm.schedule`). ``Sampler.timesteps(num_steps)`` returns the timesteps the
     model is called at, in call order.
 
+    img2img: the samplers of ``ldm.names.IMG2IMG_SAMPLER_NAMES`` also take ``sample(..., start_step=k)``: they run
+    steps k..n-1 of the n-step schedule from a latent noised to the level of step k, ``alpha * x0 + sigma * noise``
+    with ``(alpha, sigma) = start_scales(n, k)`` (diffusers' img2img: ``set_begin_index(k)`` and ``add_noise``).
+    Multistep solvers warm up again from step k, as diffusers' do.
+
 Numerics
     Every step is a linear combination of arrays (the latent and stored model outputs or x0 predictions) whose
     scalar coefficients are computed in float64 numpy/Python; the combination itself runs in the latent's dtype.
@@ -138,6 +143,11 @@ def zero_length_step(sigma_t: float, sigma_s: float) -> bool:
     return abs(sigma_t - sigma_s) <= 1e-9 * sigma_s
 
 
+def check_start_step(start_step: int, num_steps: int) -> None:
+    if not 0 <= start_step < num_steps:
+        raise ValueError(f"start_step must be in [0, {num_steps - 1}] for {num_steps} steps, got {start_step}")
+
+
 def _check_steps(num_steps: int, num_train_timesteps: int) -> None:
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
@@ -233,6 +243,11 @@ class Sampler:
         """
         raise NotImplementedError
 
+    def start_scales(self, num_steps: int, start_step: int) -> tuple[float, float]:
+        """(alpha, sigma) of the latent ``alpha * x0 + sigma * noise`` that ``sample(..., start_step=start_step)``
+        starts from (img2img); a sampler that cannot start part-way raises ValueError naming itself."""
+        raise ValueError(f"sampler {self.name!r} cannot start from an image (img2img)")
+
     def _call(self, model_fn: ModelFn, x: np.ndarray, t: float, cond: Any) -> np.ndarray:
         """The model's output at host latents ``x`` and timestep ``t``, as a host array of ``x``'s dtype."""
         ts = ms.Tensor(np.full((x.shape[0],), t, dtype=self.timestep_dtype))
@@ -293,6 +308,10 @@ class MultistepSigmaSampler(Sampler):
 
     def timesteps(self, num_steps: int) -> np.ndarray:
         return self.schedule(num_steps)[0]
+
+    def start_scales(self, num_steps: int, start_step: int) -> tuple[float, float]:
+        check_start_step(start_step, num_steps)
+        return alpha_sigma(self.schedule(num_steps)[1][start_step])
 
 
 def euler_schedule(

@@ -17,6 +17,7 @@ import numpy as np
 from ldm.samplers.base import (
     ModelFn,
     Sampler,
+    check_start_step,
     draw_noise,
     leading_timesteps,
     lincomb,
@@ -60,6 +61,11 @@ class DDIMSampler(Sampler):
         prev = t - self.num_train_timesteps // num_steps
         return float(self.alphas_cumprod[max(prev, 0)])
 
+    def start_scales(self, num_steps: int, start_step: int) -> tuple[float, float]:
+        check_start_step(start_step, num_steps)
+        a = float(self.alphas_cumprod[self.timesteps(num_steps)[start_step]])
+        return float(np.sqrt(a)), float(np.sqrt(1.0 - a))
+
     def sample(
         self,
         model_fn: ModelFn,
@@ -69,16 +75,21 @@ class DDIMSampler(Sampler):
         callback: Callable[[int, int, ms.Tensor], None] | None = None,
         eta: float = 0.0,
         generator: Any = None,
+        start_step: int = 0,
     ) -> ms.Tensor:
         """DDIM sampling. With ``eta > 0`` each step adds ``std * z``, ``z = generator.standard_normal(x.shape)``
         (float32, drawn once per step in step order); ``generator`` may be a seed (see
-        :func:`~ldm.samplers.base.noise_source`). ``None`` draws fresh entropy."""
+        :func:`~ldm.samplers.base.noise_source`). ``None`` draws fresh entropy. ``start_step`` k runs steps k.. only
+        (img2img, see :meth:`start_scales`)."""
+        check_start_step(start_step, num_steps)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if eta > 0:
             generator = noise_source(generator)
         x = to_host(x_T)
         for i, t in enumerate(self.timesteps(num_steps)):
+            if i < start_step:
+                continue
             out = self._call(model_fn, x, t, cond)
             a_t, a_prev = float(self.alphas_cumprod[t]), self.prev_alpha(int(t), num_steps)
             std = ddim_sigma(a_t, a_prev, eta) if eta > 0 else 0.0

@@ -48,6 +48,7 @@ from ldm.samplers.base import (
     ModelFn,
     MultistepSigmaSampler,
     alpha_sigma,
+    check_start_step,
     draw_noise,
     lincomb,
     log_snr,
@@ -60,11 +61,14 @@ from ldm.samplers.base import (
 SOLVER_TYPES = ("midpoint", "heun")  # the first is the default
 
 
-def dpm_solver_orders(num_steps: int, order: int, lower_order_final: bool, final_sigma_zero: bool) -> list[int]:
-    """Order of each step: warm-up ``min(order, i + 1)``, then diffusers' final-step rules (see module docstring)."""
+def dpm_solver_orders(
+    num_steps: int, order: int, lower_order_final: bool, final_sigma_zero: bool, start_step: int = 0
+) -> list[int]:
+    """Order of each step: warm-up ``min(order, i - start_step + 1)``, then diffusers' final-step rules (see module
+    docstring); the steps before ``start_step`` are not run (their entries are meaningless)."""
     orders = []
     for i in range(num_steps):
-        o = min(order, i + 1)
+        o = max(1, min(order, i - start_step + 1))
         last_lower = lower_order_final and num_steps < 15
         if i == num_steps - 1 and (last_lower or final_sigma_zero):
             o = 1
@@ -167,8 +171,9 @@ class DPMSolverPPSampler(MultistepSigmaSampler):
     def stochastic(self) -> bool:
         return self.algorithm_type == "sde-dpmsolver++"
 
-    def orders(self, num_steps: int) -> list[int]:
-        return dpm_solver_orders(num_steps, self.order, self.lower_order_final, self.final_sigmas_type == "zero")
+    def orders(self, num_steps: int, start_step: int = 0) -> list[int]:
+        final_zero = self.final_sigmas_type == "zero"
+        return dpm_solver_orders(num_steps, self.order, self.lower_order_final, final_zero, start_step)
 
     def sample(
         self,
@@ -178,13 +183,18 @@ class DPMSolverPPSampler(MultistepSigmaSampler):
         num_steps: int = 20,
         callback: Callable[[int, int, ms.Tensor], None] | None = None,
         generator: Any = None,
+        start_step: int = 0,
     ) -> ms.Tensor:
         """Sampling; the SDE variant draws ``z`` from ``generator`` (a seed, a numpy ``Generator`` or any object with
-        its ``standard_normal``; see :func:`~ldm.samplers.base.noise_source`), the ODE one ignores it."""
+        its ``standard_normal``; see :func:`~ldm.samplers.base.noise_source`), the ODE one ignores it.
+        ``start_step`` k runs steps k.. only (img2img)."""
+        check_start_step(start_step, num_steps)
         generator = noise_source(generator) if self.stochastic else None
         timesteps, sigmas = self.schedule(num_steps)
         x, x0s = to_host(x_T), []  # x0 predictions, newest last
-        for i, (t, order) in enumerate(zip(timesteps, self.orders(num_steps))):
+        for i, (t, order) in enumerate(zip(timesteps, self.orders(num_steps, start_step))):
+            if i < start_step:
+                continue
             out = self._call(model_fn, x, t, cond)
             (c_x, c_out), _ = x0_eps_coeffs(*alpha_sigma(sigmas[i]), self.prediction_type)
             x0s = (x0s + [lincomb((c_x, c_out), (x, out))])[-self.order :]

@@ -27,6 +27,7 @@ from ldm.samplers.base import (
     ModelFn,
     MultistepSigmaSampler,
     alpha_sigma,
+    check_start_step,
     lincomb,
     log_snr,
     to_host,
@@ -37,11 +38,14 @@ from ldm.samplers.base import (
 SOLVER_TYPES = ("bh2", "bh1")  # the first is the default
 
 
-def unipc_orders(num_steps: int, order: int, lower_order_final: bool, sigmas: np.ndarray) -> list[int]:
-    """Predictor order of each step: warm-up ``min(order, i + 1)``, ``min(order, n - i)`` with lower_order_final."""
+def unipc_orders(
+    num_steps: int, order: int, lower_order_final: bool, sigmas: np.ndarray, start_step: int = 0
+) -> list[int]:
+    """Predictor order of each step: warm-up ``min(order, i - start_step + 1)``, ``min(order, n - i)`` with
+    lower_order_final; the steps before ``start_step`` are not run."""
     orders = []
     for i in range(num_steps):
-        o = min(order, i + 1)
+        o = max(1, min(order, i - start_step + 1))
         if lower_order_final:
             o = min(o, num_steps - i)
         orders.append(1 if sigmas[i + 1] == 0 else o)
@@ -113,15 +117,19 @@ class UniPCSampler(MultistepSigmaSampler):
         cond: Any = None,
         num_steps: int = 20,
         callback: Callable[[int, int, ms.Tensor], None] | None = None,
+        start_step: int = 0,
     ) -> ms.Tensor:
+        check_start_step(start_step, num_steps)
         timesteps, sigmas = self.schedule(num_steps)
-        orders = unipc_orders(num_steps, self.order, self.lower_order_final, sigmas)
+        orders = unipc_orders(num_steps, self.order, self.lower_order_final, sigmas, start_step)
         x, x_last, x0s = to_host(x_T), None, []  # x_last: corrected latent the previous predictor started from
         for i, t in enumerate(timesteps):
+            if i < start_step:
+                continue
             out = self._call(model_fn, x, t, cond)
             (c_x, c_out), _ = x0_eps_coeffs(*alpha_sigma(sigmas[i]), self.prediction_type)
             m = lincomb((c_x, c_out), (x, out))
-            if i > 0:
+            if i > start_step:
                 o = orders[i - 1]
                 c_x, c_m = unipc_coeffs(sigmas[i], sigmas[i - 1 :: -1], o, True, self.solver_type)
                 x = lincomb([c_x, *c_m], [x_last, m, *x0s[::-1][:o]])
