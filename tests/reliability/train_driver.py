@@ -56,8 +56,8 @@ if env.get("LDM_REL_NAN_STEPS"):
         def __init__(self, dataset, first_step: int):
             self.dataset, self.first_step = dataset, first_step
 
-        def get_dataset_size(self):
-            return self.dataset.get_dataset_size()
+        def __getattr__(self, name):
+            return getattr(self.dataset, name)  # size, bucket table and order: the wrapped dataset's
 
         def create_tuple_iterator(self, *args, **kwargs):
             batches = self.dataset.create_tuple_iterator(*args, **kwargs)
