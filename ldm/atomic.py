@@ -3,17 +3,22 @@ stays intact until then.
 
 A file is written to a temp file in the same folder (same file system, so the rename is atomic), fsynced (the rename
 must not reach the disk before the data) and renamed over the target; on any error, SIGKILL excepted, the temp file
-is removed. A folder is built beside the target; replacing one renames the old folder aside first, renames the new
-one into place, then deletes the old one (the old one is renamed back if the second rename fails). A SIGKILL between
-those two renames leaves the old folder aside as ``.<name>.*.old``; the next write of that folder renames it back
-before building. Temp names start with ``.`` and contain ``.tmp``.
+is removed. A folder is built beside the target; replacing one swaps the two names in one step where the kernel can
+(Linux ``renameat2(RENAME_EXCHANGE)``), so the target always names a whole version, then deletes the old one. Where it
+cannot (another OS, a file system without the flag) the old folder is renamed aside first and the new one renamed
+into place (the old one renamed back if that fails); a SIGKILL between those two renames leaves the old folder aside
+as ``.<name>.*.old`` and the target missing until the next write of that folder renames it back before building.
+Temp names start with ``.`` and contain ``.tmp``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +26,10 @@ from pathlib import Path
 from typing import IO, Any
 
 FILE_MODE = 0o644  # mkstemp creates 0600; a written file gets the usual mode
+_AT_FDCWD = -100  # renameat2's "relative to the working directory"
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap the two names atomically
+# errnos meaning "this kernel, libc or file system cannot exchange": fall back to two renames
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 def _fsync(path: Path) -> None:
@@ -87,6 +96,33 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _renameat2():
+    """libc's ``renameat2`` (glibc 2.28+), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def exchange(a, b) -> bool:
+    """Swap the names ``a`` and ``b`` (both must exist) in one atomic step; False where the platform or the file
+    system cannot (nothing changed then); any other failure raises OSError."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
 def recover_folder(folder) -> None:
     """Undo a swap interrupted between its two renames: rename the old version back if ``folder`` is missing, and
     delete old versions left aside once ``folder`` exists."""
@@ -96,6 +132,19 @@ def recover_folder(folder) -> None:
         os.replace(asides.pop(0), folder)
     for old in asides:
         _remove(old)
+
+
+def _replace_by_two_renames(build: Path, folder: Path) -> None:
+    """Rename ``folder`` aside, ``build`` into its place, then delete the old one (renamed back if the second rename
+    fails). Used where names cannot be exchanged atomically."""
+    old = build.with_name(f"{build.name}.old")
+    os.replace(folder, old)
+    try:
+        os.replace(build, folder)
+    except BaseException:
+        os.replace(old, folder)
+        raise
+    _remove(old)
 
 
 @contextmanager
@@ -113,18 +162,12 @@ def atomic_folder(folder, overwrite: bool = False) -> Iterator[Path]:
         yield build
         for file in sorted(p for p in build.rglob("*") if p.is_file() and not p.is_symlink()):
             _fsync(file)
-        old = None
-        if folder.exists() or folder.is_symlink():
-            old = build.with_name(f"{build.name}.old")
-            os.replace(folder, old)
-        try:
+        if not (folder.exists() or folder.is_symlink()):
             os.replace(build, folder)
-        except BaseException:
-            if old is not None:
-                os.replace(old, folder)
-            raise
-        if old is not None:
-            _remove(old)
+        elif exchange(build, folder):
+            _remove(build)  # the old version, now under the build's name
+        else:
+            _replace_by_two_renames(build, folder)
     finally:
         if build.exists():
             shutil.rmtree(build)

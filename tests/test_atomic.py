@@ -1,5 +1,6 @@
-"""ldm.atomic: a failed write leaves the previous file or folder as it was and no temp file; a folder swap whose second
-rename fails puts the old folder back; an old folder left aside by a killed swap is restored by the next write."""
+"""ldm.atomic: a failed write leaves the previous file or folder as it was and no temp file; a folder swap exchanges the
+two names in one step where Linux can; where it cannot, a swap whose second rename fails puts the old folder back and
+an old folder left aside by a killed swap is restored by the next write."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import ldm.atomic
 from ldm.atomic import atomic_folder, atomic_open, atomic_path, recover_folder, save_image, write_json, write_text
 
 
@@ -75,10 +77,36 @@ def test_error_while_building_a_folder_leaves_the_old_one(tmp_path):
     assert _names(tmp_path) == ["export"] and _names(target) == ["old.txt"]
 
 
-def test_failed_second_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+def test_folders_are_swapped_in_one_step_on_linux(tmp_path, monkeypatch):
+    """Where renameat2 exists the swap calls no os.replace (the one gap of the two-rename swap never opens)."""
     target = tmp_path / "export"
     with atomic_folder(target) as build:
         (build / "old.txt").write_text("old")
+    if not ldm.atomic.exchange(tmp_path / "export", target):
+        pytest.fail("renameat2(RENAME_EXCHANGE) is not available on this Linux machine")
+
+    def no_replace(src, dst):
+        raise AssertionError(f"os.replace({src}, {dst}) called during an exchange swap")
+
+    monkeypatch.setattr(os, "replace", no_replace)
+    with atomic_folder(target, overwrite=True) as build:
+        (build / "new.txt").write_text("new")
+    assert _names(tmp_path) == ["export"] and _names(target) == ["new.txt"]
+
+
+def test_exchange_of_a_missing_name_raises_and_changes_nothing(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(FileNotFoundError):
+        ldm.atomic.exchange(tmp_path / "a", tmp_path / "missing")
+    assert _names(tmp_path) == ["a"]
+
+
+def test_failed_second_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """The fallback where names cannot be exchanged (another OS or file system)."""
+    target = tmp_path / "export"
+    with atomic_folder(target) as build:
+        (build / "old.txt").write_text("old")
+    monkeypatch.setattr(ldm.atomic, "exchange", lambda a, b: False)
     replace = os.replace
 
     def failing(src, dst):

@@ -4,9 +4,10 @@ folders), and a full disk while generation saves an image.
 
 Each write runs in a forked child of this test process that SIGKILLs itself at one named point (before or after a
 temp file/folder is made, half-way through the data, after the fsync, before or after each rename). After the kill the
-target must be the complete old version or the complete new one (a folder killed between its two renames is missing,
-with the old one aside, and the next write restores it before anything reads it); leftovers are hidden ``.tmp`` names;
-the next write succeeds.
+target must be the complete old version or the complete new one; leftovers are hidden ``.tmp`` names; the next write
+succeeds. Folders are swapped in one exchange on Linux (the target never goes missing); in the two-rename fallback a
+folder killed between the renames is missing, with the old one aside, and the next write restores it before anything
+reads it.
 """
 
 from __future__ import annotations
@@ -79,8 +80,15 @@ def test_sigkill_while_writing_a_file_leaves_old_or_new_never_partial(tmp_path, 
     assert path.read_text() == new
 
 
-# os.replace calls of a folder swap over an existing folder: 1 renames the old one aside, 2 renames the new one in
-FOLDER_KILLS = [
+# The exchange swap: one renameat2 call swaps the names; the old version is then deleted.
+EXCHANGE_KILLS = [
+    ("mkdtemp", 1, "after"),
+    ("fsync", 1, "after"),
+    ("exchange", 1, "before"),
+    ("exchange", 1, "after"),
+]
+# The two-rename fallback: os.replace call 1 renames the old folder aside, 2 renames the new one in.
+RENAME_KILLS = [
     ("mkdtemp", 1, "after"),
     ("fsync", 1, "after"),
     ("replace", 1, "before"),
@@ -95,23 +103,26 @@ def _fill(build: Path, text: str) -> None:
         (build / name).write_text(text)
 
 
-@pytest.mark.parametrize("point, nth, phase", FOLDER_KILLS, ids=[f"{p}{n}-{ph}" for p, n, ph in FOLDER_KILLS])
-def test_sigkill_while_replacing_a_folder_loses_nothing(tmp_path, point, nth, phase):
-    """SIGKILL at one step of an atomic folder swap: the folder is whole (old or new), or aside and restored."""
+def _kill_during_swap(tmp_path: Path, point: str, nth: int, phase: str, exchange: bool) -> Path:
+    """Write the old folder, then SIGKILL a child at ``point`` while it replaces it; the target's path."""
+    import ldm.atomic as atomic
+
     target = tmp_path / "export"
     with atomic_folder(target) as build:
         _fill(build, "old")
 
     def swap():
-        _arm({"mkdtemp": tempfile, "fsync": os, "replace": os}[point], point, nth, phase)
+        if not exchange:
+            atomic.exchange = lambda a, b: False
+        _arm({"mkdtemp": tempfile, "fsync": os, "replace": os, "exchange": atomic}[point], point, nth, phase)
         with atomic_folder(target, overwrite=True) as build:
             _fill(build, "new")
 
     assert in_killed_child(swap) == signal.SIGKILL
-    between = (point, nth, phase) == ("replace", 1, "after")  # old aside, new not yet in: the one gap
-    assert target.exists() != between and _hidden_leftovers(tmp_path, {"export"})
-    recover_folder(target)  # what the next write of the folder does first
-    expected = "new" if (point, nth) == ("replace", 2) else "old"
+    return target
+
+
+def _assert_whole_and_writable(tmp_path: Path, target: Path, expected: str) -> None:
     assert sorted(p.name for p in target.rglob("*")) == ["model_index.json", "unet", "weights.bin"]
     assert {(target / n).read_text() for n in ("unet/weights.bin", "model_index.json")} == {expected}
     with atomic_folder(target, overwrite=True) as build:
@@ -119,9 +130,27 @@ def test_sigkill_while_replacing_a_folder_loses_nothing(tmp_path, point, nth, ph
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".old")] == []
 
 
+@pytest.mark.parametrize("point, nth, phase", EXCHANGE_KILLS, ids=[f"{p}{n}-{ph}" for p, n, ph in EXCHANGE_KILLS])
+def test_sigkill_while_exchanging_a_folder_never_leaves_it_missing(tmp_path, point, nth, phase):
+    """SIGKILL at one step of the exchange swap: the folder is always there and whole, old or new."""
+    target = _kill_during_swap(tmp_path, point, nth, phase, exchange=True)
+    assert target.exists() and _hidden_leftovers(tmp_path, {"export"})
+    _assert_whole_and_writable(tmp_path, target, "new" if (point, phase) == ("exchange", "after") else "old")
+
+
+@pytest.mark.parametrize("point, nth, phase", RENAME_KILLS, ids=[f"{p}{n}-{ph}" for p, n, ph in RENAME_KILLS])
+def test_sigkill_while_replacing_a_folder_by_two_renames_loses_nothing(tmp_path, point, nth, phase):
+    """SIGKILL at one step of the two-rename fallback: the folder is whole (old or new), or aside and restored."""
+    target = _kill_during_swap(tmp_path, point, nth, phase, exchange=False)
+    between = (point, nth, phase) == ("replace", 1, "after")  # old aside, new not yet in: the one gap
+    assert target.exists() != between and _hidden_leftovers(tmp_path, {"export"})
+    recover_folder(target)  # what the next write of the folder does first
+    _assert_whole_and_writable(tmp_path, target, "new" if (point, nth) == ("replace", 2) else "old")
+
+
 @pytest.mark.filterwarnings("ignore:.*tokenise differently")
 def test_sigkill_before_a_diffusers_export_is_renamed_in_keeps_the_old_export(tmp_path):
-    """SIGKILL as an overwriting diffusers export is renamed into place: the old export is intact (not deleted)."""
+    """SIGKILL as an overwriting diffusers export is swapped into place: the old export is intact (not deleted)."""
     from ldm.io.diffusers_format import read_diffusers_folder, write_diffusers_folder
     from ldm.io.loading import cell_state_dict
     from ldm.models.diffusion import build_model_from_config
@@ -133,19 +162,14 @@ def test_sigkill_before_a_diffusers_export_is_renamed_in_keeps_the_old_export(tm
     write_diffusers_folder(state, config, target)
     before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
     doubled = {k: v * 2 for k, v in state.items()}
-    replace = os.replace
 
     def export():
-        def hooked(src, dst):
-            if Path(dst) == target:  # the new folder is about to take the target's name
-                die()
-            replace(src, dst)
+        import ldm.atomic as atomic
 
-        os.replace = hooked
+        _arm(atomic, "exchange", 1, "before")  # the new folder is about to take the target's name
         write_diffusers_folder(doubled, config, target, overwrite=True)
 
     assert in_killed_child(export) == signal.SIGKILL
-    recover_folder(target)
     after = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
     assert after == before
     write_diffusers_folder(doubled, config, target, overwrite=True)
