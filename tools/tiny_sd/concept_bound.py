@@ -15,14 +15,13 @@ holding out for the demo only if its bound leaves room for the drop the demo aim
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 from make_data import CONCEPTS, HELD_OUT, ink, paint
 
 import ldm  # noqa: F401  (CPU defaults before mindspore)
+from ldm.atomic import write_json
 
 TREATMENTS = {  # name: (paper RGB, ink RGB)
     **{name: spec[1:] for name, spec in CONCEPTS.items()},
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
         bound = fid_from_features(features(paint(drawn_ink, paper, colour)), reference)
         results[name] = {"before": round(before, 2), "bound": round(bound, 2), "drop": round(1 - bound / before, 4)}
         print(name, results[name], flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    write_json(args.out, results, indent=1)
     return 0
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import ldm  # noqa: F401  (CPU defaults before mindspore)
+from ldm.atomic import save_image, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,8 +107,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"class_prompt": args.class_prompt, "instance_prompt": args.instance_prompt, "seeds": args.seeds}
-    (out / "drift.json").write_text(json.dumps({**summary, "models": results}, indent=1) + "\n", encoding="utf-8")
-    Image.fromarray(make_grid(np.concatenate(rows), rows=len(rows))).save(out / "grid.png")
+    write_json(out / "drift.json", {**summary, "models": results}, indent=1)
+    save_image(out / "grid.png", make_grid(np.concatenate(rows), rows=len(rows)))
     return 0
 
 
