@@ -3,10 +3,10 @@
 from ldm.data.buckets import BucketSpec
 from ldm.data.cache import CachedSource, CacheEncoders, build_cache
 from ldm.data.captions import CaptionRules
-from ldm.data.dataset import ImageCaptionSource, build_dataset
+from ldm.data.dataset import ImageCaptionSource, TrainingData, build_dataset, build_pipeline
 from ldm.data.kohya import FolderOptions, read_dataset_config
 from ldm.data.records import Record, read_index
-from ldm.data.sampler import BucketSampler, ShardedSampler
+from ldm.data.sampler import BucketSampler, RunOrder, ShardedSampler
 from ldm.data.transforms import ImageTransform
 
 __all__ = [
@@ -21,7 +21,10 @@ __all__ = [
     "ImageCaptionSource",
     "ImageTransform",
     "Record",
+    "RunOrder",
     "ShardedSampler",
+    "TrainingData",
     "build_dataset",
+    "build_pipeline",
     "read_index",
 ]

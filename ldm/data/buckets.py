@@ -88,8 +88,7 @@ class BucketSpec:
             if bucket not in buckets:
                 errors = np.abs(np.array([w / h for w, h in buckets]) - ratio)
                 bucket = buckets[int(errors.argmin())]
-            scale = bucket[1] / height if ratio > bucket[0] / bucket[1] else bucket[0] / width
-            return Placement(bucket, (int(width * scale + 0.5), int(height * scale + 0.5)))
+            return cover(width, height, bucket)
         resized = (width, height)
         if width * height > self.max_area:
             scaled_w = math.sqrt(self.max_area * ratio)
@@ -109,6 +108,13 @@ class BucketSpec:
                 "bucket_no_upscale"
             )
         return Placement(bucket, resized)
+
+
+def cover(width: int, height: int, bucket: Size) -> Placement:
+    """A ``width`` x ``height`` image placed into ``bucket``: scaled, keeping its aspect ratio, to the smallest size
+    that covers the bucket (the crop then cuts the excess of one side)."""
+    scale = bucket[1] / height if width / height > bucket[0] / bucket[1] else bucket[0] / width
+    return Placement(tuple(bucket), (int(width * scale + 0.5), int(height * scale + 0.5)))
 
 
 def bucket_table(placements: Iterable[Placement]) -> str:

@@ -8,7 +8,8 @@ its flip draw selects (the draw :meth:`ImageCaptionSource.image` makes, from the
 caption of every cached record with its subset's prefix and suffix, plus ``""`` when caption dropout is on; a
 sample's caption is chosen exactly as in the uncached source. A random crop, and captions whose tags are shuffled or
 dropped, differ at every visit and cannot be cached (training options turn the cache off). With aspect-ratio buckets
-each image's moments have its bucket's shape; an image repeated by its folder (``N_name``) is encoded once.
+each image's moments have its bucket's shape; an image repeated by its folder (``N_name``) is encoded once per
+bucket it trains in.
 
 Only the records this rank's sampler will still visit are encoded: its shard of the remaining epochs. Epochs are
 reshuffled across ranks (that keeps N ranks equal to one process with the global batch), so a run of several epochs
@@ -103,6 +104,13 @@ def captions_to_cache(source: ImageCaptionSource, indices: Iterable[int]) -> lis
     return sorted({text for i in indices for text in source.record_captions(i)})
 
 
+def _image_key(source: ImageCaptionSource, index: int) -> tuple:
+    """What record ``index``'s encoded image depends on: its file and its bucket placement (a DreamBooth class image
+    can train in several buckets)."""
+    placements = source.placements
+    return source.records[index].path, None if placements is None else placements[index]
+
+
 def build_cache(
     source: ImageCaptionSource, sample_ids: Iterable[int], encoders: CacheEncoders, progress: bool = True
 ) -> CachedSource:
@@ -113,10 +121,10 @@ def build_cache(
     indices = records_to_visit(sample_ids, len(source))
     flips = (False, True) if source.transform.flip and encoders.images is not None else (False,)
     texts = captions_to_cache(source, indices) if encoders.texts is not None else []
-    first: dict[str, int] = {}  # image path -> the first record index showing it, in row order
+    first: dict[tuple, int] = {}  # (image path, placement) -> the first record index showing it, in row order
     for index in indices:
-        first.setdefault(source.records[index].path, index)
-    row_of = {path: row for row, path in enumerate(first)}
+        first.setdefault(_image_key(source, index), index)
+    row_of = {key: row for row, key in enumerate(first)}
     images = len(first) * len(flips) if encoders.images is not None else 0
     start = time.perf_counter()
     with tqdm(total=images + len(texts), desc="cache", unit="input", disable=not progress) as bar:
@@ -140,7 +148,7 @@ def build_cache(
     cached = CachedSource(
         source,
         moments,
-        {index: row_of[source.records[index].path] for index in indices} if moments is not None else {},
+        {index: row_of[_image_key(source, index)] for index in indices} if moments is not None else {},
         contexts,
         {text: row for row, text in enumerate(texts)},
     )

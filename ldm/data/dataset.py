@@ -31,12 +31,12 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
-from ldm.data.buckets import BucketSpec, Placement, bucket_table
+from ldm.data.buckets import BucketSpec, Placement, Size, bucket_table, cover
 from ldm.data.cache import CacheEncoders, build_cache
 from ldm.data.captions import CaptionRules
 from ldm.data.kohya import FolderOptions, read_records
 from ldm.data.records import Record
-from ldm.data.sampler import BucketSampler, ShardedSampler
+from ldm.data.sampler import RunOrder, ShardedSampler
 from ldm.data.transforms import ImageTransform, load_rgb
 
 logger = logging.getLogger(__name__)
@@ -144,8 +144,13 @@ class ImageCaptionSource:
     (``self.placements``) instead of a square of ``image_size``. An image that fails to decode at load time is logged
     and replaced by the next record (of the same bucket), so a batch never breaks. ``validation_split`` leaves out
     the images :func:`split_records` holds out for the validation loss. ``records`` given are used instead of
-    reading ``data_path`` (still checked, as read ones are).
+    reading ``data_path`` (still checked, as read ones are), under ``subset_rules`` (one per ``Record.subset``) or
+    the one set of caption rules. ``bucket_of`` (with ``buckets``) puts record ``i`` into the bucket
+    ``bucket_of[i]`` (resized to cover it) instead of the bucket of nearest aspect ratio: DreamBooth's class image
+    trains at its pair's bucket.
     """
+
+    column_names = ("image", "tokens")
 
     def __init__(
         self,
@@ -163,6 +168,8 @@ class ImageCaptionSource:
         buckets: BucketSpec | None = None,
         validation_split: float = 0.0,
         records: list[Record] | None = None,
+        subset_rules: list[CaptionRules] | None = None,
+        bucket_of: Sequence[Size] | None = None,
     ):
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
@@ -170,11 +177,17 @@ class ImageCaptionSource:
         self.data_path = os.fspath(data_path)
         if records is None:
             self.label, records, self.rules = read_records(data_path, folder or FolderOptions(), rules)
-        else:  # given by the caller (DreamBooth's folders), one subset under the caption rules
-            self.label, self.rules = self.data_path, [rules]
+        else:  # given by the caller (DreamBooth's instance and class halves)
+            self.label, self.rules = self.data_path, subset_rules or [rules]
         self.records, self.skipped, sizes = scan_dataset(self.data_path, self.label, records)
         self.records = split_records(self.records, validation_split, seed)[0]
-        self.placements = place_in_buckets(self.records, sizes, buckets) if buckets is not None else None
+        self.placements = None
+        if buckets is not None and bucket_of is None:
+            self.placements = place_in_buckets(self.records, sizes, buckets)
+        elif buckets is not None:
+            if len(bucket_of) != len(self.records):
+                raise ValueError(f"{self.label}: {len(bucket_of)} buckets given for {len(self.records)} records")
+            self.placements = [cover(*sizes[r.path], b) for r, b in zip(self.records, bucket_of, strict=True)]
         self.tokenizer = tokenizer
         self.transform = ImageTransform(image_size, random_crop, flip, interpolation)
         self.seed = int(seed)
@@ -248,6 +261,73 @@ class ImageCaptionSource:
         return image, tokens
 
 
+class TrainingData:
+    """A run's samples, read once (images checked, buckets placed), before any pipeline is built: one
+    :class:`ImageCaptionSource`, or sources of equal length read at the same sample id and joined by ``combine``
+    (DreamBooth's instance and class halves, :class:`ldm.data.dreambooth.DreamBoothSource`). The first source's
+    buckets are the batches' buckets."""
+
+    def __init__(self, sources: Sequence[ImageCaptionSource], combine: Callable | None = None, label: str = ""):
+        if len({len(s) for s in sources}) != 1:
+            raise ValueError(f"sources of one sample id must have one length, got {[len(s) for s in sources]}")
+        self.sources, self.combine = list(sources), combine
+        self.label = label or sources[0].label
+
+    def __len__(self) -> int:
+        return len(self.sources[0])
+
+    @property
+    def placements(self) -> list[Placement] | None:
+        return self.sources[0].placements
+
+    @property
+    def bucket_table(self) -> str | None:
+        """The table the trainer logs (resolution and sample count per bucket), ``None`` without buckets."""
+        return None if self.placements is None else bucket_table(self.placements)
+
+    def sampler(self, order: RunOrder) -> ShardedSampler:
+        """This rank's sampler in ``order``: one bucket per batch with buckets (the sampler's ``digest`` is the
+        bucket order), else a plain shard of each epoch."""
+        try:
+            return order.sampler(len(self), None if self.placements is None else [p.bucket for p in self.placements])
+        except ValueError as err:
+            raise ValueError(f"{self.label}: {err}") from None
+
+
+def build_pipeline(
+    data: TrainingData,
+    order: RunOrder,
+    num_workers: int = 1,
+    python_multiprocessing: bool = False,
+    cache: CacheEncoders | None = None,
+):
+    """The batched ``mindspore.dataset.GeneratorDataset`` of ``data`` over a whole run in ``order`` (see
+    :func:`build_dataset`); with ``cache`` every source is cached on its own for the sample ids this rank will
+    visit."""
+    sampler = data.sampler(order)
+    rank = order.rank
+    sources = data.sources
+    if cache is not None:
+        sources = [build_cache(s, iter(sampler), cache, progress=rank == 0) for s in sources]
+    samples = data.combine(*sources) if data.combine is not None else sources[0]
+    dataset = generator_dataset(samples, list(samples.column_names), sampler, num_workers, python_multiprocessing)
+    logger.info(
+        "%s: %d samples per epoch; rank %d/%d gets %d per epoch, %d epochs, resuming after %d batches",
+        data.label,
+        len(data),
+        rank,
+        order.world_size,
+        sampler.per_rank,
+        order.num_epochs,
+        order.batches_done,
+    )
+    bucketed = data.placements is not None
+    batched = dataset.batch(order.batch_size, drop_remainder=order.drop_last or bucketed)
+    batched.bucket_order = sampler.digest if bucketed else None
+    batched.bucket_table = data.bucket_table
+    return batched
+
+
 def build_dataset(
     data_path,
     tokenizer: Callable[[Sequence[str]], np.ndarray],
@@ -304,33 +384,8 @@ def build_dataset(
         buckets=buckets,
         validation_split=validation_split,
     )
-    if buckets is not None:
-        placed = [p.bucket for p in source.placements]
-        common = {"seed": seed, "rank": rank, "world_size": world_size, "num_epochs": num_epochs}
-        sampler = BucketSampler(placed, batch_size, shuffle, **common, batches_done=batches_done)
-    else:
-        sampler = ShardedSampler(
-            len(source), batch_size, shuffle, seed, rank, world_size, drop_last, num_epochs, batches_done
-        )
-    samples, columns = source, ["image", "tokens"]
-    if cache is not None:
-        samples = build_cache(source, iter(sampler), cache, progress=rank == 0)
-        columns = list(samples.column_names)
-    dataset = generator_dataset(samples, columns, sampler, num_workers, python_multiprocessing)
-    logger.info(
-        "%s: %d images; rank %d/%d gets %d per epoch, %d epochs, resuming after %d batches",
-        source.label,
-        len(source),
-        rank,
-        world_size,
-        sampler.per_rank,
-        num_epochs,
-        batches_done,
-    )
-    batched = dataset.batch(batch_size, drop_remainder=drop_last or buckets is not None)
-    batched.bucket_order = sampler.digest if buckets is not None else None
-    batched.bucket_table = bucket_table(source.placements) if buckets is not None else None
-    return batched
+    order = RunOrder(batch_size, shuffle, seed, rank, world_size, drop_last, num_epochs, batches_done)
+    return build_pipeline(TrainingData([source]), order, num_workers, python_multiprocessing, cache)
 
 
 def generator_dataset(samples, columns: list[str], sampler, num_workers: int = 1, python_multiprocessing=False):

@@ -1,14 +1,22 @@
 """DreamBooth data: the subject's images under one instance prompt, paired with class images under the class prompt.
 
 diffusers' ``train_dreambooth_lora.py`` layout: ``instance_data_dir`` and ``class_data_dir`` are plain folders of
-images (every image file in them; no index, no captions), captioned ``instance_prompt`` and ``class_prompt``. With
-prior preservation every sample is a pair (instance, class) and an epoch has ``max(instances, class images)``
-samples, so the smaller set repeats. Batched pairs come out as ``[B, 2, ...]``; :func:`instance_then_class` turns
-them into the one batch of ``2B`` rows the loss splits in halves (instances first, as diffusers' ``collate_fn``).
+images (every image file in them; no index, no captions), captioned ``instance_prompt`` and ``class_prompt``. A kohya
+dataset config gives the same two halves as subsets: ``is_reg = true`` ones are the class images, the others the
+instances, each image captioned by its sidecar or its subset's ``class_tokens``. With prior preservation every
+sample is a pair (instance, class) and an epoch has ``max(instances, class images)`` samples, so the smaller set
+repeats. Batched pairs come out as ``[B, 2, ...]``; :func:`instance_then_class` turns them into the one batch of
+``2B`` rows the loss splits in halves (instances first, as diffusers' ``collate_fn``), so the loss is diffusers'
+``instance_loss + prior_loss_weight * prior_loss`` whatever the buckets.
 
-Each half is an :class:`ImageCaptionSource` over its folder, addressed with the pair's own sample id: the flip of a
-pair's class image is drawn from the class source's generator for that id, and caching (``ldm.data.cache``) works on
-each half unchanged.
+Aspect-ratio buckets: the batches are cut by the instance images' buckets (:class:`ldm.data.sampler.BucketSampler`,
+so every rank trains the same bucket at each step) and each pair's class image is resized to cover its instance's
+bucket and cropped (kohya instead buckets regularization images by their own aspect ratio and weights them per
+example; pairing keeps both halves of every batch the same size, which diffusers' split needs).
+
+Each half is an :class:`ImageCaptionSource` over its records repeated to the epoch's length, addressed with the
+pair's sample id (both halves draw from that sample's generator, so a pair's two images flip, and drop their
+caption, together); caching (``ldm.data.cache``) works on each half unchanged.
 """
 
 from __future__ import annotations
@@ -20,10 +28,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from ldm.data.cache import CacheEncoders, build_cache
-from ldm.data.dataset import ImageCaptionSource, generator_dataset, scan_dataset
+from ldm.data.buckets import BucketSpec
+from ldm.data.captions import CaptionRules
+from ldm.data.dataset import ImageCaptionSource, TrainingData, scan_dataset
 from ldm.data.records import Record
-from ldm.data.sampler import ShardedSampler
 from ldm.tokenizer import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
@@ -72,14 +80,14 @@ def check_instance_prompt(instance_prompt: str, class_prompt: str = "", tokenize
 
 class DreamBoothSource:
     """Sample id -> the instance sample (image or cached moments, tokens or cached context), or with a class source
-    the instance and class samples stacked: ``([2, ...], [2, ...])``."""
+    the instance and class samples of the pair stacked: ``([2, ...], [2, ...])``."""
 
     def __init__(self, instances, classes=None):
         self.instances, self.classes = instances, classes
-        self.column_names = tuple(getattr(instances, "column_names", ("image", "tokens")))
+        self.column_names = tuple(instances.column_names)
 
     def __len__(self) -> int:
-        return max(len(self.instances), len(self.classes)) if self.classes is not None else len(self.instances)
+        return len(self.instances)
 
     def __getitem__(self, sample_id):
         first, second = self.instances[sample_id]
@@ -94,58 +102,43 @@ def instance_then_class(batch: np.ndarray) -> np.ndarray:
     return batch.swapaxes(0, 1).reshape(-1, *batch.shape[2:])
 
 
-def build_dreambooth_dataset(
+def dreambooth_data(
     instance_records: list[Record],
     class_records: list[Record] | None,
-    tokenizer: Callable[[Sequence[str]], np.ndarray],
+    tokenizer: Callable[[Sequence[str]], np.ndarray] | None,
     image_size: int = 512,
-    batch_size: int = 1,
     seed: int = 0,
     random_crop: bool = False,
     flip: bool = False,
     caption_dropout: float = 0.0,
-    num_workers: int = 1,
-    rank: int = 0,
-    world_size: int = 1,
-    num_epochs: int = 1,
-    batches_done: int = 0,
-    cache: CacheEncoders | None = None,
-):
-    """The DreamBooth pipeline over a whole run, sharded and resumable like ``build_dataset`` (same arguments after
-    the records); each half is cached on its own when ``cache`` is given. Columns as ``build_dataset``'s, with a
-    pair axis after the batch axis when there are class records."""
-    root = os.path.dirname(instance_records[0].path)
-    halves = [
-        ImageCaptionSource(
-            os.path.dirname(records[0].path),
-            tokenizer,
-            image_size,
-            random_crop,
-            flip,
-            caption_dropout,
-            seed,
-            records=records,
-        )
-        for records in (instance_records, class_records)
-        if records is not None
-    ]
-    size = max(len(h) for h in halves)
-    if size < batch_size * world_size:
-        raise ValueError(
-            f"instance_data_dir {root}: {size} DreamBooth samples cannot fill one global batch of "
-            f"{world_size}x{batch_size}; lower train_batch_size or add images"
-        )
-    sampler = ShardedSampler(size, batch_size, True, seed, rank, world_size, True, num_epochs, batches_done)
-    if cache is not None:
-        halves = [build_cache(h, iter(sampler), cache, progress=rank == 0) for h in halves]
-    samples = DreamBoothSource(*halves)
+    *,
+    buckets: BucketSpec | None = None,
+    subset_rules: list[CaptionRules] | None = None,
+    label: str = "",
+) -> TrainingData:
+    """DreamBooth's samples: pair ``k`` of every epoch is instance ``k % I`` and class image ``k % C`` (``I``, ``C``
+    checked records; an epoch has ``max(I, C)`` pairs), each half an :class:`ImageCaptionSource` over its records
+    repeated to that length. With ``buckets`` an instance image goes to its bucket of nearest aspect ratio and its
+    pair's class image is resized to cover that same bucket and cropped, so a batch of one bucket holds B instance
+    and B class images of that resolution. ``subset_rules`` are the caption rules of a dataset config's subsets
+    (``Record.subset``); without them every caption follows ``caption_dropout`` alone."""
+    size = max(len(instance_records), len(class_records or ()))
+    label = label or os.path.dirname(instance_records[0].path)
+    common = {"random_crop": random_crop, "flip": flip, "caption_dropout": caption_dropout, "seed": seed}
+    common.update(buckets=buckets, subset_rules=subset_rules)
+
+    def half(records: list[Record], bucket_of=None) -> ImageCaptionSource:
+        repeated = [records[k % len(records)] for k in range(size)]
+        return ImageCaptionSource(label, tokenizer, image_size, **common, records=repeated, bucket_of=bucket_of)
+
+    halves = [half(instance_records)]
+    if class_records is not None:
+        placements = halves[0].placements
+        halves.append(half(class_records, None if placements is None else [p.bucket for p in placements]))
     logger.info(
         "DreamBooth: %d instance images%s; %d pairs per epoch",
         len(instance_records),
         f", {len(class_records)} class images" if class_records is not None else "",
         size,
     )
-    dataset = generator_dataset(samples, list(samples.column_names), sampler, num_workers)
-    batched = dataset.batch(batch_size, drop_remainder=True)
-    batched.bucket_order = batched.bucket_table = None  # one resolution: DreamBooth pairs take no buckets
-    return batched
+    return TrainingData(halves, DreamBoothSource, label)

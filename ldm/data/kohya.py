@@ -19,6 +19,9 @@ folder and options::
     num_repeats = 10
     keep_tokens = 1
 
+A subset with ``is_reg = true`` holds regularization (class) images: they are DreamBooth's class half and train
+only with ``with_prior_preservation`` (:mod:`ldm.data.dreambooth`); ``is_reg`` is a subset key only, as in kohya.
+
 Keys that kohya has and this trainer does not implement, and keys nobody has, are refused by name. A subset option
 not set falls back to ``[[datasets]]``, then ``[general]``, then the training option of the same name.
 """
@@ -50,7 +53,15 @@ CAPTION_KEYS = {
     "caption_prefix": str,
     "caption_suffix": str,
 }
-SUBSET_KEYS = {"image_dir": str, "num_repeats": int, "caption_extension": str, "class_tokens": str, **CAPTION_KEYS}
+SUBSET_KEYS = {
+    "image_dir": str,
+    "is_reg": bool,
+    "num_repeats": int,
+    "caption_extension": str,
+    "class_tokens": str,
+    **CAPTION_KEYS,
+}
+SUBSET_ONLY = ("image_dir", "is_reg")  # kohya's distinct subset keys: not in [general] or [[datasets]]
 DATASET_KEYS = {
     "resolution": (int, list),
     "enable_bucket": bool,
@@ -62,7 +73,7 @@ DATASET_KEYS = {
 # kohya's keys that a config may hold but this trainer does not implement (refused with that reason)
 NOT_IMPLEMENTED = (
     "alpha_mask batch_size cache_info caption_dropout_every_n_epochs caption_separator color_aug conditioning_data_dir "
-    "debug_dataset enable_wildcard face_crop_aug_range flip_aug is_reg keep_tokens_separator metadata_file "
+    "debug_dataset enable_wildcard face_crop_aug_range flip_aug keep_tokens_separator metadata_file "
     "network_multiplier random_crop resize_interpolation secondary_separator token_warmup_min token_warmup_step "
     "validation_seed validation_split"
 ).split()
@@ -77,6 +88,7 @@ class Subset:
     caption_extension: str = ".txt"
     class_tokens: str = ""  # the caption of an image without a sidecar file
     rules: CaptionRules = field(default_factory=CaptionRules)
+    is_reg: bool = False  # regularization (class) images: DreamBooth's prior-preservation half
 
 
 @dataclass(frozen=True)
@@ -151,8 +163,7 @@ def read_dataset_config(path, caption_extension: str = ".txt", rules: CaptionRul
     if not os.path.isfile(path):
         raise ValueError(f"dataset_config {path}: no such file")
     data = _checked(_load(path), {"general": dict, "datasets": list}, path)
-    every = {**SUBSET_KEYS, **DATASET_KEYS}
-    every.pop("image_dir")
+    every = {k: v for k, v in {**SUBSET_KEYS, **DATASET_KEYS}.items() if k not in SUBSET_ONLY}
     general = _checked(data.get("general", {}), every, f"{path}: [general]")
     datasets = data.get("datasets", [])
     if len(datasets) != 1:
@@ -221,13 +232,16 @@ def _caption(image: Path, subset: Subset) -> str | None:
     return lines[0].strip()
 
 
-def subset_records(subsets, strict_captions: bool = False) -> list[Record]:
-    """Every subset's images as records (``num_repeats`` copies each, its index as ``Record.subset``).
+def subset_records(subsets, strict_captions: bool = False, keep=None) -> list[Record]:
+    """Every subset's images (or those of the subset indices in ``keep``) as records (``num_repeats`` copies each,
+    its index as ``Record.subset``).
 
     An image without a sidecar takes the subset's class tokens as caption, with one warning naming the images (an
     error naming the first one with ``strict_captions``)."""
     records, missing = [], []
     for i, subset in enumerate(subsets):
+        if keep is not None and i not in keep:
+            continue
         folder = Path(subset.image_dir)
         if not folder.is_dir():
             raise ValueError(f"image_dir {folder}: no such folder")
@@ -263,6 +277,7 @@ class FolderOptions:
     dataset_config: str = ""
     caption_extension: str = ".txt"
     strict_captions: bool = False
+    is_reg: bool | None = None  # a dataset config's subsets to read: None all (none may be is_reg), else those
 
 
 def read_records(data_path, folder: FolderOptions, rules: CaptionRules) -> tuple[str, list[Record], list]:
@@ -271,7 +286,17 @@ def read_records(data_path, folder: FolderOptions, rules: CaptionRules) -> tuple
     if folder.dataset_config:
         config = read_dataset_config(folder.dataset_config, folder.caption_extension, rules)
         subsets = list(config.subsets)
-        return config.path, subset_records(subsets, folder.strict_captions), [s.rules for s in subsets]
+        keep = {i for i, s in enumerate(subsets) if folder.is_reg is None or s.is_reg == folder.is_reg}
+        reg = [i for i, s in enumerate(subsets) if s.is_reg]
+        if folder.is_reg is None and reg:
+            raise ValueError(
+                f"{config.path}: datasets[0].subsets[{reg[0]}] has is_reg = true: class images train only with "
+                "with_prior_preservation (DreamBooth's prior loss)"
+            )
+        if not keep:
+            kind = "an is_reg = true subset (the class images)" if folder.is_reg else "a subset of instance images"
+            raise ValueError(f"{config.path}: with_prior_preservation needs {kind}; there is none")
+        return config.path, subset_records(subsets, folder.strict_captions, keep), [s.rules for s in subsets]
     root = os.fspath(data_path)
     if not os.path.isdir(root):
         raise ValueError(f"{root}: data path is not a directory")

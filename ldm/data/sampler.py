@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -113,3 +114,26 @@ class BucketSampler(ShardedSampler):
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return np.concatenate([b[self.rank :: self.world_size] for b in batches])
+
+
+@dataclass(frozen=True)
+class RunOrder:
+    """What a run's sampler is built from: batch size, shuffling and seed, this rank among ``world_size``, whether
+    an epoch's last partial global batch is dropped (unused with buckets), the run's epochs and the batches this rank
+    already consumed (resume)."""
+
+    batch_size: int = 1
+    shuffle: bool = True
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = True
+    num_epochs: int = 1
+    batches_done: int = 0
+
+    def sampler(self, num_samples: int, buckets: Sequence[tuple[int, int]] | None = None) -> ShardedSampler:
+        """The sampler of ``num_samples`` records, or of records in ``buckets`` (one bucket per batch)."""
+        if buckets is None:
+            return ShardedSampler(num_samples, **asdict(self))
+        settings = {k: v for k, v in asdict(self).items() if k != "drop_last"}
+        return BucketSampler(buckets, **settings)

@@ -53,7 +53,8 @@ class TrainOptions(RunOptions):
     dataset_config: str = option(
         "",
         "kohya dataset config (.toml, or .yaml): [[datasets.subsets]] with image_dir, num_repeats and caption "
-        "options each; replaces data_path, and its dataset-level keys (resolution, bucket options) win",
+        "options each; replaces data_path, and its dataset-level keys (resolution, bucket options) win; "
+        "is_reg = true subsets are DreamBooth class images (with with_prior_preservation)",
     )
     caption_extension: str = option(".txt", "caption sidecar extension in kohya folders (kohya's default: .caption)")
     strict_captions: bool = option(
@@ -217,7 +218,9 @@ class TrainOptions(RunOptions):
     )
     class_prompt: str = option("", "DreamBooth: the prompt of the class images (the subject's class, no token)")
     with_prior_preservation: bool = option(
-        False, "DreamBooth: add the class images' loss (prior preservation) to the instance loss"
+        False,
+        "DreamBooth: add the class images' loss (prior preservation) to the instance loss; class images from "
+        "class_data_dir, or a dataset_config's is_reg subsets (pairs share a bucket with enable_bucket)",
     )
     prior_loss_weight: float = option(1.0, "DreamBooth: loss = instance loss + prior_loss_weight * prior loss")
     num_class_images: int = option(
@@ -386,19 +389,34 @@ def check_validation_options(opts: TrainOptions, source: str = "TrainOptions") -
         raise ConfigError(f"{source}: 'validation_loss_steps' must be >= 0, got {opts.validation_loss_steps}")
 
 
+def is_dreambooth(opts: TrainOptions) -> bool:
+    """Whether the run trains DreamBooth (instance folder, or a dataset config's instance and ``is_reg`` subsets)."""
+    return bool(opts.instance_data_dir or opts.with_prior_preservation)
+
+
 def check_dreambooth(opts: TrainOptions) -> None:
-    """The DreamBooth options fit together (diffusers' ``train_dreambooth_lora.py`` rules); a ValueError names the
-    option missing or in conflict."""
-    if not opts.instance_data_dir:
+    """The DreamBooth options fit together (diffusers' ``train_dreambooth_lora.py`` rules; with a kohya dataset
+    config, its ``is_reg`` subsets are the class images); a ValueError names the option missing or in conflict."""
+    if not opts.instance_data_dir and not opts.dataset_config:
         for name in ("instance_prompt", "with_prior_preservation"):
             if getattr(opts, name):
-                raise ValueError(f"{name} is a DreamBooth option: it needs instance_data_dir")
+                raise ValueError(f"{name} is a DreamBooth option: it needs instance_data_dir (or dataset_config)")
+        return
+    if not is_dreambooth(opts):
         return
     if opts.data_path:
         raise ValueError("give either data_path (captioned data) or instance_data_dir (DreamBooth), not both")
-    for name in ("enable_bucket", "validation_split", "validation_data_path", "dataset_config"):
+    for name in ("validation_split", "validation_data_path"):
         if getattr(opts, name):
-            raise ValueError(f"{name} does not work with instance_data_dir (DreamBooth) yet")
+            raise ValueError(f"{name} does not work with DreamBooth yet")
+    if opts.dataset_config:
+        for name in ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt"):
+            if getattr(opts, name):
+                raise ValueError(
+                    f"give {name} or dataset_config, not both (the dataset config's subsets are the instance images, "
+                    "its is_reg = true subsets the class images, captioned by sidecars or class_tokens)"
+                )
+        return
     if not opts.instance_prompt.strip():
         raise ValueError("instance_data_dir needs instance_prompt (the caption with the subject's token)")
     if opts.with_prior_preservation:
@@ -410,6 +428,17 @@ def check_dreambooth(opts: TrainOptions) -> None:
             raise ValueError("num_class_images and sample_batch_size must be >= 1")
     elif opts.class_data_dir or opts.class_prompt:
         LOGGER.warning("class_data_dir/class_prompt are unused without with_prior_preservation")
+
+
+def dreambooth_config_records(opts: TrainOptions) -> tuple[str, list, list, list[CaptionRules]]:
+    """``(dataset config, instance records, class records, caption rules per subset)``: the subsets of
+    ``dataset_config`` without ``is_reg``, then those with ``is_reg = true``; a config lacking either is refused."""
+    halves = []
+    for is_reg in (False, True):
+        folder = dataclasses.replace(folder_options(opts), is_reg=is_reg)
+        label, records, rules = read_records("", folder, caption_rules(opts))
+        halves.append(records)
+    return label, halves[0], halves[1], rules
 
 
 def lora_variant(opts: TrainOptions, source: str = "TrainOptions") -> str:
@@ -463,6 +492,8 @@ def check_paths(opts: TrainOptions) -> None:
 
         scan_image_folder(opts.instance_data_dir, "instance_data_dir")  # no images fails now
         check_instance_prompt(opts.instance_prompt, opts.class_prompt if opts.with_prior_preservation else "")
+    elif is_dreambooth(opts):
+        dreambooth_config_records(opts)  # a config without is_reg (or instance) subsets fails now
     else:
         read_records(opts.data_path, folder_options(opts), caption_rules(opts))  # bad data fails now
     bucket_spec(opts)

@@ -10,7 +10,7 @@ validation set is given: a ``step`` 0 line before training, then in the lines of
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import logging
 import time
@@ -47,7 +47,9 @@ from ldm.train.options import (
     check_paths,
     check_training_controls,
     check_validation_options,
+    dreambooth_config_records,
     folder_options,
+    is_dreambooth,
     lora_variant,
     loss_scaler_of,
     precision_policy,
@@ -158,10 +160,13 @@ def save_weights(model, params, path: Path, opts: TrainOptions) -> None:
         write_state_dict(path, {p.name: p.asnumpy() for p in params}, metadata={"family": family})
 
 
-def dreambooth_records(opts: TrainOptions, model, dist) -> tuple[list, list | None]:
-    """The instance records and, with prior preservation, the class records: ``class_data_dir`` topped up to
-    ``num_class_images`` by the base model (rank 0 generates, the other ranks wait for its files)."""
+def dreambooth_records(opts: TrainOptions, model, dist) -> tuple[list, list | None, list | None, str]:
+    """``(instance records, class records or None, caption rules per subset or None, label)``. From a dataset config:
+    its instance and ``is_reg`` subsets. From folders: ``instance_data_dir`` and, with prior preservation,
+    ``class_data_dir`` topped up to ``num_class_images`` by the base model (rank 0 generates, the other ranks wait
+    for its files)."""
     from ldm.data import Record
+    from ldm.data.dataset import scan_dataset
     from ldm.data.dreambooth import scan_image_folder
     from ldm.train.class_images import (
         ClassImageSpec,
@@ -171,16 +176,45 @@ def dreambooth_records(opts: TrainOptions, model, dist) -> tuple[list, list | No
         weights_hash,
     )
 
+    if opts.dataset_config:
+        label, instances, classes, rules = dreambooth_config_records(opts)
+        return scan_dataset(label, label, instances)[0], scan_dataset(label, label, classes)[0], rules, label
     instances = scan_image_folder(opts.instance_data_dir, "instance_data_dir", opts.instance_prompt)
     if not opts.with_prior_preservation:
-        return instances, None
+        return instances, None, None, opts.instance_data_dir
     spec = ClassImageSpec(opts.class_prompt, opts.seed, weights_hash(model), opts.image_size)
     if dist.is_main:
         generate = pipeline_generator(model, spec)
         paths = ensure_class_images(opts.class_data_dir, spec, opts.num_class_images, generate, opts.sample_batch_size)
     else:
         paths = wait_for_class_images(opts.class_data_dir, spec, opts.num_class_images)
-    return instances, [Record(path, (opts.class_prompt,)) for path in paths]
+    return instances, [Record(path, (opts.class_prompt,)) for path in paths], None, opts.instance_data_dir
+
+
+def training_data(opts: TrainOptions, model, dist, buckets):
+    """The run's samples, read once (:class:`ldm.data.TrainingData`): DreamBooth's pairs or the captioned data."""
+    from ldm.data import ImageCaptionSource, TrainingData
+    from ldm.data.dreambooth import dreambooth_data
+
+    settings = (opts.image_size, opts.seed, opts.random_crop, opts.random_flip, opts.caption_dropout)
+    if is_dreambooth(opts):
+        instances, classes, rules, label = dreambooth_records(opts, model, dist)
+        extra = {"buckets": buckets, "subset_rules": rules, "label": label}
+        return dreambooth_data(instances, classes, model.tokenize, *settings, **extra)
+    source = ImageCaptionSource(
+        opts.data_path,
+        model.tokenize,
+        opts.image_size,
+        opts.random_crop,
+        opts.random_flip,
+        opts.caption_dropout,
+        opts.seed,
+        captions=caption_rules(opts),
+        folder=folder_options(opts),
+        buckets=buckets,
+        validation_split=opts.validation_split,
+    )
+    return TrainingData([source])
 
 
 def _validation_images(model, prompts, step: int, folder: Path, seed: int, image_size: int, contexts=None) -> None:
@@ -227,8 +261,7 @@ class TrainRun:
 def set_up_run(opts: TrainOptions, config) -> TrainRun:
     """Check the options, start MindSpore, build the trainable model and the step, restore a resumed state and
     build the data (caching through the frozen encoders, which are then released)."""
-    from ldm.data import build_dataset
-    from ldm.data.dreambooth import build_dreambooth_dataset
+    from ldm.data import RunOrder, build_pipeline
     from ldm.env import init_env
 
     opts = apply_dataset_config(opts)
@@ -256,27 +289,13 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
     if buckets is not None and buckets.steps % step_px:
         raise ValueError(f"bucket_reso_steps {buckets.steps} must be a multiple of {step_px} for this model")
 
-    dreambooth = dreambooth_records(opts, model, dist) if opts.instance_data_dir else None
-    if dreambooth is not None:
-        build = functools.partial(build_dreambooth_dataset, *dreambooth)
-    else:
-        layout = {"captions": caption_rules(opts), "folder": folder_options(opts), "buckets": buckets}
-        layout["validation_split"] = opts.validation_split
-        build = functools.partial(build_dataset, opts.data_path, **layout)
-    probe = build(
-        model.tokenize,
-        opts.image_size,
-        opts.train_batch_size,
-        seed=opts.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        num_epochs=1,
-    )
-    if probe.bucket_table is not None and dist.is_main:
-        LOGGER.info("aspect-ratio buckets (images counted with their repeats):\n%s", probe.bucket_table)
-    steps_per_epoch = probe.get_dataset_size()
-    if steps_per_epoch == 0:
-        raise ValueError(f"data_path {opts.data_path}: fewer images than one global batch")
+    samples = training_data(opts, model, dist, buckets)
+    order = RunOrder(opts.train_batch_size, seed=opts.seed, rank=dist.rank, world_size=dist.world_size)
+    first_epoch = samples.sampler(order)
+    bucket_order = getattr(first_epoch, "digest", None)  # the bucket order's digest, with buckets only
+    if samples.bucket_table is not None and dist.is_main:
+        LOGGER.info("aspect-ratio buckets (images counted with their repeats):\n%s", samples.bucket_table)
+    steps_per_epoch = first_epoch.per_rank // opts.train_batch_size
     micro_total = opts.max_train_steps * opts.gradient_accumulation_steps or steps_per_epoch * opts.epochs
     epochs = -(-micro_total // steps_per_epoch)
     updates_total = max(micro_total // opts.gradient_accumulation_steps, 1)
@@ -314,10 +333,10 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         meta = load_train_state(str(state_path), step, noise)
         done = int(meta["data_position"]["batches_done"])
         saved_order = meta["data_position"].get("bucket_order")
-        if saved_order != probe.bucket_order:
+        if saved_order != bucket_order:
             raise ValueError(
                 f"resume: {state_path} was saved with bucket order {saved_order}, this run's data and bucket options "
-                f"give {probe.bucket_order}; the remaining batches would differ (same data and options, please)"
+                f"give {bucket_order}; the remaining batches would differ (same data and options, please)"
             )
         LOGGER.info("resumed from %s at micro-step %d", state_path, done)
 
@@ -327,21 +346,8 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
     prompt_contexts = None
     if opts.cache_text_embeddings and validating:
         prompt_contexts = encode_validation_prompts(model, opts.validation_prompts)
-    data = build(
-        model.tokenize,
-        opts.image_size,
-        opts.train_batch_size,
-        seed=opts.seed,
-        random_crop=opts.random_crop,
-        flip=opts.random_flip,
-        caption_dropout=opts.caption_dropout,
-        num_workers=opts.num_workers,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        num_epochs=epochs,
-        batches_done=done,
-        cache=encoders,
-    )
+    order = dataclasses.replace(order, num_epochs=epochs, batches_done=done)
+    data = build_pipeline(samples, order, opts.num_workers, cache=encoders)
     if encoders is not None:
         del encoders
         release_cached_networks(model, opts, validating)
@@ -367,7 +373,7 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
         ckpt_dir=ckpt_dir,
         metrics_path=metrics_path,
         prompt_contexts=prompt_contexts,
-        bucket_order=probe.bucket_order,
+        bucket_order=bucket_order,
         validation=validation,
         loss_net=loss_net,
     )

@@ -48,7 +48,7 @@ if env.get("LDM_REL_NAN_STEPS"):
     import ldm.data
 
     nan_steps = {int(s) for s in env["LDM_REL_NAN_STEPS"].split(",")}
-    build_dataset = ldm.data.build_dataset
+    build_pipeline = ldm.data.build_pipeline
 
     class NaNBatches:
         """The run's dataset with the images of the chosen micro-steps replaced by NaN."""
@@ -64,10 +64,10 @@ if env.get("LDM_REL_NAN_STEPS"):
             for step, (images, tokens) in enumerate(batches, self.first_step):
                 yield (np.full_like(images, np.nan) if step in nan_steps else images), tokens
 
-    def build_with_nan(*args, **kwargs):
-        return NaNBatches(build_dataset(*args, **kwargs), kwargs.get("batches_done", 0) + 1)
+    def build_with_nan(data, order, *args, **kwargs):
+        return NaNBatches(build_pipeline(data, order, *args, **kwargs), order.batches_done + 1)
 
-    ldm.data.build_dataset = build_with_nan
+    ldm.data.build_pipeline = build_with_nan
 
 script, *argv = sys.argv[1:]
 sys.argv = [script, *argv]
