@@ -90,11 +90,12 @@ def test_batches_are_one_bucket_of_instance_then_class_rows(folders):
         np.testing.assert_array_equal(instance_then_class(tokens)[:, 0], [11, 11, 7, 7])  # len of the two prompts
 
 
-def test_rank_split_sees_one_bucket_per_step_and_the_global_batch(folders):
+@pytest.mark.parametrize("buckets", [SPEC, None], ids=["buckets", "square"])
+def test_rank_split_sees_one_bucket_per_step_and_the_global_batch(folders, buckets):
     """2 ranks x batch 2: at every step both ranks hold pairs of one bucket, and together the pairs of one process
     with batch 4 at that step (also after a resume)."""
-    data = _data(folders)
-    bucket = [p.bucket for p in data.placements]
+    data = _data(folders, buckets)
+    bucket = [p.bucket for p in data.placements] if buckets else [(32, 32)] * len(data)
     single = list(data.sampler(RunOrder(4, seed=3, num_epochs=3)))
     ranks = [list(data.sampler(RunOrder(2, seed=3, rank=r, world_size=2, num_epochs=3))) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == len(single) // 2
