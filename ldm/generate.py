@@ -127,6 +127,33 @@ def validate_job(job: GenerateOptions) -> list[float]:
     return scales
 
 
+# Prompt options whose text the compile cache's key replaces by what it decides (see graph_inputs).
+PROMPT_OPTIONS = ("prompt", "prompts", "negative_prompt", "data_path")
+
+
+def graph_inputs(job: GenerateOptions) -> dict:
+    """What decides the run's compiled graphs and their order beside the options (the compile cache's key): the
+    resolved model config, the init image's size, and of each prompt (in order) and the negative prompt its number
+    of 75-token chunks and whether it carries weights (the text encoder's input shape and path), not its text."""
+    from omegaconf import OmegaConf
+
+    from ldm.prompt_encoding import prompt_chunks
+    from ldm.tokenizer import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer()
+
+    def shape(prompt: str) -> list:
+        rows, weights = prompt_chunks(tokenizer, prompt, job.prompt_weighting)
+        return [int(rows.shape[0]), bool((weights != 1).any())]
+
+    return {
+        "model_config": OmegaConf.to_container(OmegaConf.create(resolve_config(job).config), resolve=True),
+        "init_image": list(read_init_image(job.init_image).shape) if job.init_image else None,
+        "prompts": [shape(p) for p in job.prompts],
+        "negative_prompt": shape(job.negative_prompt),
+    }
+
+
 def _next_index(folder: Path, pattern: re.Pattern) -> int:
     found = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))] if folder.is_dir() else []
     return max(found) + 1 if found else 0

@@ -59,6 +59,9 @@ class RunOptions:
     enable_flash_attention: bool = option(
         False, "UNet attention through the fused FlashAttentionScore kernel (Ascend only; elsewhere a warning)"
     )
+    compile_cache: bool = option(
+        True, "graph mode: reuse compiled graphs from $LDM_CACHE_DIR/compile/<job>-<configuration key> (False: off)"
+    )
 
 
 def cli_fields(schema) -> list:

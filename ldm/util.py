@@ -18,6 +18,16 @@ class ConfigError(ValueError):
     """A config file cannot be read or does not describe a buildable object."""
 
 
+def cache_root() -> Path:
+    """The user's cache folder for this package: ``$LDM_CACHE_DIR``, else ``$XDG_CACHE_HOME/ldm``, else
+    ``~/.cache/ldm`` (FID weights, compiled graphs)."""
+    import os
+
+    if os.environ.get("LDM_CACHE_DIR"):
+        return Path(os.environ["LDM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm"
+
+
 def check_output_folder(path, option: str) -> None:
     """Fail before any work, naming ``option``, if folder ``path`` cannot be created or written: a file is in the
     way or the nearest existing folder is not writable (the CLIs would otherwise fail only when saving results)."""

@@ -1,16 +1,26 @@
 """Test session set-up: ``ldm`` is imported before mindspore (oneDNN ISA default), tests run in PyNative mode
-unless a test switches to graph mode itself (use the ``graph_mode`` fixture)."""
+unless a test switches to graph mode itself (use the ``graph_mode`` fixture), and the CLIs' compile cache (on by
+default) goes to a folder of this session, removed at its end, never to the user's cache."""
 
 # ruff: noqa: I001  (ldm must be imported before mindspore)
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import ldm  # noqa: F401  (must precede mindspore)
 import mindspore as ms
 import numpy as np
 import pytest
 
+from ldm.compile_cache import ROOT_VAR
 from ldm.env import init_env
 
 init_env("CPU", mode=1)
+
+os.environ[ROOT_VAR] = tempfile.mkdtemp(prefix="ldm-test-compile-cache-")
+atexit.register(shutil.rmtree, os.environ[ROOT_VAR], ignore_errors=True)
 
 
 @pytest.fixture

