@@ -78,7 +78,11 @@ def profile_torch(step, steps: int) -> tuple[dict, float]:
 
 def report(title: str, times: dict, steps: int, wall: float, top: int) -> None:
     total = sum(ms_ for ms_, _ in times.values())
-    print(f"\n{title}: {1e3 * wall:.0f} ms/step wall, {total / steps:.0f} ms/step in kernels")
+    calls = sum(n for _, n in times.values())
+    print(
+        f"\n{title}: {1e3 * wall:.0f} ms/step wall, {total / steps:.0f} ms/step in kernels, "
+        f"{calls / steps:.0f} kernels/step"
+    )
     print(f"{'op type':<40} {'phase':>5} {'ms/step':>9} {'share':>6} {'calls/step':>10}")
     for (op, phase), (ms_, calls) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"{op[:40]:<40} {phase:>5} {ms_ / steps:9.1f} {ms_ / total:6.1%} {calls / steps:10.0f}")

@@ -36,7 +36,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from ldm.lora.adapter import delta_weight, dora_factor
-from ldm.models.layers import assign_array
+from ldm.models.layers import assign_array, mixed_precision_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +49,6 @@ class _Factor(nn.Cell):
     def __init__(self, shape: tuple, init):
         super().__init__()
         self.weight = Parameter(initializer(init, shape, ms.float32), name="weight")
-
-
-def _mixed_precision_dtype(cell: nn.Cell):
-    """The dtype a cell was switched to with ``Cell.to_float`` (None if it computes in its parameters' dtype)."""
-    flags = cell.get_flags()
-    if flags.get("fp16"):
-        return ms.float16
-    if flags.get("bf16"):
-        return ms.bfloat16
-    return None
 
 
 class LoRALayer(nn.Cell):
@@ -256,7 +246,7 @@ class LoRAWrapper(LoRALayer):
         self.weight = base.weight
         self.has_bias = base.has_bias
         self.bias = base.bias if base.has_bias else None
-        self.compute_dtype = _mixed_precision_dtype(base)
+        self.compute_dtype = mixed_precision_dtype(base)
         self.weight.requires_grad = False
         self.weight.name = names[0]  # Cell.__setattr__ may have renamed a Parameter with a generated name
         if self.has_bias:
@@ -288,6 +278,12 @@ class LoRADense(LoRAWrapper, _LinearFactors):
         super().__init__(base.in_channels, base.out_channels, rank, alpha, dropout, lora_dtype, use_dora=use_dora)
         self.matmul = ops.MatMul(transpose_b=True)
         self._take_over(base)
+
+    @property
+    def fusable(self) -> bool:
+        """Whether ``ldm.models.fused_linear`` may compute this layer together with its siblings (no DoRA, dropout
+        or bias: those keep the layer's own ``construct``)."""
+        return not (self.use_dora or self.has_dropout or self.has_bias)
 
     def _base(self, x, weight):
         return self.matmul(x, weight)

@@ -11,6 +11,8 @@ the same operations either way, so the output is unchanged.
 recomputes each slice's scores from q, k and v, so no (batch x head) score matrix is kept for the backward pass and
 at most one slice's scores exist at a time. The forward output is the same as the plain path's; the gradients are
 the same formulas evaluated slice by slice (equal to float rounding).
+Self-attention's q/k/v, and cross-attention's k/v, run as one projection where their layers allow it
+(:mod:`ldm.models.fused_linear`, planned by :meth:`CrossAttention.plan_fusion`); the parameters stay separate.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import nn, ops
 
+from ldm.models.fused_linear import FusedLinear, fusion_kind
 from ldm.models.layers import Conv2d, GroupNorm, LayerNorm, Linear
 
 _FA_HEAD_ALIGN = 16  # flash_attention_score needs a head size that is a multiple of 16
@@ -62,6 +65,16 @@ class CrossAttention(nn.Cell):
         self.upcast = bool(upcast_attention)
         self.memory_efficient = None  # a MemoryEfficientAttention once set_memory_efficient(True)
         self.core = AttentionCore()
+        self.plan_fusion()
+
+    def plan_fusion(self, enable: bool = True) -> None:
+        """Choose (before compiling) whether q/k/v of self-attention and k/v of cross-attention run as one
+        :class:`~ldm.models.fused_linear.FusedLinear` each; called again whenever the projection layers change
+        (``ldm.lora.inject_lora`` does). ``enable=False`` keeps the separate layers (the reference computation)."""
+        qkv = fusion_kind((self.to_q, self.to_k, self.to_v)) if enable else ""
+        kv = fusion_kind((self.to_k, self.to_v)) if enable else ""
+        self.fused_qkv = FusedLinear((self.to_q, self.to_k, self.to_v), qkv) if qkv else None
+        self.fused_kv = FusedLinear((self.to_k, self.to_v), kv) if kv else None
 
     def set_memory_efficient(self, enable: bool) -> None:
         """Switch the recomputing-backward attention on or off (before a graph is compiled, or eagerly)."""
@@ -121,11 +134,44 @@ class CrossAttention(nn.Cell):
         out = ops.flash_attention_score(q, k, v, self.heads, scalar_value=self.scale, input_layout="BNSD")
         return out[..., : self.dim_head].astype(dtype)
 
+    def _split_fused_heads(self, y, n: int):
+        """(B, S, n*H*D) of ``n`` fused projections -> ``n`` tensors (B, H, S, D): one transpose, one unstack."""
+        b, s, _ = y.shape
+        return ops.unstack(y.reshape(b, s, n, self.heads, self.dim_head).transpose(2, 0, 3, 1, 4), 0)
+
+    def _project_qkv(self, x):
+        """q, k, v of self-attention, each (B, H, S, D), from one fused projection."""
+        weights = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
+        if self.fused_qkv.kind == "lora":
+            downs = (self.to_q.lora_down.weight, self.to_k.lora_down.weight, self.to_v.lora_down.weight)
+            ups = (self.to_q.lora_up.weight, self.to_k.lora_up.weight, self.to_v.lora_up.weight)
+            mults = (self.to_q.lora_mult, self.to_k.lora_mult, self.to_v.lora_mult)
+            return self._split_fused_heads(self.fused_qkv(x, weights, downs, ups, mults), 3)
+        return self._split_fused_heads(self.fused_qkv(x, weights, (), (), ()), 3)
+
+    def _project_kv(self, context):
+        """k, v of cross-attention, each (B, H, S, D), from one fused projection of the context."""
+        weights = (self.to_k.weight, self.to_v.weight)
+        if self.fused_kv.kind == "lora":
+            downs = (self.to_k.lora_down.weight, self.to_v.lora_down.weight)
+            ups = (self.to_k.lora_up.weight, self.to_v.lora_up.weight)
+            mults = (self.to_k.lora_mult, self.to_v.lora_mult)
+            k, v = self._split_fused_heads(self.fused_kv(context, weights, downs, ups, mults), 2)
+        else:
+            k, v = self._split_fused_heads(self.fused_kv(context, weights, (), (), ()), 2)
+        return k, v
+
     def construct(self, x, context=None):
-        context = x if context is None else context
-        q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(context))
-        v = self._split_heads(self.to_v(context))
+        if context is None and self.fused_qkv is not None:
+            q, k, v = self._project_qkv(x)
+        else:
+            context = x if context is None else context
+            q = self._split_heads(self.to_q(x))
+            if self.fused_kv is not None:
+                k, v = self._project_kv(context)
+            else:
+                k = self._split_heads(self.to_k(context))
+                v = self._split_heads(self.to_v(context))
         if self.use_flash:
             out = self._flash_attention(q, k, v)
         else:
@@ -133,6 +179,16 @@ class CrossAttention(nn.Cell):
         b, h, n, d = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
         return self.to_out(out)
+
+
+def plan_attention_fusion(network: nn.Cell, enable: bool = True) -> int:
+    """:meth:`CrossAttention.plan_fusion` on every attention of ``network``; returns how many projections fuse."""
+    fused = 0
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, CrossAttention):
+            cell.plan_fusion(enable)
+            fused += (cell.fused_qkv is not None) + (cell.fused_kv is not None)
+    return fused
 
 
 def scores_grad(probs, grad, v, output, bmm_nt):

@@ -99,6 +99,16 @@ def Linear(in_features: int, out_features: int, bias: bool = True) -> nn.Dense:
     return nn.Dense(in_features, out_features, has_bias=bias, weight_init="he_uniform", bias_init="zeros")
 
 
+def mixed_precision_dtype(cell: nn.Cell):
+    """The dtype a cell was switched to with ``Cell.to_float`` (None if it computes in its parameters' dtype)."""
+    flags = cell.get_flags()
+    if flags.get("fp16"):
+        return ms.float16
+    if flags.get("bf16"):
+        return ms.bfloat16
+    return None
+
+
 def assign_array(param: Parameter, value) -> None:
     """Write ``value`` into ``param`` in place, cast to the parameter's dtype.
 
