@@ -65,7 +65,7 @@ def op_by_op():
 
 
 def cache_encoders(model, opts):
-    """The frozen encoders ``build_dataset`` caches with (``cache_latents`` / ``cache_text_embeddings``), or None."""
+    """The frozen encoders ``build_pipeline`` caches with (``cache_latents`` / ``cache_text_embeddings``), or None."""
     if not (opts.cache_latents or opts.cache_text_embeddings):
         return None
     moments, context = PosteriorMoments(model), TextContext(model)

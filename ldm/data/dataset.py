@@ -19,6 +19,9 @@ rank produces it and however often the pipeline is rebuilt. The sampler yields t
 (``num_epochs`` epochs, each split over ranks) in one pass. To resume after a rank consumed ``k`` batches, rebuild
 with ``batches_done=k``: the remaining batches come out exactly as they would have without the interruption (given
 the same seed, data, batch size and world size).
+
+A run reads its data once (:class:`TrainingData`: sources scanned, buckets placed); the trainer takes the epoch's
+size and the bucket order from its sampler, then builds the one pipeline (:func:`build_pipeline`).
 """
 
 from __future__ import annotations
