@@ -1,5 +1,6 @@
 """Acceptance: the DreamBooth prior-preservation loss matches diffusers' ``train_dreambooth_lora.py`` on identical
-weights and batches.
+weights and batches, square and of an aspect-ratio bucket's shape (a bucketed DreamBooth batch is B instance and B
+class rows of one non-square resolution).
 
 Reference: the loss of that script written out in torch on the tiny diffusers UNet with a peft LoRA adapter
 (``test_lora_grad_parity.build_pair``: the same base and LoRA weights on both sides): the batch is the instance
@@ -18,6 +19,7 @@ import ldm  # noqa: F401, I001  (must precede mindspore)
 
 import mindspore as ms
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from test_lora_grad_parity import GRAD_RTOL, LOSS_RTOL, build_pair, rel_err
@@ -28,10 +30,10 @@ PRIOR_LOSS_WEIGHT = 0.3
 INSTANCE_T, CLASS_T = (40, 700), (300, 950)
 
 
-def batch(context_dim):
+def batch(context_dim, latent_hw=(8, 8)):
     """Two instance rows then two class rows: latents, contexts (instance/class prompts differ), timesteps, noise."""
     r = np.random.default_rng(7)
-    x0 = r.standard_normal((4, 4, 8, 8)).astype(np.float32)
+    x0 = r.standard_normal((4, 4, *latent_hw)).astype(np.float32)
     instance_ctx, class_ctx = r.standard_normal((2, 1, 5, context_dim)).astype(np.float32)
     context = np.concatenate([np.repeat(instance_ctx, 2, 0), np.repeat(class_ctx, 2, 0)])
     noise = r.standard_normal(x0.shape).astype(np.float32)
@@ -67,9 +69,14 @@ def ours(pair, x0, context, timesteps, noise):
     return float(total.asnumpy()), instance, prior, per_module
 
 
-def test_prior_preservation_loss_and_grads_match_diffusers():
-    pair = build_pair("sd1")
-    inputs = batch(pair.ref.config.cross_attention_dim)
+@pytest.fixture(scope="module")
+def pair():
+    return build_pair("sd1")
+
+
+@pytest.mark.parametrize("latent_hw", [(8, 8), (8, 12)], ids=["square", "bucket"])
+def test_prior_preservation_loss_and_grads_match_diffusers(pair, latent_hw):
+    inputs = batch(pair.ref.config.cross_attention_dim, latent_hw)
     ref_total, ref_instance, ref_prior, ref_grads = reference(pair, *inputs)
     total, instance, prior, grads = ours(pair, *inputs)
     print(f"loss {ref_total:.6f} = {ref_instance:.6f} + {PRIOR_LOSS_WEIGHT} * {ref_prior:.6f}; ours {total:.6f}")
