@@ -139,8 +139,24 @@ def child_json(result: dict) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def ours_train(paths: dict, work: Path, args, recompute: bool, cache: bool) -> dict:
-    out = work / f"ours-train-{args.precision}-rc{int(recompute)}-cache{int(cache)}"
+def _flag(name: str, value) -> list[str]:
+    """``--name value``, or nothing for ``plan`` (the memory plan chooses) or None."""
+    return [] if value in ("plan", None) else [f"--{name}", str(value)]
+
+
+def with_estimate(result: dict) -> dict:
+    """``result`` with the memory plan's estimate (from the child's ``memory plan:`` log line, the last one) and
+    its error against the measured peak."""
+    lines = [line for line in result["stdout"].splitlines() if "memory plan:" in line]
+    if lines:
+        estimate = float(lines[-1].split("est. peak ")[1].split(" GiB")[0])
+        result.update(plan=lines[-1].split("memory plan: ")[1].split(" - est.")[0], est_gib=estimate)
+        result["est_error"] = estimate / result["peak_rss_gib"] - 1
+    return result
+
+
+def ours_train(paths: dict, work: Path, args, recompute: str, cache: bool) -> dict:
+    out = work / f"ours-train-{args.precision}-b{args.batch}-rc{recompute}-cache{int(cache)}"
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
@@ -160,10 +176,9 @@ def ours_train(paths: dict, work: Path, args, recompute: bool, cache: bool) -> d
         str(args.steps),
         "--use_ema",
         "False",
-        "--use_recompute",
-        str(recompute),
-        "--memory_efficient_attention",
-        str(args.memory_efficient_attention),
+        *_flag("use_recompute", recompute),
+        *_flag("memory_efficient_attention", args.memory_efficient_attention),
+        *_flag("max_memory_gib", args.max_memory_gib),
         "--precision",
         args.precision,
         "--cache_latents",
@@ -172,8 +187,8 @@ def ours_train(paths: dict, work: Path, args, recompute: bool, cache: bool) -> d
         str(cache),
     ]
     caching = "cached latents + text embeddings" if cache else "uncached"
-    label = f"ours train {args.precision} (recompute {'on' if recompute else 'off'}, {caching}){_source(paths)}"
-    result = run_child(cmd, label, must_succeed=False)
+    label = f"ours train {args.precision} (recompute: {recompute}, {caching}){_source(paths)}"
+    result = with_estimate(run_child(cmd, label, must_succeed=False))
     steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     times = [s["step_time_s"] for s in steps]
     if times:
@@ -198,17 +213,37 @@ def ours_generate(paths: dict, work: Path, args) -> dict:
         "512",
         "--W",
         "512",
-        "--mode",
-        "1",
-        "--attention_slice_size",
-        str(args.attention_slice_size),
+        *_flag("mode", args.mode),
+        *_flag("attention_slice_size", args.attention_slice_size),
+        *_flag("max_memory_gib", args.max_memory_gib),
         "--output_path",
         str(work / "ours-generate"),
     ]
-    result = run_child(cmd, f"ours generate{_source(paths)}")
+    result = with_estimate(run_child(cmd, f"ours generate{_source(paths)}"))
     line = [x for x in result["stdout"].splitlines() if " images in " in x]
     result["sample_s"] = float(line[-1].split(" images in ")[1].split("s")[0]) if line else float("nan")
     return result
+
+
+def ours_tiny(work: Path, args) -> list[dict]:
+    """The shipped tiny SD (models/tiny_sd) with default memory settings: a LoRA run of ``--steps`` steps at batch
+    ``--batch`` on 64px shapes, and one image of ``--gen_steps`` steps."""
+    from ldm.data.synthetic import make_shapes_dataset
+
+    data, weights, config = work / "data64", "models/tiny_sd/tiny_sd.safetensors", "ldm/configs/tiny_sd/tiny-sd.yaml"
+    if not (data / "img_txt.csv").is_file():
+        make_shapes_dataset(data, count=8, size=64)
+    train = [sys.executable, "examples/stable_diffusion_v2/train_text_to_image.py", "--model_config", config]
+    train += ["--pretrained_model_path", weights, "--data_path", str(data), "--output_path", str(work / "tiny-train")]
+    train += ["--image_size", "64", "--train_batch_size", str(args.batch), "--max_train_steps", str(args.steps)]
+    train += ["--use_lora", "True", "--use_ema", "False", *_flag("max_memory_gib", args.max_memory_gib)]
+    generate = [sys.executable, "examples/stable_diffusion_v2/text_to_image.py", "--config", config, "--ckpt_path"]
+    generate += [weights, "--prompt", "a red circle", "--n_iter", "1", "--sampling_steps", str(args.gen_steps)]
+    generate += ["--output_path", str(work / "tiny-generate"), *_flag("max_memory_gib", args.max_memory_gib)]
+    return [
+        with_estimate(run_child(train, "ours tiny SD train")),
+        with_estimate(run_child(generate, "ours tiny SD image")),
+    ]
 
 
 def ours_convert(paths: dict, work: Path) -> dict:
@@ -365,23 +400,31 @@ def _mean(values) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, help="folder for the weights, data and outputs (~11 GB)")
-    parser.add_argument("--jobs", default="train,generate", help="any of train, generate, convert, load (ours only)")
+    parser.add_argument(
+        "--jobs",
+        default="train,generate",
+        help="any of train, generate, convert, load, tiny (the last three ours only)",
+    )
     parser.add_argument(
         "--load", choices=("file", "folder"), default="file", help="ours: load the converted file or the folder"
     )
     parser.add_argument("--frameworks", default="ours,diffusers")
-    parser.add_argument("--recompute", default="off,on", help="our training runs: off, on or off,on")
+    parser.add_argument(
+        "--recompute", default="plan", help="our training runs: plan (the memory plan chooses), off, on, or a list"
+    )
     parser.add_argument(
         "--cache", default="on", help="our training runs: cached latents and text embeddings on, off or on,off"
     )
     parser.add_argument("--steps", type=int, default=3, help="training steps per run (the first includes set-up)")
     parser.add_argument("--gen_steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--attention_slice_size", type=int, default=1, help="ours: text_to_image.py's option")
+    parser.add_argument("--attention_slice_size", default="plan", help="ours: text_to_image.py's option (plan: unset)")
+    parser.add_argument("--mode", default="plan", help="ours: text_to_image.py's --mode (plan: unset)")
+    parser.add_argument("--max_memory_gib", default=None, help="ours: the CLIs' --max_memory_gib (default: unset)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--precision", default="fp32", help="ours: --precision of the training runs (fp32, fp16)")
     parser.add_argument(
-        "--memory_efficient_attention", default="True", help="ours: the training runs' option (the v2 recipe's: True)"
+        "--memory_efficient_attention", default="plan", help="ours: the training runs' option (plan: unset)"
     )
     parser.add_argument(
         "--random_init", action="store_true", help="ours only: randomly initialised models, no weight files or torch"
@@ -395,9 +438,11 @@ def main() -> None:
     if args.child:
         diffusers_child(args.child, args)
         return
-    for option in ("recompute", "cache"):
-        if not set(getattr(args, option).split(",")) <= {"on", "off"}:
-            raise SystemExit(f"error: --{option} takes on, off or on,off, got {getattr(args, option)!r}")
+    for option, values in (("recompute", {"plan", "on", "off"}), ("cache", {"on", "off"})):
+        if not set(getattr(args, option).split(",")) <= values:
+            raise SystemExit(
+                f"error: --{option} takes a list of {', '.join(sorted(values))}, got {getattr(args, option)!r}"
+            )
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     jobs, frameworks = args.jobs.split(","), args.frameworks.split(",")
@@ -417,21 +462,30 @@ def main() -> None:
     rows = []
     for job in jobs:
         ref = None
+        if job == "tiny":
+            rows.extend(ours_tiny(work, args))
+            continue
         if job in ("convert", "load"):
             if args.random_init:
                 raise SystemExit(f"error: the {job} job needs the weight files; drop --random_init")
             rows.extend([ours_convert(paths, work)] if job == "convert" else ours_load(paths, work))
             continue
+        saved = work / f"diffusers-{job}-b{args.batch}-s{args.steps if job == 'train' else args.gen_steps}.json"
         if "diffusers" in frameworks:
             cmd = [sys.executable, __file__, "--child", job, "--work", str(work)]
             cmd += ["--steps", str(args.steps), "--gen_steps", str(args.gen_steps), "--batch", str(args.batch)]
             ref = run_child(cmd + ["--threads", str(args.threads)], f"diffusers {job}")
             ref.update(child_json(ref))
             rows.append(ref)
+            saved.write_text(json.dumps({k: v for k, v in ref.items() if k != "stdout"}))
+        elif saved.is_file():  # the reference measured by an earlier run in this work folder
+            ref = {**json.loads(saved.read_text()), "stdout": ""}
+            ref["label"] += " (earlier run)"
+            rows.append(ref)
         if "ours" in frameworks:
             runs = (
                 [
-                    ours_train(paths, work, args, rc == "on", cache == "on")
+                    ours_train(paths, work, args, {"on": "True", "off": "False"}.get(rc, rc), cache == "on")
                     for rc in args.recompute.split(",")
                     for cache in args.cache.split(",")
                 ]
@@ -448,15 +502,16 @@ def main() -> None:
     weights = "random init" if args.random_init else "converted random weights"
     print(f"\nSD2-base 512px, batch {args.batch}, {args.steps} train steps, {args.gen_steps} sampling steps, {weights}")
     columns = "peak RSS GiB | wall s | first step s | later steps s | generation s | ours/diffusers time | RSS | load"
-    print(f"| job | {columns} |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| job | {columns} | memory plan | plan's estimate GiB | error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "built_gib" in r:
             phases = (("built", "built_gib"), ("loaded", "loaded_gib"), ("text encoder released", "released_gib"))
             r["label"] += " (RSS " + ", ".join(f"{name} {r[key]:.2f}" for name, key in phases) + " GiB)"
         cells = [r.get(k, float("nan")) for k in ("first_s", "steady_s", "sample_s", "time_ratio", "rss_ratio")]
         row = f"| {r['label']} | {r['peak_rss_gib']:.2f} | {r['wall_s']:.0f} | " + " | ".join(f"{c:.2f}" for c in cells)
-        print(row + f" | {r['load']} |")
+        estimate = f"{r['est_gib']:.2f} | {r['est_error']:+.0%}" if "est_gib" in r else " | "
+        print(row + f" | {r['load']} | {r.get('plan', '')} | {estimate} |")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 from ldm.atomic import save_image, write_json
 from ldm.generate_options import GenerateOptions, GenerationError
 from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
+from ldm.memory_plan import GenerateJob, apply_plan, available_memory, plan_generation
 from ldm.names import DEFAULT_GUIDANCE, IMG2IMG_SAMPLER_NAMES, SAMPLER_NAMES, family_of_config, model_node
 from ldm.precision import resolve_policy
 from ldm.prompt_syntax import parse_prompt_weights
@@ -28,6 +29,7 @@ DEFAULT_VERSION = "2.1"
 DEFAULT_STRENGTH = 0.8  # diffusers' StableDiffusionImg2ImgPipeline default
 _NUMBERED = re.compile(r"(\d{5})\.(?:png|json)")
 _GRID = re.compile(r"grid-(\d+)\.png")
+PLAN_SWITCHES = ("mode", "attention_slice_size", "vae_slicing")  # the options the memory plan fills when unset
 
 
 def batch_seed(job: GenerateOptions, prompt_index: int, iteration: int) -> int:
@@ -110,7 +112,7 @@ def validate_job(job: GenerateOptions) -> list[float]:
     for flag, value in (("--H", job.H), ("--W", job.W)):
         if value is not None and (value <= 0 or value % 8):
             raise GenerationError(f"{flag} {value} must be a positive multiple of 8")
-    if job.attention_slice_size < 0:
+    if job.attention_slice_size is not None and job.attention_slice_size < 0:
         raise GenerationError(f"--attention_slice_size {job.attention_slice_size} must be >= 0 (0: no slicing)")
     if job.vae_tile_latent_size < 0 or job.vae_tile_latent_size == 1:
         raise GenerationError(f"--vae_tile_latent_size {job.vae_tile_latent_size} must be 0 (off) or >= 2")
@@ -168,6 +170,40 @@ def default_settings(config) -> tuple[int, int, float]:
     return native, native, DEFAULT_GUIDANCE[family_of_config(config)]
 
 
+def size_and_scale(job: GenerateOptions, config, init_image: np.ndarray | None) -> tuple[int, int, float]:
+    """(height, width, guidance scale) of a job: the options, else the init image's size, else the config's."""
+    native_h, native_w, default_scale = default_settings(config)
+    if init_image is not None:
+        native_h, native_w = init_image.shape[:2]
+    return job.H or native_h, job.W or native_w, default_scale if job.scale is None else job.scale
+
+
+def plan_memory(job: GenerateOptions, log=print, warn=None) -> GenerateOptions:
+    """``job`` with the memory plan's choice (``ldm.memory_plan``) for each of ``mode``, ``attention_slice_size``
+    and ``vae_slicing`` left unset, logged in one line; a job that sets them all is returned as it is."""
+    if all(getattr(job, name) is not None for name in PLAN_SWITCHES):
+        return job
+    config = resolve_config(job).config
+    height, width, scale = size_and_scale(job, config, check_img2img(job))
+    policy = resolve_policy(job.unet_precision(), job.vae_precision, job.text_encoder_precision)
+    plan_job = GenerateJob(
+        batch=job.n_samples,
+        height=height,
+        width=width,
+        guided=scale != 1.0,
+        precision=policy.unet,
+        vae_precision=policy.vae,
+        device_target=job.device_target,
+    )
+    given = {name: getattr(job, name) for name in PLAN_SWITCHES}
+    decision = plan_generation(config, plan_job, given, *available_memory(job.device_target, job.max_memory_gib))
+    if decision.fits:
+        log(decision.log_line())
+    else:
+        (warn or (lambda msg: print(msg, file=sys.stderr)))(f"warning: {decision.log_line()}")
+    return apply_plan(job, decision)
+
+
 def generate(job: GenerateOptions, log=print, warn=None) -> dict:
     """Run ``job``; returns a summary (written files, images, seconds, images/s)."""
     from tqdm import tqdm
@@ -181,14 +217,11 @@ def generate(job: GenerateOptions, log=print, warn=None) -> dict:
 
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     scales = validate_job(job)
+    job = plan_memory(job, log, warn)
     init_image = check_img2img(job)
     resolved = resolve_config(job)
     config, config_label = resolved.config, resolved.label
-    native_h, native_w, default_scale = default_settings(config)
-    if init_image is not None:
-        native_h, native_w = init_image.shape[:2]
-    height, width = job.H or native_h, job.W or native_w
-    scale = default_scale if job.scale is None else job.scale
+    height, width, scale = size_and_scale(job, config, init_image)
     policy = resolve_policy(job.unet_precision(), job.vae_precision, job.text_encoder_precision)
     check_device_supports(policy)
     model = build_model_from_config(config_with_policy(config, policy), uninitialised=bool(job.ckpt_path))

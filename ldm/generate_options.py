@@ -13,12 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.cli import Parser
+from ldm.cli import Parser, str2bool
 from ldm.io.model_config import find_config_file
 from ldm.names import DPM_ALGORITHM_TYPES, KARRAS_SAMPLERS, SAMPLER_NAMES
 from ldm.options import (
     RunOptions,
     add_options,
+    check_run_options,
     option,
     optional_float,
     optional_int,
@@ -102,8 +103,14 @@ class GenerateOptions(RunOptions):
     lora_scale: list = option([], "scale per adapter (repeatable; not set: 1.0 each)", items=float)
     lora_ft_text_encoder: bool = option(False, "also merge the adapters' text-encoder modules")
     output_path: str = option("output/", "folder of samples/ and grids")
-    attention_slice_size: int = option(0, "attention over this many batch x head rows at a time (0: all)")
-    vae_slicing: bool = option(False, "decode one image of a batch at a time")
+    attention_slice_size: int | None = option(
+        None,
+        "attention over this many batch x head rows at a time (0: all; not set: the memory plan chooses)",
+        parse=optional_int,
+    )
+    vae_slicing: bool | None = option(
+        None, "decode one image of a batch at a time (not set: the memory plan chooses)", parse=str2bool
+    )
     vae_tile_latent_size: int = option(0, "decode in overlapping tiles of this many latents (0: off)")
     precision: str | None = option(
         None,
@@ -176,6 +183,7 @@ def parse_options(argv=None, parser: Parser | None = None) -> GenerateOptions:
         where = f" (command line and {path})" if path else ""
         raise GenerationError(f"give exactly one of --prompt and --data_path{where}")
     opts = GenerateOptions(**values)
+    check_run_options(opts, path or "command line")
     opts.prompts = read_prompts(opts.data_path) if opts.data_path else [opts.prompt]
     if not opts.prompts[0].strip():
         raise GenerationError("--prompt is empty")

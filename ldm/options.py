@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ldm.cli import Parser, str2bool
+from ldm.memory_plan import check_max_memory_gib
 from ldm.names import DEVICE_TARGETS
 from ldm.precision import PRECISIONS
 from ldm.util import ConfigError
@@ -48,7 +49,19 @@ class RunOptions:
     inherits them, so they come first in its ``-h``."""
 
     device_target: str = option("CPU", "CPU, GPU or Ascend", choices=DEVICE_TARGETS)
-    mode: int = option(0, "0 = GRAPH_MODE (compiled, default), 1 = PYNATIVE_MODE", choices=(0, 1))
+    mode: int | None = option(
+        None,
+        "0 = GRAPH_MODE (compiled), 1 = PYNATIVE_MODE (op by op); not set: the memory plan chooses (docs/"
+        "memory_and_precision.md)",
+        choices=(0, 1),
+        parse=optional_int,
+    )
+    max_memory_gib: float | None = option(
+        None,
+        "memory the run may use, in GiB, for the memory plan (not set: the cgroup limit or MemAvailable; on "
+        "GPU/Ascend the device's memory)",
+        parse=optional_float,
+    )
     use_fp16: bool = option(False, "mindone's alias: True means --precision fp16")
     vae_precision: str | None = option(
         None, "VAE compute dtype (not set: fp32 under an fp16 UNet, else the UNet's)", choices=PRECISIONS
@@ -62,6 +75,11 @@ class RunOptions:
     compile_cache: bool = option(
         True, "graph mode: reuse compiled graphs from $LDM_CACHE_DIR/compile/<job>-<configuration key> (False: off)"
     )
+
+
+def check_run_options(opts, source: str) -> None:
+    """The options every run shares that need more than their type: ``max_memory_gib`` is a positive number."""
+    check_max_memory_gib(opts.max_memory_gib, f"{source}: max_memory_gib")
 
 
 def cli_fields(schema) -> list:

@@ -35,7 +35,7 @@ init_env("CPU", mode=1)
 config = load_config("ldm/configs/v2-inference.yaml")
 save_model(build_model_from_config(config), sys.argv[1], config=config)
 """
-TRAIN_BOUND_GIB = 7.7  # diffusers + peft: 7.68 GiB (v2 recipe here: PyNative, recompute, memory-efficient attention)
+TRAIN_BOUND_GIB = 7.7  # diffusers + peft: 7.68 GiB (v2 recipe here, switches chosen by the memory plan)
 GENERATE_BOUND_GIB = 6.5  # diffusers: 6.48 GiB (--mode 1 --attention_slice_size 1, text encoder released)
 
 

@@ -51,6 +51,7 @@ NON_DEFAULT = {
     "output_path": "out/run1",
     "device_target": "GPU",
     "mode": 1,
+    "max_memory_gib": 6.5,
     "attention_slice_size": 2,
     "vae_slicing": True,
     "vae_tile_latent_size": 16,

@@ -23,7 +23,7 @@ import sys
 
 import ldm  # noqa: F401  (CPU defaults before mindspore)
 from ldm.cli import call, debug_requested
-from ldm.generate import PROMPT_OPTIONS, generate, graph_inputs, validate_job
+from ldm.generate import PROMPT_OPTIONS, generate, graph_inputs, plan_memory, validate_job
 from ldm.generate_options import build_parser, parse_options
 from ldm.util import check_output_folder
 
@@ -35,6 +35,7 @@ def _generate(argv) -> int:
     from ldm.compile_cache import use_compile_cache
     from ldm.env import init_env
 
+    opts = plan_memory(opts)  # before MindSpore starts: the plan chooses the mode
     init_env(opts.device_target, mode=opts.mode, seed=opts.seed)
     inputs = graph_inputs(opts)
     use_compile_cache(opts.compile_cache, opts.mode, "generate", opts, inputs, ignore=PROMPT_OPTIONS, log=print)

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.cli import Parser
+from ldm.cli import Parser, str2bool
 from ldm.data.buckets import BucketSpec
 from ldm.data.captions import CaptionRules
 from ldm.data.kohya import FolderOptions, read_dataset_config, read_records
@@ -27,8 +27,10 @@ from ldm.lora.targets import LORA_TYPES, UNET_TARGET_PRESETS
 from ldm.options import (
     RunOptions,
     add_options,
+    check_run_options,
     option,
     optional_float,
+    optional_int,
     parse_over_file,
     read_options_file,
 )
@@ -181,16 +183,23 @@ class TrainOptions(RunOptions):
         choices=tuple(UNET_TARGET_PRESETS),
     )
     lora_ft_text_encoder: bool = option(False, "also train LoRA on the text encoder attention")
-    use_recompute: bool = option(
-        False, "recompute each UNet block's activations in the backward pass (less memory, ~1 more forward)"
+    use_recompute: bool | None = option(
+        None,
+        "recompute each UNet block's activations in the backward pass (less memory, ~1 more forward; not set: the "
+        "memory plan chooses)",
+        parse=str2bool,
     )
-    attention_slice_size: int = option(
-        0, "UNet attention over this many batch x head rows at a time (0: all; same result)"
+    attention_slice_size: int | None = option(
+        None,
+        "UNet attention over this many batch x head rows at a time (0: all; same result; not set: the memory plan "
+        "chooses)",
+        parse=optional_int,
     )
-    memory_efficient_attention: bool = option(
-        False,
+    memory_efficient_attention: bool | None = option(
+        None,
         "UNet attention in slices with a backward that recomputes the scores instead of storing them (less memory; "
-        "same forward, gradients equal to float rounding)",
+        "same forward, gradients equal to float rounding; not set: the memory plan chooses)",
+        parse=str2bool,
     )
     noise_offset: float = option(0.0, "offset noise strength (0 disables)")
     snr_gamma: float | None = option(
@@ -517,6 +526,7 @@ def parse_options(argv=None) -> TrainOptions:
     opts = resolve_cache_options(opts, args.train_config or "command line")
     check_validation_options(opts, args.train_config or "command line")
     check_training_controls(opts, args.train_config or "command line")
+    check_run_options(opts, args.train_config or "command line")
     check_dreambooth(opts)
     lora_variant(opts, args.train_config or "command line")
     precision_policy(opts)  # a use_fp16/precision conflict is reported before MindSpore starts

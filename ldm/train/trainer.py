@@ -33,6 +33,7 @@ from ldm.lora.any_format import read_any_adapter
 from ldm.lora.interop import UNetLayout
 from ldm.lora.network import inject_lora, load_adapter, lora_parameters, to_adapter
 from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_CONV3X3_TARGETS, UNET_RESBLOCK_TARGETS, UNET_TARGET_PRESETS
+from ldm.memory_plan import TrainJob, apply_plan, available_memory, plan_training
 from ldm.models.diffusion import build_model_from_config
 from ldm.names import TEXT_PREFIX, UNET_PREFIX
 from ldm.options import check_choices
@@ -77,6 +78,35 @@ MAX_NONFINITE_STEPS = 5  # consecutive non-finite losses after which a run is st
 
 class TrainingDiverged(ValueError):
     """The loss stayed NaN/infinite; the message names the steps and the last checkpoint to resume from."""
+
+
+def plan_memory(opts: TrainOptions, config, buckets=None) -> TrainOptions:
+    """``opts`` with the memory plan's choice (``ldm.memory_plan``) for each of ``mode``, ``use_recompute``,
+    ``memory_efficient_attention`` and ``attention_slice_size`` left unset, logged in one line."""
+    policy = precision_policy(opts)
+    width, height = buckets.resolution if buckets is not None else (opts.image_size, opts.image_size)
+    job = TrainJob(
+        batch=opts.train_batch_size,
+        height=height,
+        width=width,
+        precision=policy.unet,
+        vae_precision=policy.vae,
+        text_precision=policy.text_encoder,
+        use_lora=opts.use_lora,
+        lora_rank=opts.lora_rank,
+        lora_targets=opts.lora_targets,
+        lora_ft_text_encoder=opts.lora_ft_text_encoder,
+        cache_latents=opts.cache_latents,
+        cache_text_embeddings=opts.cache_text_embeddings,
+        use_ema=opts.use_ema,
+        grad_accum=opts.gradient_accumulation_steps,
+        device_target=opts.device_target,
+    )
+    switches = ("mode", "use_recompute", "memory_efficient_attention", "attention_slice_size")
+    given = {name: getattr(opts, name) for name in switches}
+    decision = plan_training(config, job, given, *available_memory(opts.device_target, opts.max_memory_gib))
+    (LOGGER.info if decision.fits else LOGGER.warning)("%s", decision.log_line())
+    return apply_plan(opts, decision)
 
 
 def build_trainable_model(opts: TrainOptions, config):
@@ -296,6 +326,7 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
     check_training_controls(opts)
     opts = resolve_cache_options(opts)
     buckets = bucket_spec(opts)
+    opts = plan_memory(opts, config, buckets)
     dist = init_env(opts.device_target, opts.mode, opts.jit_level, seed=opts.seed, distributed=opts.use_parallel)
     use_compile_cache(opts.compile_cache, opts.mode, "train", opts, graph_inputs(opts, config, buckets), dist.rank)
     policy = precision_policy(opts)
