@@ -88,6 +88,8 @@ def test_batches_are_one_bucket_of_instance_then_class_rows(folders):
         want = [instances.image(i) for i in pair_ids] + [classes.image(i) for i in pair_ids]
         np.testing.assert_array_equal(rows, np.stack(want))
         np.testing.assert_array_equal(instance_then_class(tokens)[:, 0], [11, 11, 7, 7])  # len of the two prompts
+    flips = [(instances.mirrored(i), classes.mirrored(i)) for i in range(40)]
+    assert {a != b for a, b in flips} == {True, False}  # a pair's two flips are drawn independently
 
 
 @pytest.mark.parametrize("buckets", [SPEC, None], ids=["buckets", "square"])

@@ -150,7 +150,8 @@ class ImageCaptionSource:
     reading ``data_path`` (still checked, as read ones are), under ``subset_rules`` (one per ``Record.subset``) or
     the one set of caption rules. ``bucket_of`` (with ``buckets``) puts record ``i`` into the bucket
     ``bucket_of[i]`` (resized to cover it) instead of the bucket of nearest aspect ratio: DreamBooth's class image
-    trains at its pair's bucket.
+    trains at its pair's bucket. ``draw_key`` extends every sample's generator key, so that a second source read at
+    the same sample ids (DreamBooth's class half) draws independently of the first.
     """
 
     column_names = ("image", "tokens")
@@ -173,6 +174,7 @@ class ImageCaptionSource:
         records: list[Record] | None = None,
         subset_rules: list[CaptionRules] | None = None,
         bucket_of: Sequence[Size] | None = None,
+        draw_key: tuple[int, ...] = (),
     ):
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
@@ -193,14 +195,14 @@ class ImageCaptionSource:
             self.placements = [cover(*sizes[r.path], b) for r, b in zip(self.records, bucket_of, strict=True)]
         self.tokenizer = tokenizer
         self.transform = ImageTransform(image_size, random_crop, flip, interpolation)
-        self.seed = int(seed)
+        self.seed, self.draw_key = int(seed), tuple(draw_key)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def _rng(self, sample_id: int, stream: int) -> np.random.Generator:
         epoch, index = divmod(int(sample_id), len(self.records))
-        return np.random.default_rng([self.seed, epoch, index, stream])
+        return np.random.default_rng([self.seed, epoch, index, stream, *self.draw_key])
 
     def caption(self, sample_id: int) -> str:
         """The training text of a sample: one of its captions, through its subset's :class:`CaptionRules`."""

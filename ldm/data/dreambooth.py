@@ -15,8 +15,8 @@ bucket and cropped (kohya instead buckets regularization images by their own asp
 example; pairing keeps both halves of every batch the same size, which diffusers' split needs).
 
 Each half is an :class:`ImageCaptionSource` over its records repeated to the epoch's length, addressed with the
-pair's sample id (both halves draw from that sample's generator, so a pair's two images flip, and drop their
-caption, together); caching (``ldm.data.cache``) works on each half unchanged.
+pair's sample id (the class half's generators have a key of their own, so its flips and caption dropout do not
+follow the instance's); caching (``ldm.data.cache``) works on each half unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ldm.data.records import Record
 from ldm.tokenizer import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
+CLASS_DRAWS = (1,)  # extends the class half's sample keys: its flips and caption dropout are drawn independently
 
 
 def is_image_file(name: str) -> bool:
@@ -127,14 +128,15 @@ def dreambooth_data(
     common = {"random_crop": random_crop, "flip": flip, "caption_dropout": caption_dropout, "seed": seed}
     common.update(buckets=buckets, subset_rules=subset_rules)
 
-    def half(records: list[Record], bucket_of=None) -> ImageCaptionSource:
+    def half(records: list[Record], **kwargs) -> ImageCaptionSource:
         repeated = [records[k % len(records)] for k in range(size)]
-        return ImageCaptionSource(label, tokenizer, image_size, **common, records=repeated, bucket_of=bucket_of)
+        return ImageCaptionSource(label, tokenizer, image_size, **common, records=repeated, **kwargs)
 
     halves = [half(instance_records)]
     if class_records is not None:
         placements = halves[0].placements
-        halves.append(half(class_records, None if placements is None else [p.bucket for p in placements]))
+        bucket_of = None if placements is None else [p.bucket for p in placements]
+        halves.append(half(class_records, bucket_of=bucket_of, draw_key=CLASS_DRAWS))
     logger.info(
         "DreamBooth: %d instance images%s; %d pairs per epoch",
         len(instance_records),
