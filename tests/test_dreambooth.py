@@ -228,3 +228,20 @@ def test_short_cli_run_logs_both_terms(tmp_path):
 def test_cli_run_generates_the_missing_class_image(tmp_path):
     """The base model draws the second class image through the pipeline (compiled: minutes on a shared CPU)."""
     assert _train(tmp_path, 1) == sorted(["05.png", MANIFEST, generated_name(0)])
+
+
+def test_memory_plan_counts_the_class_rows(monkeypatch):
+    """With prior preservation a step runs 2 x train_batch_size rows (instances, then class images): the memory plan
+    is asked about that batch."""
+    import ldm.train.trainer as trainer
+    from ldm.train.options import TrainOptions
+    from ldm.util import CONFIG_DIR, load_config
+
+    jobs = []
+    real = trainer.plan_training
+    monkeypatch.setattr(trainer, "plan_training", lambda config, job, *a: jobs.append(job) or real(config, job, *a))
+    config = load_config(CONFIG_DIR / "tiny/sd1-tiny.yaml")
+    for prior in (False, True):
+        opts = TrainOptions(train_batch_size=3, image_size=32, with_prior_preservation=prior)
+        trainer.plan_memory(opts, config)
+    assert [job.batch for job in jobs] == [3, 6]
