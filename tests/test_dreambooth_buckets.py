@@ -250,3 +250,23 @@ def test_cli_resume_is_exact_and_checks_the_bucket_order(kohya_run):
     for name in names:
         a, b = read_state_dict(out / "ckpt" / name), read_state_dict(straight / "ckpt" / name)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in b), name
+
+
+def test_cli_instance_folders_with_buckets(tmp_path, folders):
+    """diffusers' options (instance and class folders; 3 class images already there, so none is generated) with
+    --enable_bucket: the pairs train at the instance buckets and both loss terms are logged."""
+    cmd = [sys.executable, str(SCRIPT), "--train_config", str(RECIPE), "--instance_data_dir", str(folders[0])]
+    cmd += ["--class_data_dir", str(folders[1]), "--num_class_images", "3", "--model_config"]
+    cmd += ["ldm/configs/tiny/sd1-tiny.yaml", "--image_size", "32", "--train_batch_size", "2", "--mode", "1"]
+    cmd += ["--max_train_steps", "2", "--output_path", str(tmp_path / "out"), "--enable_bucket", "True"]
+    cmd += ["--resolution", "32", "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps", "8"]
+    run = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "DreamBooth: 5 instance images, 3 class images; 5 pairs per epoch" in run.stderr
+    metrics = _metrics(tmp_path / "out")
+    assert [m["step"] for m in metrics] == [1, 2] and {m["bucket"] for m in metrics} <= {"24x40", "40x24", "32x32"}
+    for m in metrics:
+        assert m["loss"] == pytest.approx(m["instance_loss"] + 0.5 * m["prior_loss"], rel=1e-5)
+    assert sorted(p.name for p in folders[1].iterdir()) == ["00.png", "01.png", "02.png"]  # nothing generated
