@@ -352,7 +352,8 @@ def set_up_run(opts: TrainOptions, config) -> TrainRun:
     first_epoch = samples.sampler(order)
     bucket_order = getattr(first_epoch, "digest", None)  # the bucket order's digest, with buckets only
     if samples.bucket_table is not None and dist.is_main:
-        LOGGER.info("aspect-ratio buckets (images counted with their repeats):\n%s", samples.bucket_table)
+        counted = "instance/class pairs" if is_dreambooth(opts) else "images counted with their repeats"
+        LOGGER.info("aspect-ratio buckets (%s):\n%s", counted, samples.bucket_table)
     steps_per_epoch = first_epoch.per_rank // opts.train_batch_size
     micro_total = opts.max_train_steps * opts.gradient_accumulation_steps or steps_per_epoch * opts.epochs
     epochs = -(-micro_total // steps_per_epoch)
