@@ -72,8 +72,10 @@ def compile_cache_root() -> Path:
 
 def cache_key(job: str, options, extra: dict, ignore: tuple = ()) -> str:
     """16 hex digits of the SHA-256 of everything that shapes ``job``'s graphs (see the module docstring);
-    ``ignore``: options the job replaces by what they decide in ``extra`` (prompt texts by their shapes)."""
-    values = {k: v for k, v in dataclasses.asdict(options).items() if k not in NOT_GRAPH_OPTIONS | set(ignore)}
+    ``options``: a dataclass or a dict; ``ignore``: options the job replaces by what they decide in ``extra``
+    (prompt texts by their shapes)."""
+    values = options if isinstance(options, dict) else dataclasses.asdict(options)
+    values = {k: v for k, v in values.items() if k not in NOT_GRAPH_OPTIONS | set(ignore)}
     parts = {
         "job": job,
         "options": values,
@@ -118,7 +120,8 @@ def use_compile_cache(
     if not _lock(folder, rank):
         log(f"compile cache: {folder} is in use by another run; compiling without it")
         return None
-    warm = (folder / f"rank_{rank}" / "graph_cache" / "compile_cache_0.mindir").is_file()
+    # MindSpore's file names: compile_cache_<i>.mindir, prefixed with the role under msrun (MS_WORKERcompile_...)
+    warm = any((folder / f"rank_{rank}" / "graph_cache").glob("*compile_cache_0.mindir"))
     import mindspore as ms
 
     ms.set_context(enable_compile_cache=True, compile_cache_path=str(folder))

@@ -321,3 +321,20 @@ def test_cli_cached_real_stats(cli_run):
     proc = _cli("--real_stats", str(stats), "--output_json", str(out), *args)  # no --real_dir
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["fid"] == pytest.approx(first, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_cli_graph_mode_reloads_its_compile_cache(cli_run, tmp_path):
+    """Graph mode keeps the Inception graphs (``ldm.compile_cache``): a second identical run reloads them and scores
+    the same; ``--compile_cache False`` writes nothing."""
+    real, _, out, args = cli_run
+    args = [a if a != "1" else "0" for a in args]  # --mode 0
+    env = {"LDM_COMPILE_CACHE_DIR": str(tmp_path / "cc")}
+    runs = [_cli("--real_dir", str(real), "--output_json", str(out), *args, env=env) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    assert "(cold: filling it)" in runs[0].stderr and "(warm: reloading its graphs)" in runs[1].stderr
+    scores = [json.loads(out.read_text())["fid"]]
+    off = _cli("--real_dir", str(real), "--output_json", str(out), *args, "--compile_cache", "False", env=env)
+    assert off.returncode == 0 and "compile cache" not in off.stderr
+    assert len(list((tmp_path / "cc").iterdir())) == 1
+    assert json.loads(out.read_text())["fid"] == pytest.approx(scores[0], rel=1e-6)

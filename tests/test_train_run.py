@@ -3,8 +3,9 @@ resumes bit-exactly, a crash mid-write never leaves a half-written checkpoint, a
 
 Every run is a subprocess of ``DRIVER`` (below), which runs ``train_text_to_image.py`` unchanged via ``runpy`` after
 setting test hooks from environment variables: the number of CPU threads (speed only), SIGKILL right after the train
-state of a given step was written, and a digest of every frozen parameter after training. (No compile cache:
-``init_env(compile_cache_dir=...)`` made every later run's compiled step return NaN losses here.)
+state of a given step was written, and a digest of every frozen parameter after training. The runs use the CLI's
+default compile cache, in the test session's folder (``conftest.py``): a run with the options of an earlier one
+reloads its graphs (``tests/test_compile_cache.py`` shows that a reloaded step trains exactly as the compiling one).
 """
 
 from __future__ import annotations

@@ -7,10 +7,15 @@ Inputs are checked before MindSpore starts (missing images, weights, prompt file
 from __future__ import annotations
 
 import os
+import sys
 
 NETWORK = "inception-2015-12-05 pool3 (2048-d)"
 RESIZE = "tf1_bilinear_299"
 CLIP_HF_EXAMPLE = "openai/clip-vit-base-patch16"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 class InputError(ValueError):
@@ -30,9 +35,12 @@ def evaluate_fid(
     device_target: str = "CPU",
     mode: int = 0,
     progress: bool = True,
+    compile_cache: bool = False,
 ) -> dict:
     """FID (and KID with ``kid``) of the images in ``gen_dir`` against ``real_dir`` or the statistics in
-    ``real_stats`` (read if the file exists, else written from ``real_dir``)."""
+    ``real_stats`` (read if the file exists, else written from ``real_dir``). ``compile_cache``: reuse the
+    Inception graphs of an earlier run with the same batch shapes (``ldm.compile_cache``; the CLI's default)."""
+    from ldm.compile_cache import use_compile_cache
     from ldm.env import init_env
     from ldm.metrics.fid import (
         FIDError,
@@ -53,6 +61,9 @@ def evaluate_fid(
     gen_paths = image_set(gen_dir, "generated")
     resolve(inception_ckpt)  # fail on missing weights before MindSpore starts
     init_env(device_target, mode=mode)
+    # The graphs: one per batch shape, real set first (each set runs as batches of min(batch_size, its size)).
+    shapes = {"real": None if cached else min(batch_size, len(real_paths)), "gen": min(batch_size, len(gen_paths))}
+    use_compile_cache(compile_cache, mode, "fid", {"device_target": device_target}, shapes, log=_stderr)
     net = load_fid_inception(inception_ckpt)
     if cached:
         mu_r, sigma_r, real_feats = load_stats(real_stats)

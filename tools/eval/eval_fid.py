@@ -12,7 +12,7 @@ import os
 import sys
 
 import ldm  # noqa: F401  (CPU defaults before mindspore)
-from ldm.cli import Parser, call, debug_requested
+from ldm.cli import Parser, call, debug_requested, str2bool
 from ldm.names import DEVICE_TARGETS
 
 
@@ -40,6 +40,13 @@ def parse_args(argv=None):
     p.add_argument("--device_target", default="CPU", choices=DEVICE_TARGETS)
     p.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0 graph (default), 1 PyNative")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--compile_cache",
+        type=str2bool,
+        default=True,
+        help="graph mode: reuse the compiled Inception graphs of an earlier run with the same batch shapes "
+        "($LDM_CACHE_DIR/compile; False: off)",
+    )
     args = p.parse_args(argv)
     if not args.real_dir and not (args.real_stats and os.path.isfile(args.real_stats)):
         p.error("--real_dir is required unless --real_stats names an existing file")
