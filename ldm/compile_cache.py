@@ -108,17 +108,21 @@ def use_compile_cache(
 ) -> Path | None:
     """Point MindSpore's compile cache at this configuration's folder (call after ``init_env`` and before the first
     graph compiles) and log which folder and whether it was warm; the folder, or None when the cache is off
-    (``--compile_cache False``, PyNative, MindSpore's own ``MS_COMPILER_CACHE_ENABLE`` set by the user, or the
-    folder in use by another process); ``log`` takes the one line saying which."""
+    (``--compile_cache False``, PyNative, MindSpore's own ``MS_COMPILER_CACHE_ENABLE`` set by the user, the folder
+    in use by another process or not writable); ``log`` takes the one line saying which."""
     if not enabled or mode != 0:
         return None
     if os.environ.get(MS_ENABLE_VAR):
         log(f"compile cache: {MS_ENABLE_VAR} is set, MindSpore's own settings apply")
         return None
     folder = compile_cache_root() / f"{job}-{cache_key(job, options, extra, ignore)}"
-    folder.mkdir(parents=True, exist_ok=True)
-    if not _lock(folder, rank):
-        log(f"compile cache: {folder} is in use by another run; compiling without it")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not _lock(folder, rank):
+            log(f"compile cache: {folder} is in use by another run; compiling without it")
+            return None
+    except OSError as exc:  # a read-only or full cache folder costs the cache, not the run
+        log(f"compile cache: cannot use {folder} ({exc.strerror or exc}); compiling without it")
         return None
     # MindSpore's file names: compile_cache_<i>.mindir, prefixed with the role under msrun (MS_WORKERcompile_...)
     warm = any((folder / f"rank_{rank}" / "graph_cache").glob("*compile_cache_0.mindir"))
