@@ -65,8 +65,8 @@ def _attentions(unet):
 
 
 def _output_and_grads(unet, fused: bool):
-    expected = 2 * len(_attentions(unet)) if fused else 0  # q/k/v and k/v of each attention
-    assert plan_attention_fusion(unet, enable=fused) == expected
+    groups = plan_attention_fusion(unet, enable=fused)
+    assert groups >= (len(_attentions(unet)) if fused else 0) and (groups == 0) != fused
     params = [p for p in unet.trainable_params()]
     step = ms.value_and_grad(_Loss(unet), None, params)
     loss, grads = step(*_inputs())
@@ -90,14 +90,10 @@ def test_lora_fused_equals_separate():
         assert _rel(grads_f[name], grads_s[name]) <= GRAD_RTOL, name
 
 
-def test_plain_fused_equals_separate_and_merge():
-    """Without LoRA the frozen q/k/v fuse too; after merging a LoRA the fused graph gives the merged output."""
-    unet = _unet(lora=False)
-    assert plan_attention_fusion(unet) == 2 * len(_attentions(unet))
-    ref = unet(*_inputs()).asnumpy()
-    plan_attention_fusion(unet, enable=False)
-    assert _rel(unet(*_inputs()).asnumpy(), ref) <= RTOL
-
+def test_plain_projections_stay_separate_and_merge_works():
+    """Frozen projections without LoRA are not fused (slower for sampling, see fused_linear); after merging a LoRA
+    the fused graph gives the merged output, and after unmerging the original one."""
+    assert plan_attention_fusion(_unet(lora=False)) == 0
     lora = _unet(lora=True)
     before = lora(*_inputs()).asnumpy()
     merge_all(lora)  # lora_mult becomes 0 and the delta moves into the weights the fused MatMul reads

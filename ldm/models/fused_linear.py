@@ -8,11 +8,13 @@ with one down MatMul (the ``lora_down`` weights stacked, ``[n r, in]``) and one 
 ``lora_mult``. The parameters stay those of the separate layers (same objects and names, so state dicts, adapters,
 merge and unmerge are unchanged); only the graph changes.
 
-Which layers fuse is decided in Python before compiling (:func:`fusion_kind`): all plain ``nn.Dense`` (``"dense"``),
-or all LoRA layers that declare ``fusable`` (``ldm.lora.layers.LoRADense`` without DoRA or dropout) with one rank,
-one LoRA dtype and one compute dtype (``"lora"``); anything else keeps the separate layers. A layer is duck-typed
-(``weight``, ``has_bias``; LoRA: ``lora_down.weight``, ``lora_up.weight``, ``lora_mult``, ``rank``, ``lora_dtype``,
-``compute_dtype``) because models come before LoRA in the import order.
+Which layers fuse is decided in Python before compiling (:func:`fusion_kind`): LoRA layers of one weight shape that
+declare ``fusable`` (``ldm.lora.layers.LoRADense`` without DoRA, dropout or bias) with one rank, one LoRA dtype and
+one compute dtype (``"lora"``); anything else keeps the separate layers. Plain frozen ``nn.Dense`` projections
+(sampling without LoRA) stay separate: concatenating their weights in every call made a guided call of the tiny SD
+slower (``benchmarks/README.md``, "Fused attention projections"). A layer is duck-typed (``weight``, ``has_bias``,
+``lora_down.weight``, ``lora_up.weight``, ``lora_mult``, ``rank``, ``lora_dtype``, ``compute_dtype``) because models
+come before LoRA in the import order.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ def _compute_dtype(layer: nn.Cell):
 
 
 def fusion_kind(layers) -> str:
-    """``"dense"``, ``"lora"`` or ``""`` (do not fuse) for a tuple of layers of the same input."""
+    """``"lora"`` or ``""`` (do not fuse) for a tuple of layers of the same input."""
     if any(getattr(layer, "has_bias", True) for layer in layers):
+        return ""
+    if len({tuple(layer.weight.shape) for layer in layers}) != 1:  # e.g. to_q beside a context-width to_k
         return ""
     if len({_compute_dtype(layer) for layer in layers}) != 1 or len({layer.weight.dtype for layer in layers}) != 1:
         return ""
-    if all(type(layer) is nn.Dense and not layer.activation_flag for layer in layers):
-        return "dense"
     if all(getattr(layer, "fusable", False) for layer in layers):
         if len({(layer.rank, layer.lora_dtype) for layer in layers}) == 1:
             return "lora"
@@ -42,7 +44,8 @@ def fusion_kind(layers) -> str:
 
 
 class FusedLinear(nn.Cell):
-    """The concatenated output ``[.., n * out]`` of ``n`` fusable layers of equal width (see the module docstring).
+    """The concatenated output ``[.., n * out]`` of ``n`` fusable LoRA layers of equal shape (see the module
+    docstring).
 
     Holds no parameters: ``construct`` takes the layers' weights as inputs, so the parameters keep living in (and
     being named by) the separate layers.
@@ -50,16 +53,16 @@ class FusedLinear(nn.Cell):
 
     def __init__(self, layers, kind: str):
         super().__init__()
+        if kind != "lora":
+            raise ValueError(f"FusedLinear fuses LoRA layers only, got kind {kind!r}")
         self.n = len(layers)
         self.out_features = int(layers[0].weight.shape[0])
-        self.kind = kind
         self.compute_dtype = _compute_dtype(layers[0])
         self.matmul = ops.MatMul(transpose_b=True)
-        if kind == "lora":
-            rank = layers[0].rank
-            self.lora_dtype = layers[0].lora_dtype
-            mask = np.kron(np.eye(self.n, dtype=np.float32), np.ones((self.out_features, rank), np.float32))
-            self.block_mask = Tensor(mask, self.lora_dtype)
+        rank = layers[0].rank
+        self.lora_dtype = layers[0].lora_dtype
+        mask = np.kron(np.eye(self.n, dtype=np.float32), np.ones((self.out_features, rank), np.float32))
+        self.block_mask = Tensor(mask, self.lora_dtype)
 
     def construct(self, x, weights, downs, ups, mults):
         x_shape = x.shape
@@ -69,8 +72,7 @@ class FusedLinear(nn.Cell):
         if self.compute_dtype is not None:
             h, w = x2d.astype(self.compute_dtype), w.astype(self.compute_dtype)
         out = self.matmul(h, w)
-        if self.kind == "lora":
-            out = out + self._lora(x2d, downs, ups, mults, out.dtype)
+        out = out + self._lora(x2d, downs, ups, mults, out.dtype)
         return out.reshape(x_shape[:-1] + (self.n * self.out_features,))
 
     def _lora(self, x2d, downs, ups, mults, out_dtype):

@@ -15,7 +15,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ldm.models.attention import CrossAttention, SpatialTransformer, plan_attention_fusion
+from ldm.models.attention import CrossAttention, SpatialTransformer
 from ldm.models.layers import Conv2d, GroupNorm, Linear
 
 SD1_UNET_CONFIG = dict(
@@ -250,7 +250,6 @@ class UNetModel(nn.Cell):
             for _, cell in self.cells_and_names():
                 if isinstance(cell, (nn.Dense, nn.Conv2d)):
                     cell.to_float(self.compute_dtype)
-            plan_attention_fusion(self)
         self.recompute_enabled = False
         if use_checkpoint:
             self.enable_recompute()
