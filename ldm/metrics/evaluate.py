@@ -135,9 +135,12 @@ def evaluate_clip_score(
     device_target: str = "CPU",
     mode: int = 0,
     progress: bool = True,
+    compile_cache: bool = False,
 ) -> dict:
     """CLIP score of the images in ``image_dir`` (sorted by file name, or one image file) against ``prompts``: a
-    file whose line i is the prompt of image i, or the prompt of every image."""
+    file whose line i is the prompt of image i, or the prompt of every image. ``compile_cache``: reuse the graphs of
+    an earlier run with the same model config and batch sizes (``ldm.compile_cache``; the CLI's default)."""
+    from ldm.compile_cache import use_compile_cache
     from ldm.env import init_env
     from ldm.metrics.clip import load_config
     from ldm.metrics.fid import check_images, list_images
@@ -155,6 +158,9 @@ def evaluate_clip_score(
     weights = clip_weights_path(ckpt, model_dir)
     cfg = load_config(model_dir or model)
     init_env(device_target, mode=mode)
+    # The graphs: the image and text towers at each batch size met (full batches, then the last, shorter one).
+    shapes = {"config": repr(cfg), "images": len(paths), "batch_size": batch_size}
+    use_compile_cache(compile_cache, mode, "clip", {"device_target": device_target}, shapes, log=_stderr)
     from PIL import Image
 
     from ldm.io.checkpoint import read_state_dict

@@ -16,7 +16,7 @@ import os
 import sys
 
 import ldm  # noqa: F401  (CPU defaults before mindspore)
-from ldm.cli import Parser, call, debug_requested
+from ldm.cli import Parser, call, debug_requested, str2bool
 from ldm.names import DEVICE_TARGETS
 
 
@@ -54,6 +54,13 @@ def parse_args(argv=None):
     p.add_argument("--device_target", default="CPU", choices=DEVICE_TARGETS)
     p.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0 graph (default), 1 PyNative")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--compile_cache",
+        type=str2bool,
+        default=True,
+        help="graph mode: reuse the compiled CLIP graphs of an earlier run with the same model and batch sizes "
+        "($LDM_CACHE_DIR/compile; False: off)",
+    )
     return p.parse_args(argv)
 
 
