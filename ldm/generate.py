@@ -129,8 +129,9 @@ def validate_job(job: GenerateOptions) -> list[float]:
     return scales
 
 
-# Prompt options whose text the compile cache's key replaces by what it decides (see graph_inputs).
-PROMPT_OPTIONS = ("prompt", "prompts", "negative_prompt", "data_path")
+# Options the compile cache's key leaves out: the prompt texts (graph_inputs keys them by their shapes) and the seeds
+# and batch count (the noise is drawn in numpy and fed to the graphs; more batches repeat the same shapes).
+NOT_IN_GRAPH_KEY = ("prompt", "prompts", "negative_prompt", "data_path", "seed", "seed_per_prompt", "n_iter")
 
 
 def graph_inputs(job: GenerateOptions) -> dict:

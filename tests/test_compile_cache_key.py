@@ -14,7 +14,7 @@ import fcntl
 import pytest
 
 from ldm.compile_cache import ROOT_VAR, cache_key, compile_cache_root, use_compile_cache
-from ldm.generate import PROMPT_OPTIONS, graph_inputs
+from ldm.generate import NOT_IN_GRAPH_KEY, graph_inputs
 from ldm.generate_options import GenerateOptions
 from ldm.train.options import TrainOptions
 
@@ -64,10 +64,10 @@ def test_model_config_job_version_and_source_change_the_key(monkeypatch):
 
 def _generation_key(**values) -> str:
     job = GenerateOptions(config="ldm/configs/tiny/sd2-tiny.yaml", **values)
-    return cache_key("generate", job, graph_inputs(job), PROMPT_OPTIONS)
+    return cache_key("generate", job, graph_inputs(job), NOT_IN_GRAPH_KEY)
 
 
-def test_generation_key_follows_prompt_shapes_not_texts():
+def test_generation_key_follows_prompt_shapes_not_texts_or_seeds():
     key = _generation_key(prompts=["a red fox"])
     assert _generation_key(prompts=["a blue square"]) == key
     assert _generation_key(prompts=["a fox " * 60]) != key  # two 75-token chunks: another text-encoder shape
@@ -75,6 +75,9 @@ def test_generation_key_follows_prompt_shapes_not_texts():
     assert _generation_key(prompts=["a red fox", "a red fox"]) != key
     assert _generation_key(prompts=["a red fox"], H=64) != key
     assert _generation_key(prompts=["a red fox"], sampler="euler") != key
+    assert _generation_key(prompts=["a red fox"], n_samples=2) != key
+    # numpy draws the noise from the seed and feeds it to the graphs; more batches repeat the same shapes
+    assert _generation_key(prompts=["a red fox"], seed=7, n_iter=5, seed_per_prompt=True) == key
 
 
 def test_off_switch_and_pynative_write_nothing(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ import sys
 
 import ldm  # noqa: F401  (CPU defaults before mindspore)
 from ldm.cli import call, debug_requested
-from ldm.generate import PROMPT_OPTIONS, generate, graph_inputs, plan_memory, validate_job
+from ldm.generate import NOT_IN_GRAPH_KEY, generate, graph_inputs, plan_memory, validate_job
 from ldm.generate_options import build_parser, parse_options
 from ldm.util import check_output_folder
 
@@ -38,7 +38,7 @@ def _generate(argv) -> int:
     opts = plan_memory(opts)  # before MindSpore starts: the plan chooses the mode
     init_env(opts.device_target, mode=opts.mode, seed=opts.seed)
     inputs = graph_inputs(opts)
-    use_compile_cache(opts.compile_cache, opts.mode, "generate", opts, inputs, ignore=PROMPT_OPTIONS, log=print)
+    use_compile_cache(opts.compile_cache, opts.mode, "generate", opts, inputs, ignore=NOT_IN_GRAPH_KEY, log=print)
     generate(opts)
     return 0
 
