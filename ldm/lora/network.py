@@ -21,7 +21,6 @@ from mindspore import Parameter, Tensor, nn
 from ldm.lora.adapter import FUSED_IN_PROJ, MAGNITUDE, Adapter, Module, make_adapter, parse
 from ldm.lora.layers import LoRAConv, LoRADense, LoRAFusedInProj, LoRALayer
 from ldm.lora.targets import UNET_ATTENTION_TARGETS
-from ldm.models.attention import plan_attention_fusion
 from ldm.models.layers import assign_array
 
 logger = logging.getLogger(__name__)
@@ -146,7 +145,6 @@ def inject_lora(
         layer._name_parameters(prefix)
         injected.append(prefix)
     _freeze_all_but_lora(network)
-    plan_attention_fusion(network)
     logger.info(
         "%s rank %d injected into %d modules (%d trainable parameters)",
         "DoRA" if use_dora else "LoRA",

@@ -11,8 +11,8 @@ the same operations either way, so the output is unchanged.
 recomputes each slice's scores from q, k and v, so no (batch x head) score matrix is kept for the backward pass and
 at most one slice's scores exist at a time. The forward output is the same as the plain path's; the gradients are
 the same formulas evaluated slice by slice (equal to float rounding).
-With LoRA on them, self-attention's q/k/v and cross-attention's k/v run as one projection each where their layers
-allow it (:mod:`ldm.models.fused_linear`, planned by :meth:`CrossAttention.plan_fusion`); the parameters stay separate.
+With LoRA on them, self-attention's q/k/v and cross-attention's k/v can run as one projection each
+(:mod:`ldm.models.fused_linear`, opt-in through :func:`plan_attention_fusion`); the parameters stay separate.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ class CrossAttention(nn.Cell):
 
     def plan_fusion(self, enable: bool = True) -> None:
         """Choose (before compiling) whether q/k/v of self-attention and k/v of cross-attention run as one
-        :class:`~ldm.models.fused_linear.FusedLinear` each; called again whenever the projection layers change
-        (``ldm.lora.inject_lora`` does). ``enable=False`` keeps the separate layers (the reference computation)."""
+        :class:`~ldm.models.fused_linear.FusedLinear` each, from the layers present now (plan again after
+        ``ldm.lora.inject_lora``). ``enable=False``, the state after building, keeps the separate layers."""
         qkv = fusion_kind((self.to_q, self.to_k, self.to_v)) if enable else ""
         kv = fusion_kind((self.to_k, self.to_v)) if enable else ""
         self.fused_qkv = FusedLinear((self.to_q, self.to_k, self.to_v), qkv) if qkv else None
@@ -177,7 +177,10 @@ class CrossAttention(nn.Cell):
 
 
 def plan_attention_fusion(network: nn.Cell, enable: bool = True) -> int:
-    """:meth:`CrossAttention.plan_fusion` on every attention of ``network``; returns how many projections fuse."""
+    """:meth:`CrossAttention.plan_fusion` on every attention of ``network``; returns how many projections fuse.
+
+    Opt-in: on MindSpore 2.10's CPU backend the fused LoRA step runs ~500 fewer kernels but was not faster
+    (``benchmarks/README.md``, "Fused attention projections"), so training and generation do not call it."""
     fused = 0
     for _, cell in network.cells_and_names():
         if isinstance(cell, CrossAttention):
