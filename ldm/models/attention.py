@@ -179,8 +179,8 @@ class CrossAttention(nn.Cell):
 def plan_attention_fusion(network: nn.Cell, enable: bool = True) -> int:
     """:meth:`CrossAttention.plan_fusion` on every attention of ``network``; returns how many projections fuse.
 
-    Opt-in: on MindSpore 2.10's CPU backend the fused LoRA step runs ~500 fewer kernels but was not faster
-    (``benchmarks/README.md``, "Fused attention projections"), so training and generation do not call it."""
+    Opt-in: on MindSpore 2.10's CPU backend the fused LoRA step ran fewer MatMuls, more kernels in all, and was
+    not faster (``benchmarks/README.md``, "Fused attention projections"), so training and generation do not call it."""
     fused = 0
     for _, cell in network.cells_and_names():
         if isinstance(cell, CrossAttention):

@@ -7,7 +7,7 @@ with one down MatMul (the ``lora_down`` weights stacked, ``[n r, in]``) and one 
 ``[n out, n r]`` of the ``lora_up`` weights (tiled, times a constant 0/1 mask), each block times its own
 ``lora_mult``. The parameters stay those of the separate layers (same objects and names, so state dicts, adapters,
 merge and unmerge are unchanged); only the graph changes. Opt-in (``ldm.models.attention.plan_attention_fusion``):
-on MindSpore 2.10's CPU backend the fused step launched ~500 fewer kernels but was not faster.
+on MindSpore 2.10's CPU backend the fused step ran fewer MatMuls, more kernels in all, and was not faster.
 
 Which layers fuse is decided in Python before compiling (:func:`fusion_kind`): LoRA layers of one weight shape that
 declare ``fusable`` (``ldm.lora.layers.LoRADense`` without DoRA, dropout or bias) with one rank, one LoRA dtype and
