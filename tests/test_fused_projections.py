@@ -123,3 +123,18 @@ def test_dora_and_dropout_are_not_fused():
         assert plan_attention_fusion(unet) == 0
         attentions = _attentions(unet)
         assert attentions and all(c.fused_qkv is None and c.fused_kv is None for c in attentions)
+
+
+def test_training_option_fuses_the_unet_lora_projections():
+    """``fuse_lora_projections`` is how a run asks for the fusion: off by default, on it fuses every attention."""
+    from ldm.train.options import TrainOptions
+    from ldm.train.trainer import build_trainable_model
+
+    def fused_attentions(**kwargs) -> list[bool]:
+        model, _ = build_trainable_model(TrainOptions(lora_rank=2, **kwargs), load_config(CONFIG))
+        cells = [c for _, c in model.model.cells_and_names() if isinstance(c, CrossAttention)]
+        return [c.fused_qkv is not None or c.fused_kv is not None for c in cells]
+
+    assert not any(fused_attentions())
+    fused = fused_attentions(fuse_lora_projections=True)
+    assert fused and all(fused)  # self-attention's q/k/v, cross-attention's k/v

@@ -183,6 +183,11 @@ class TrainOptions(RunOptions):
         choices=tuple(UNET_TARGET_PRESETS),
     )
     lora_ft_text_encoder: bool = option(False, "also train LoRA on the text encoder attention")
+    fuse_lora_projections: bool = option(
+        False,
+        "compute each UNet attention's LoRA q/k/v (and cross-attention's k/v) as one projection: fewer MatMuls, same "
+        "results and checkpoints; not faster on the CPU (benchmarks/README.md), for devices where launches dominate",
+    )
     use_recompute: bool | None = option(
         None,
         "recompute each UNet block's activations in the backward pass (less memory, ~1 more forward; not set: the "

@@ -34,6 +34,7 @@ from ldm.lora.interop import UNetLayout
 from ldm.lora.network import inject_lora, load_adapter, lora_parameters, to_adapter
 from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_CONV3X3_TARGETS, UNET_RESBLOCK_TARGETS, UNET_TARGET_PRESETS
 from ldm.memory_plan import TrainJob, apply_plan, available_memory, plan_training
+from ldm.models.attention import plan_attention_fusion
 from ldm.models.diffusion import build_model_from_config
 from ldm.names import TEXT_PREFIX, UNET_PREFIX
 from ldm.options import check_choices
@@ -147,6 +148,8 @@ def build_trainable_model(opts: TrainOptions, config):
             inject_lora(model.model, targets=UNET_CONV3X3_TARGETS, convolutions=True, **conv_kwargs)
         if opts.init_lora_weights:
             load_init_adapter(model, opts.init_lora_weights, config)
+        if opts.fuse_lora_projections:
+            plan_attention_fusion(model.model)
         params = lora_parameters(model)
         chosen = {id(p) for p in params}
         for p in model.get_parameters():
