@@ -22,6 +22,8 @@ FORBIDDEN = {
     "ldm.lora": ("ldm.train", "ldm.samplers", "ldm.pipeline", "ldm.generate"),
     "ldm.lora.adapter": ("mindspore", "ldm.models", "ldm.lora.layers", "ldm.lora.network"),
     "ldm.train.options": ("mindspore", "ldm.train.trainer", "ldm.models"),
+    "ldm.memory_plan": ("mindspore", "ldm.io", "ldm.models", "ldm.lora", "ldm.train", "ldm.generate"),
+    "ldm.compile_cache": ("mindspore", "ldm.io", "ldm.models", "ldm.lora", "ldm.train", "ldm.generate"),
 }
 
 
@@ -53,7 +55,7 @@ def test_no_import_of_a_later_layer(name, path):
 def test_light_modules_do_not_start_mindspore():
     code = (
         "import sys, ldm.names, ldm.cli, ldm.io.model_config, ldm.lora.adapter, ldm.lora.interop, ldm.lora.merge, "
-        "ldm.lora.cli, ldm.train.options, ldm.generate; "
+        "ldm.lora.cli, ldm.train.options, ldm.generate, ldm.memory_plan, ldm.compile_cache; "
         "print('mindspore' in sys.modules)"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
