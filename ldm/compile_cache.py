@@ -11,7 +11,9 @@ the shapes come from the data), the world size, the MindSpore version and a dige
 processes never share a rank's folder at once: the second runs without the cache (a lock per rank).
 
 Graphs go to ``<root>/compile/<job>-<key>``, the root being the FID weights' (``$LDM_CACHE_DIR``, default
-``$XDG_CACHE_HOME/ldm``, i.e. ``~/.cache/ldm``); ``$LDM_COMPILE_CACHE_DIR`` replaces ``<root>/compile``.
+``$XDG_CACHE_HOME/ldm``, i.e. ``~/.cache/ldm``); ``$LDM_COMPILE_CACHE_DIR`` replaces ``<root>/compile``. A run marks
+its folder used; folders beyond the ``$LDM_COMPILE_CACHE_KEEP`` (default 32) most recently used are deleted, unless
+a run holds them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,6 +35,8 @@ LOGGER = logging.getLogger("ldm.compile_cache")
 # Options that change no compiled graph and not the order of compiles: where outputs go, progress display, loaders.
 NOT_GRAPH_OPTIONS = frozenset({"compile_cache", "output_path", "log_interval", "num_workers"})
 ROOT_VAR = "LDM_COMPILE_CACHE_DIR"  # where the keyed folders go (tests point it at a temporary folder)
+KEEP_VAR = "LDM_COMPILE_CACHE_KEEP"  # how many recently used configuration folders to keep
+DEFAULT_KEEP = 32
 MS_ENABLE_VAR = "MS_COMPILER_CACHE_ENABLE"  # MindSpore's own switch: a user who sets it keeps MindSpore's behaviour
 # Worker counts a launcher exports (msrun, OpenMPI): a data-parallel graph holds the gradient all-reduce.
 _WORLD_VARS = ("MS_WORKER_NUM", "OMPI_COMM_WORLD_SIZE")
@@ -103,6 +108,45 @@ def _lock(folder: Path, rank: int) -> bool:
     return True
 
 
+def keep_count() -> int:
+    """``$LDM_COMPILE_CACHE_KEEP`` (a positive whole number), else :data:`DEFAULT_KEEP`."""
+    value = os.environ.get(KEEP_VAR, "").strip()
+    if not value:
+        return DEFAULT_KEEP
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{KEEP_VAR}={value!r}: expected a positive whole number of folders")
+    return int(value)
+
+
+def _held_by_another_run(folder: Path) -> bool:
+    """Whether a run (this process included) holds one of ``folder``'s rank locks."""
+    import fcntl
+
+    for lock in folder.glob(".lock-rank*"):
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+    return False
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete the configuration folders under ``root`` beyond the ``keep`` most recently used (a run sets its
+    folder's mtime), leaving any a run holds; the deleted folders."""
+    folders = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime_ns,
+        reverse=True,
+    )
+    removed = []
+    for folder in folders[keep:]:
+        if not _held_by_another_run(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def use_compile_cache(
     enabled: bool, mode: int, job: str, options, extra: dict, rank: int = 0, ignore: tuple = (), log=LOGGER.info
 ) -> Path | None:
@@ -124,6 +168,14 @@ def use_compile_cache(
     except OSError as exc:  # a read-only or full cache folder costs the cache, not the run
         log(f"compile cache: cannot use {folder} ({exc.strerror or exc}); compiling without it")
         return None
+    try:
+        os.utime(folder)  # most recently used
+        removed = prune(folder.parent, keep_count())
+    except OSError as exc:
+        log(f"compile cache: could not clean {folder.parent} ({exc.strerror or exc})")
+        removed = []
+    if removed:
+        log(f"compile cache: deleted {len(removed)} least recently used folder(s), keeping {keep_count()} ({KEEP_VAR})")
     # MindSpore's file names: compile_cache_<i>.mindir, prefixed with the role under msrun (MS_WORKERcompile_...)
     warm = any((folder / f"rank_{rank}" / "graph_cache").glob("*compile_cache_0.mindir"))
     import mindspore as ms

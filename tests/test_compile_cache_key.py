@@ -13,7 +13,7 @@ import fcntl
 
 import pytest
 
-from ldm.compile_cache import ROOT_VAR, cache_key, compile_cache_root, use_compile_cache
+from ldm.compile_cache import KEEP_VAR, ROOT_VAR, cache_key, compile_cache_root, keep_count, use_compile_cache
 from ldm.generate import NOT_IN_GRAPH_KEY, graph_inputs
 from ldm.generate_options import GenerateOptions
 from ldm.train.options import TrainOptions
@@ -110,3 +110,29 @@ def test_bucketed_runs_key_the_images(tmp_path):
     assert graph_inputs(opts, EXTRA["model_config"], bucket_spec(opts)) != before
     plain = dataclasses.replace(BASE, data_path=str(tmp_path))
     assert "files" not in graph_inputs(plain, EXTRA["model_config"], None)
+
+
+def test_least_recently_used_folders_beyond_the_limit_are_deleted_unless_held(tmp_path, monkeypatch):
+    """Five old configuration folders, a limit of 3: a run keeps its own and the two most recently used others, and
+    leaves an old folder another run holds (its rank lock taken)."""
+    import os
+
+    monkeypatch.setenv(ROOT_VAR, str(tmp_path / "cc"))
+    monkeypatch.setenv(KEEP_VAR, "3")
+    root = compile_cache_root()
+    for age, name in enumerate(["train-a", "train-b", "train-c", "train-d", "train-e"]):
+        (root / name / "rank_0").mkdir(parents=True)
+        (root / name / ".lock-rank0").touch()
+        os.utime(root / name, (1000 - age, 1000 - age))  # train-a the most recently used
+    with open(root / "train-e" / ".lock-rank0", "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        messages = []
+        folder = use_compile_cache(True, 0, "train", BASE, EXTRA, log=messages.append)
+    assert sorted(p.name for p in root.iterdir()) == sorted(["train-a", "train-b", "train-e", folder.name])
+    assert any("deleted 2 least recently used" in m for m in messages)
+
+
+def test_a_bad_keep_count_is_named(monkeypatch):
+    monkeypatch.setenv(KEEP_VAR, "many")
+    with pytest.raises(ValueError, match="LDM_COMPILE_CACHE_KEEP='many'"):
+        keep_count()
