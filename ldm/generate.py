@@ -19,7 +19,14 @@ import numpy as np
 from ldm.atomic import save_image, write_json
 from ldm.generate_options import GenerateOptions, GenerationError
 from ldm.io.model_config import ResolvedConfig, find_config_file, resolve_model_config
-from ldm.memory_plan import GenerateJob, apply_plan, available_memory, plan_generation
+from ldm.memory_plan import (
+    GENERATION_SWITCHES,
+    GenerateJob,
+    apply_plan,
+    available_memory,
+    given_switches,
+    plan_generation,
+)
 from ldm.names import DEFAULT_GUIDANCE, IMG2IMG_SAMPLER_NAMES, SAMPLER_NAMES, family_of_config, model_node
 from ldm.precision import resolve_policy
 from ldm.prompt_syntax import parse_prompt_weights
@@ -29,7 +36,10 @@ DEFAULT_VERSION = "2.1"
 DEFAULT_STRENGTH = 0.8  # diffusers' StableDiffusionImg2ImgPipeline default
 _NUMBERED = re.compile(r"(\d{5})\.(?:png|json)")
 _GRID = re.compile(r"grid-(\d+)\.png")
-PLAN_SWITCHES = ("mode", "attention_slice_size", "vae_slicing")  # the options the memory plan fills when unset
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def batch_seed(job: GenerateOptions, prompt_index: int, iteration: int) -> int:
@@ -182,7 +192,8 @@ def size_and_scale(job: GenerateOptions, config, init_image: np.ndarray | None) 
 def plan_memory(job: GenerateOptions, log=print, warn=None) -> GenerateOptions:
     """``job`` with the memory plan's choice (``ldm.memory_plan``) for each of ``mode``, ``attention_slice_size``
     and ``vae_slicing`` left unset, logged in one line; a job that sets them all is returned as it is."""
-    if all(getattr(job, name) is not None for name in PLAN_SWITCHES):
+    given = given_switches(job, GENERATION_SWITCHES)
+    if all(value is not None for value in given.values()):
         return job
     config = resolve_config(job).config
     height, width, scale = size_and_scale(job, config, check_img2img(job))
@@ -196,12 +207,11 @@ def plan_memory(job: GenerateOptions, log=print, warn=None) -> GenerateOptions:
         vae_precision=policy.vae,
         device_target=job.device_target,
     )
-    given = {name: getattr(job, name) for name in PLAN_SWITCHES}
     decision = plan_generation(config, plan_job, given, *available_memory(job.device_target, job.max_memory_gib))
     if decision.fits:
         log(decision.log_line())
     else:
-        (warn or (lambda msg: print(msg, file=sys.stderr)))(f"warning: {decision.log_line()}")
+        (warn or _stderr)(f"warning: {decision.log_line()}")
     return apply_plan(job, decision)
 
 
@@ -216,7 +226,7 @@ def generate(job: GenerateOptions, log=print, warn=None) -> dict:
     from ldm.pipeline import GenerationSettings, Text2ImagePipeline, check_size, make_grid
     from ldm.precision import check_device_supports, config_with_policy, configure_attention, store_frozen_weights_low
 
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    warn = warn or _stderr
     scales = validate_job(job)
     job = plan_memory(job, log, warn)
     init_image = check_img2img(job)

@@ -75,6 +75,10 @@ def _params(config) -> dict:
     return model_node(config)["params"]
 
 
+def _unet(config) -> dict:
+    return _params(config)["unet_config"]["params"]
+
+
 def _transformer_params(ch: int, context_dim: int, depth: int) -> int:
     """One SpatialTransformer (proj_in/out as 1x1 conv or Linear count alike): inner width = ch."""
     attn1 = 3 * ch * ch + ch * ch + ch
@@ -135,7 +139,7 @@ def unet_blocks(unet: dict) -> list[list[Block]]:
 
 def unet_param_count(config) -> int:
     """Parameters of the UNet a model config builds (``ldm.models.unet.UNetModel``)."""
-    unet = _params(config)["unet_config"]["params"]
+    unet = _unet(config)
     mc, emb, depth = unet["model_channels"], 4 * unet["model_channels"], unet.get("transformer_depth", 1)
     total = mc * emb + emb + emb * emb + emb  # time_embed
     for layer in itertools.chain.from_iterable(unet_blocks(unet)):
@@ -205,7 +209,7 @@ def text_encoder_param_count(config) -> int:
 def lora_param_count(config, rank: int, targets: str = "attention", text_encoder: bool = False) -> int:
     """LoRA parameters (down + up) on the UNet attention projections (``extended``: also proj_in/out and the
     feed-forward) and, with ``text_encoder``, on the text encoder's q/k/v/out projections."""
-    unet = _params(config)["unet_config"]["params"]
+    unet = _unet(config)
     depth, ctx = unet.get("transformer_depth", 1), unet["context_dim"]
     total = 0
     for layer in itertools.chain.from_iterable(unet_blocks(unet)):
@@ -375,10 +379,6 @@ class GenerateJob:
     device_target: str = "CPU"
 
 
-def _unet(config) -> dict:
-    return _params(config)["unet_config"]["params"]
-
-
 def _latent_pixels(config, height: int, width: int) -> int:
     dd = _params(config)["first_stage_config"]["params"]["ddconfig"]
     f = 2 ** (len(dd["ch_mult"]) - 1)
@@ -400,7 +400,8 @@ def _cost(plan: Plan, device_target: str, intermediates: int) -> float:
 
 def estimate_training(config, job: TrainJob, plan: Plan) -> Estimate:
     """The estimated peak resident memory of a training run with ``plan`` (bytes), as a sum of named terms."""
-    unet, blocks = _unet(config), unet_blocks(_unet(config))
+    unet = _unet(config)
+    blocks = unet_blocks(unet)
     pixels, b = _latent_pixels(config, job.height, job.width), DTYPE_BYTES[job.precision]
     enc, dec = vae_param_counts(config)
     unet_n, text_n = unet_param_count(config), text_encoder_param_count(config)
@@ -450,7 +451,8 @@ def estimate_training(config, job: TrainJob, plan: Plan) -> Estimate:
 
 def estimate_generation(config, job: GenerateJob, plan: Plan) -> Estimate:
     """The estimated peak resident memory of a generation run with ``plan`` (bytes)."""
-    unet, blocks = _unet(config), unet_blocks(_unet(config))
+    unet = _unet(config)
+    blocks = unet_blocks(unet)
     pixels, b = _latent_pixels(config, job.height, job.width), DTYPE_BYTES[job.precision]
     enc, dec = vae_param_counts(config)
     unet_n, text_n = unet_param_count(config), text_encoder_param_count(config)
@@ -497,24 +499,23 @@ def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     return None
 
 
-def _meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:
+def _proc_kib_field(path: Path, field: str) -> int | None:
+    """Bytes of a ``field: N kB`` line of a /proc file (``/proc/meminfo``, ``/proc/self/status``), None if absent."""
     try:
         for line in path.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
 
 
+def _meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:
+    return _proc_kib_field(path, "MemAvailable")
+
+
 def _own_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _proc_kib_field(Path("/proc/self/status"), "VmRSS") or 0
 
 
 def _device_memory(device_target: str) -> int | None:
@@ -569,6 +570,22 @@ def choose(estimates: list[Estimate], available: int, source: str, training: boo
     return Decision(min(estimates, key=lambda e: (e.peak, e.cost)), available, source, False, training)
 
 
+# The switches each job's plan chooses (option name -> values tried); the options of those names left unset (None)
+# are the ones the plan fills in.
+TRAINING_SWITCHES = {
+    "mode": (0, 1),
+    "use_recompute": (False, True),
+    "memory_efficient_attention": (False, True),
+    "attention_slice_size": (0,),
+}
+GENERATION_SWITCHES = {"mode": (0, 1), "attention_slice_size": (0, 1), "vae_slicing": (False, True)}
+
+
+def given_switches(opts, switches: dict) -> dict:
+    """The user's values of ``switches`` in ``opts`` (None where the plan chooses)."""
+    return {name: getattr(opts, name) for name in switches}
+
+
 def _candidates(fixed: dict, switches: dict) -> list[Plan]:
     """Every plan over ``switches`` (name -> values) with the ``fixed`` ones held at the user's value."""
     names = list(switches)
@@ -579,20 +596,13 @@ def _candidates(fixed: dict, switches: dict) -> list[Plan]:
 def plan_training(config, job: TrainJob, given: dict, available: int, source: str) -> Decision:
     """Choose mode, recompute and the attention options of a training run; ``given`` holds the user's values (None:
     the plan chooses)."""
-    switches = {
-        "mode": [0, 1],
-        "use_recompute": [False, True],
-        "memory_efficient_attention": [False, True],
-        "attention_slice_size": [0],
-    }
-    estimates = [estimate_training(config, job, plan) for plan in _candidates(given, switches)]
+    estimates = [estimate_training(config, job, plan) for plan in _candidates(given, TRAINING_SWITCHES)]
     return choose(estimates, available, source, training=True)
 
 
 def plan_generation(config, job: GenerateJob, given: dict, available: int, source: str) -> Decision:
     """Choose mode, attention slicing and VAE slicing of a generation run."""
-    switches = {"mode": [0, 1], "attention_slice_size": [0, 1], "vae_slicing": [False, True]}
-    estimates = [estimate_generation(config, job, plan) for plan in _candidates(given, switches)]
+    estimates = [estimate_generation(config, job, plan) for plan in _candidates(given, GENERATION_SWITCHES)]
     return choose(estimates, available, source, training=False)
 
 

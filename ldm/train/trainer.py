@@ -33,7 +33,14 @@ from ldm.lora.any_format import read_any_adapter
 from ldm.lora.interop import UNetLayout
 from ldm.lora.network import inject_lora, load_adapter, lora_parameters, to_adapter
 from ldm.lora.targets import TEXT_ENCODER_TARGETS, UNET_CONV3X3_TARGETS, UNET_RESBLOCK_TARGETS, UNET_TARGET_PRESETS
-from ldm.memory_plan import TrainJob, apply_plan, available_memory, plan_training
+from ldm.memory_plan import (
+    TRAINING_SWITCHES,
+    TrainJob,
+    apply_plan,
+    available_memory,
+    given_switches,
+    plan_training,
+)
 from ldm.models.attention import plan_attention_fusion
 from ldm.models.diffusion import build_model_from_config
 from ldm.names import TEXT_PREFIX, UNET_PREFIX
@@ -103,8 +110,7 @@ def plan_memory(opts: TrainOptions, config, buckets=None) -> TrainOptions:
         grad_accum=opts.gradient_accumulation_steps,
         device_target=opts.device_target,
     )
-    switches = ("mode", "use_recompute", "memory_efficient_attention", "attention_slice_size")
-    given = {name: getattr(opts, name) for name in switches}
+    given = given_switches(opts, TRAINING_SWITCHES)
     decision = plan_training(config, job, given, *available_memory(opts.device_target, opts.max_memory_gib))
     (LOGGER.info if decision.fits else LOGGER.warning)("%s", decision.log_line())
     return apply_plan(opts, decision)
