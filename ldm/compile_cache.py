@@ -7,7 +7,8 @@ it is installed or on ``PYTHONPATH``): a changed width, input shape, constant or
 graph (measured: a reloaded ``x @ w`` graph for 4 columns summed 8-column inputs as 4). The folder is therefore
 keyed by everything that decides which graphs a run compiles and in which order: the job's options (all but those
 in :data:`NOT_GRAPH_OPTIONS`), the resolved model config, what the job adds (resume position, image listing when
-the shapes come from the data), the world size, the MindSpore version and a digest of this package's source. Two
+the shapes come from the data), the world size, the MindSpore version, whether the CPU norm kernels are on
+(``ldm.models.cpu_kernels``) and a digest of this package's source. Two
 processes never share a rank's folder at once: the second runs without the cache (a lock per rank).
 
 Graphs go to ``<root>/compile/<job>-<key>``, the root being the FID weights' (``$LDM_CACHE_DIR``, default
@@ -47,9 +48,10 @@ _held_locks: list = []  # lock files kept open for the life of the process
 
 @functools.lru_cache(maxsize=1)
 def source_digest() -> str:
-    """SHA-256 of this package's Python source and bundled configs, so an upgrade or an edit never reuses a graph."""
+    """SHA-256 of this package's Python and C++ source and bundled configs, so an upgrade or an edit never reuses a
+    graph."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in _PACKAGE.rglob("*") if p.suffix in (".py", ".yaml") and p.is_file()):
+    for path in sorted(p for p in _PACKAGE.rglob("*") if p.suffix in (".py", ".cc", ".yaml") and p.is_file()):
         digest.update(str(path.relative_to(_PACKAGE)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -79,6 +81,8 @@ def cache_key(job: str, options, extra: dict, ignore: tuple = ()) -> str:
     """16 hex digits of the SHA-256 of everything that shapes ``job``'s graphs (see the module docstring);
     ``options``: a dataclass or a dict; ``ignore``: options the job replaces by what they decide in ``extra``
     (prompt texts by their shapes)."""
+    from ldm.models import cpu_kernels
+
     values = options if isinstance(options, dict) else dataclasses.asdict(options)
     values = {k: v for k, v in values.items() if k not in NOT_GRAPH_OPTIONS | set(ignore)}
     parts = {
@@ -89,6 +93,7 @@ def cache_key(job: str, options, extra: dict, ignore: tuple = ()) -> str:
         "mindspore": importlib.metadata.version("mindspore"),
         "source": source_digest(),
         "entry": _entry_script_digest(),
+        "cpu_kernels": cpu_kernels.enabled(),  # LDM_CPU_KERNELS or a missing compiler changes every norm's kernel
     }
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -18,6 +18,8 @@ from mindspore import Parameter, mint, nn, ops
 from mindspore.common.initializer import Normal, initializer
 from mindspore.nn.utils import no_init_parameters
 
+from ldm.models import cpu_kernels
+
 
 def _ones(n: int) -> Parameter:
     return Parameter(initializer("ones", (n,), ms.float32), name="weight")
@@ -41,29 +43,46 @@ class GroupNorm(nn.Cell):
         if affine:
             self.weight = _ones(num_channels)
             self.bias = _zeros(num_channels)
+        else:
+            self.fixed_weight = ms.Tensor(np.ones(num_channels, np.float32))
+            self.fixed_bias = ms.Tensor(np.zeros(num_channels, np.float32))
+        self.cpu_kernel = cpu_kernels.enabled() and cpu_kernels.library() is not None
+        if self.cpu_kernel:
+            self.fused = cpu_kernels.group_norm_op(num_groups)
+            self.fused_config = ms.Tensor(np.array([num_groups, eps], np.float32))
 
     def construct(self, x):
-        """MindSpore's fused GroupNorm kernel in float32: the same statistics as spelling the norm out with
-        mean/square/rsqrt (to ~1e-7 relative), without that spelling's half-dozen full-size temporaries (measured
-        13x the input's size at 128 channels x 256x256, which dominated eager VAE memory at 512px)."""
-        weight = self.weight if self.affine else None
-        bias = self.bias if self.affine else None
+        """In float32, returning x's dtype. On CPU one fused kernel (``cpu_kernels``); elsewhere MindSpore's
+        GroupNorm kernel: the same statistics as spelling the norm out with mean/square/rsqrt (to ~1e-7 relative),
+        without that spelling's half-dozen full-size temporaries (measured 13x the input's size at 128 channels x
+        256x256, which dominated eager VAE memory at 512px)."""
+        weight = self.weight if self.affine else self.fixed_weight
+        bias = self.bias if self.affine else self.fixed_bias
+        if self.cpu_kernel:
+            return self.fused(x.astype(ms.float32), weight, bias, self.fused_config)[0].astype(x.dtype)
         h = mint.nn.functional.group_norm(x.astype(ms.float32), self.num_groups, weight, bias, self.eps)
         return h.astype(x.dtype)
 
 
 class LayerNorm(nn.Cell):
-    """torch.nn.LayerNorm over the last dimension."""
+    """torch.nn.LayerNorm over the last dimension, in float32 (one fused kernel on CPU, ``cpu_kernels``)."""
 
     def __init__(self, normalized_shape: int, eps: float = 1e-5):
         super().__init__()
         self.weight = _ones(normalized_shape)
         self.bias = _zeros(normalized_shape)
         self.eps = eps
-        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.cpu_kernel = cpu_kernels.enabled() and cpu_kernels.library() is not None
+        if self.cpu_kernel:
+            self.fused = cpu_kernels.layer_norm_op()
+            self.fused_config = ms.Tensor(np.array([eps], np.float32))
+        else:
+            self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
 
     def construct(self, x):
         dtype = x.dtype
+        if self.cpu_kernel:
+            return self.fused(x.astype(ms.float32), self.weight, self.bias, self.fused_config)[0].astype(dtype)
         y, _, _ = self.layer_norm(x.astype(ms.float32), self.weight, self.bias)
         return y.astype(dtype)
 

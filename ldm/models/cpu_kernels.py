@@ -1,0 +1,106 @@
+"""Float32 GroupNorm and LayerNorm kernels for MindSpore's CPU backend.
+
+MindSpore 2.10's CPU GroupNorm, GroupNormGrad and LayerNormGrad kernels take several times as long as PyTorch's and
+were the largest difference between the two frameworks' small LoRA train step (benchmarks/README.md, "CPU norm
+kernels"). ``cpu_kernels.cc`` computes the same statistics with vectorised sums; it is compiled once per
+source version with the system C++ compiler into ``<cache root>/kernels/<digest>/`` and called through
+``ops.Custom(func_type="aot")`` with its own backward, in graph and PyNative mode.
+
+Used only when the device target is CPU; Ascend and GPU keep MindSpore's kernels. ``LDM_CPU_KERNELS=0`` turns the
+kernels off (MindSpore's own are used), as does a machine without a compiler (``$CXX``, default ``g++``): that case
+logs one warning and carries on.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from ldm.util import cache_root
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+ENABLE_VAR = "LDM_CPU_KERNELS"
+FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-std=c++17", "-fopenmp-simd", "-fno-math-errno")
+LIBRARY_NAME = "libldm_cpu_kernels.so"
+
+log = logging.getLogger(__name__)
+
+
+def compiler() -> str | None:
+    """The C++ compiler to build with (``$CXX``, default ``g++``), or None when it is not installed."""
+    return shutil.which(os.environ.get("CXX") or "g++")
+
+
+def enabled() -> bool:
+    """Whether models built now use these kernels: device target CPU, not turned off, a compiler present."""
+    import mindspore as ms
+
+    if os.environ.get(ENABLE_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return ms.get_context("device_target") == "CPU" and compiler() is not None
+
+
+@functools.cache
+def library() -> str | None:
+    """Path of the compiled kernel library, building it on first use; None (one warning) when the build fails."""
+    cxx = compiler()
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join((cxx or "",) + FLAGS).encode()).hexdigest()[:16]
+    folder = cache_root() / "kernels" / digest
+    target = folder / LIBRARY_NAME
+    if target.is_file():
+        return str(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{LIBRARY_NAME}.{os.getpid()}.tmp"
+    result = subprocess.run([cxx, *FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True)
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+        log.warning("could not build the CPU norm kernels with %s (MindSpore's own are used):\n%s", cxx, tail)
+        return None
+    os.replace(partial, target)  # atomic: concurrent builds (msrun workers) each land a complete file
+    return str(target)
+
+
+def _custom(name: str, out_shape, out_dtype, bprop=None):
+    from mindspore import ops
+
+    return ops.Custom(f"{library()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
+
+
+def _norm_ops(forward: str, backward: str, stats_shape):
+    """(forward op, its backward op) for one kernel pair; the forward's extra outputs are mean and 1/std."""
+    from mindspore import ops
+
+    grad = _custom(backward, lambda x, w, b, c, m, r, dy: (x, w, w), lambda x, w, b, c, m, r, dy: (x, w, w))
+
+    def bprop(x, weight, bias, cfg, out, dout):
+        dx, dweight, dbias = grad(x, weight, bias, cfg, out[1], out[2], dout[0])
+        return dx, dweight, dbias, ops.zeros_like(cfg)
+
+    def shapes(x, w, b, c):
+        return x, stats_shape(x), stats_shape(x)
+
+    return _custom(forward, shapes, lambda x, w, b, c: (x, w, w), bprop)
+
+
+def group_norm_op(num_groups: int):
+    """The custom op ``(x, weight, bias, cfg) -> (y, mean, rstd)`` with cfg = [groups, eps] (float32)."""
+    return _norm_ops("GroupNormForward", "GroupNormBackward", lambda x: [x[0] * num_groups])
+
+
+def layer_norm_op():
+    """The custom op ``(x, weight, bias, cfg) -> (y, mean, rstd)`` over the last dimension, cfg = [eps]."""
+
+    def rows(x):
+        count = 1
+        for d in x[:-1]:
+            count *= d
+        return [count]
+
+    return _norm_ops("LayerNormForward", "LayerNormBackward", rows)
