@@ -154,3 +154,13 @@ def test_build_lands_one_complete_library(monkeypatch, tmp_path):
         assert cpu_kernels.library() == path and files[0].stat().st_mtime_ns == mtime
     finally:
         cpu_kernels.library.cache_clear()
+
+
+def test_no_compiler_falls_back_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "ldm-no-such-compiler")
+    cpu_kernels._warn_no_compiler.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        cells = [GroupNorm(32, 64), LayerNorm(16), GroupNorm(8, 16)]
+    assert not any(c.cpu_kernel for c in cells)
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "no C++ compiler (ldm-no-such-compiler)" in caplog.records[0].getMessage()

@@ -7,8 +7,8 @@ source version with the system C++ compiler into ``<cache root>/kernels/<digest>
 ``ops.Custom(func_type="aot")`` with its own backward, in graph and PyNative mode.
 
 Used only when the device target is CPU; Ascend and GPU keep MindSpore's kernels. ``LDM_CPU_KERNELS=0`` turns the
-kernels off (MindSpore's own are used), as does a machine without a compiler (``$CXX``, default ``g++``): that case
-logs one warning and carries on.
+kernels off (MindSpore's own are used), as does a machine without a compiler (``$CXX``, default ``g++``) or a failed
+build: each logs one warning and the run carries on.
 """
 
 from __future__ import annotations
@@ -42,7 +42,20 @@ def enabled() -> bool:
 
     if os.environ.get(ENABLE_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    return ms.get_context("device_target") == "CPU" and compiler() is not None
+    if ms.get_context("device_target") != "CPU":
+        return False
+    if compiler() is None:
+        _warn_no_compiler()
+        return False
+    return True
+
+
+@functools.cache
+def _warn_no_compiler() -> None:
+    log.warning(
+        "no C++ compiler (%s) for the CPU norm kernels: MindSpore's own GroupNorm/LayerNorm are used (slower on CPU)",
+        os.environ.get("CXX") or "g++",
+    )
 
 
 @functools.cache
