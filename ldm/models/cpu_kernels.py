@@ -21,6 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ldm.atomic import atomic_path
 from ldm.util import cache_root
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
@@ -69,28 +70,28 @@ def library() -> str | None:
     if target.is_file():
         return str(target)
     folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{LIBRARY_NAME}.{os.getpid()}.tmp"
-    result = subprocess.run([cxx, *FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True)
-    if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-        log.warning("could not build the CPU norm kernels with %s (MindSpore's own are used):\n%s", cxx, tail)
+    try:
+        with atomic_path(target) as partial:  # concurrent builds (msrun workers) each land a complete file
+            result = subprocess.run([cxx, *FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError("\n".join(result.stderr.strip().splitlines()[-5:]))
+    except (RuntimeError, OSError) as err:
+        log.warning("could not build the CPU norm kernels with %s (MindSpore's own are used):\n%s", cxx, err)
         return None
-    os.replace(partial, target)  # atomic: concurrent builds (msrun workers) each land a complete file
     return str(target)
 
 
-def _custom(name: str, out_shape, out_dtype, bprop=None):
+def _custom(path: str, name: str, out_shape, out_dtype, bprop=None):
     from mindspore import ops
 
-    return ops.Custom(f"{library()}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
+    return ops.Custom(f"{path}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
 
 
-def _norm_ops(forward: str, backward: str, stats_shape):
-    """(forward op, its backward op) for one kernel pair; the forward's extra outputs are mean and 1/std."""
+def _norm_ops(path: str, forward: str, backward: str, stats_shape):
+    """The forward op of one kernel pair, whose backward calls the other; its extra outputs are mean and 1/std."""
     from mindspore import ops
 
-    grad = _custom(backward, lambda x, w, b, c, m, r, dy: (x, w, w), lambda x, w, b, c, m, r, dy: (x, w, w))
+    grad = _custom(path, backward, lambda x, w, b, c, m, r, dy: (x, w, w), lambda x, w, b, c, m, r, dy: (x, w, w))
 
     def bprop(x, weight, bias, cfg, out, dout):
         dx, dweight, dbias = grad(x, weight, bias, cfg, out[1], out[2], dout[0])
@@ -99,21 +100,33 @@ def _norm_ops(forward: str, backward: str, stats_shape):
     def shapes(x, w, b, c):
         return x, stats_shape(x), stats_shape(x)
 
-    return _custom(forward, shapes, lambda x, w, b, c: (x, w, w), bprop)
+    return _custom(path, forward, shapes, lambda x, w, b, c: (x, w, w), bprop)
 
 
 def group_norm_op(num_groups: int):
-    """The custom op ``(x, weight, bias, cfg) -> (y, mean, rstd)`` with cfg = [groups, eps] (float32)."""
-    return _norm_ops("GroupNormForward", "GroupNormBackward", lambda x: [x[0] * num_groups])
+    """The custom op ``(x, weight, bias, cfg) -> (y, mean, rstd)`` with cfg = [groups, eps] (float32); one instance
+    per library and group count, so its backward is parsed once per process rather than once per layer."""
+    return _group_norm_op(library(), num_groups)
 
 
 def layer_norm_op():
-    """The custom op ``(x, weight, bias, cfg) -> (y, mean, rstd)`` over the last dimension, cfg = [eps]."""
+    """The custom op ``(x, weight, bias, cfg) -> (y, mean, rstd)`` over the last dimension, cfg = [eps]; shared like
+    :func:`group_norm_op`."""
+    return _layer_norm_op(library())
 
-    def rows(x):
-        count = 1
-        for d in x[:-1]:
-            count *= d
-        return [count]
 
-    return _norm_ops("LayerNormForward", "LayerNormBackward", rows)
+@functools.cache
+def _group_norm_op(path: str, num_groups: int):
+    return _norm_ops(path, "GroupNormForward", "GroupNormBackward", lambda x: [x[0] * num_groups])
+
+
+def _rows(x) -> list:
+    count = 1
+    for d in x[:-1]:
+        count *= d
+    return [count]
+
+
+@functools.cache
+def _layer_norm_op(path: str):
+    return _norm_ops(path, "LayerNormForward", "LayerNormBackward", _rows)
