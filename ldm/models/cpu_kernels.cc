@@ -71,6 +71,36 @@ double SumSquaredDeviation(const float *x, int64_t n, float mean) {
   return total;
 }
 
+// The two layouts every kernel pair shares: forward (x, weight, bias, cfg) -> (y, mean, rstd), backward
+// (x, weight, bias, cfg, mean, rstd, dy) -> (dx, dweight, dbias).
+struct ForwardArgs {
+  explicit ForwardArgs(void **p)
+      : x(static_cast<const float *>(p[0])),
+        weight(static_cast<const float *>(p[1])),
+        bias(static_cast<const float *>(p[2])),
+        cfg(static_cast<const float *>(p[3])),
+        y(static_cast<float *>(p[4])),
+        mean(static_cast<float *>(p[5])),
+        rstd(static_cast<float *>(p[6])) {}
+  const float *x, *weight, *bias, *cfg;
+  float *y, *mean, *rstd;
+};
+
+struct BackwardArgs {
+  explicit BackwardArgs(void **p)
+      : x(static_cast<const float *>(p[0])),
+        weight(static_cast<const float *>(p[1])),
+        cfg(static_cast<const float *>(p[3])),
+        mean(static_cast<const float *>(p[4])),
+        rstd(static_cast<const float *>(p[5])),
+        dy(static_cast<const float *>(p[6])),
+        dx(static_cast<float *>(p[7])),
+        dweight(static_cast<float *>(p[8])),
+        dbias(static_cast<float *>(p[9])) {}
+  const float *x, *weight, *cfg, *mean, *rstd, *dy;
+  float *dx, *dweight, *dbias;
+};
+
 int64_t Product(const int64_t *shape, int begin, int end) {
   int64_t n = 1;
   for (int i = begin; i < end; ++i) n *= shape[i];
@@ -82,13 +112,9 @@ int64_t Product(const int64_t *shape, int begin, int end) {
 // GroupNorm forward. Inputs: x (N, C, *), weight (C), bias (C), cfg (groups, eps).
 // Outputs: y (like x), mean (N * groups), rstd (N * groups).
 extern "C" int GroupNormForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *x = static_cast<const float *>(params[0]);
-  const float *weight = static_cast<const float *>(params[1]);
-  const float *bias = static_cast<const float *>(params[2]);
-  const float *cfg = static_cast<const float *>(params[3]);
-  float *y = static_cast<float *>(params[4]);
-  float *mean_out = static_cast<float *>(params[5]);
-  float *rstd_out = static_cast<float *>(params[6]);
+  const ForwardArgs a(params);
+  const float *x = a.x, *weight = a.weight, *bias = a.bias, *cfg = a.cfg;
+  float *y = a.y, *mean_out = a.mean, *rstd_out = a.rstd;
   const int64_t n = shapes[0][0], channels = shapes[0][1], hw = Product(shapes[0], 2, ndims[0]);
   const int64_t groups = static_cast<int64_t>(cfg[0]);
   const double eps = cfg[1];
@@ -114,15 +140,9 @@ extern "C" int GroupNormForward(int, void **params, int *ndims, int64_t **shapes
 
 // GroupNorm backward. Inputs: x, weight, bias, cfg, mean, rstd, dy. Outputs: dx (like x), dweight (C), dbias (C).
 extern "C" int GroupNormBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *x = static_cast<const float *>(params[0]);
-  const float *weight = static_cast<const float *>(params[1]);
-  const float *cfg = static_cast<const float *>(params[3]);
-  const float *mean = static_cast<const float *>(params[4]);
-  const float *rstd = static_cast<const float *>(params[5]);
-  const float *dy = static_cast<const float *>(params[6]);
-  float *dx = static_cast<float *>(params[7]);
-  float *dweight = static_cast<float *>(params[8]);
-  float *dbias = static_cast<float *>(params[9]);
+  const BackwardArgs a(params);
+  const float *x = a.x, *weight = a.weight, *cfg = a.cfg, *mean = a.mean, *rstd = a.rstd, *dy = a.dy;
+  float *dx = a.dx, *dweight = a.dweight, *dbias = a.dbias;
   const int64_t n = shapes[0][0], channels = shapes[0][1], hw = Product(shapes[0], 2, ndims[0]);
   const int64_t groups = static_cast<int64_t>(cfg[0]);
   const int64_t per_group = channels / groups, block = per_group * hw;
@@ -182,13 +202,9 @@ extern "C" int GroupNormBackward(int, void **params, int *ndims, int64_t **shape
 // LayerNorm over the last dimension, forward. Inputs: x (*, C), weight (C), bias (C), cfg (eps).
 // Outputs: y (like x), mean (rows), rstd (rows).
 extern "C" int LayerNormForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *x = static_cast<const float *>(params[0]);
-  const float *weight = static_cast<const float *>(params[1]);
-  const float *bias = static_cast<const float *>(params[2]);
-  const float *cfg = static_cast<const float *>(params[3]);
-  float *y = static_cast<float *>(params[4]);
-  float *mean_out = static_cast<float *>(params[5]);
-  float *rstd_out = static_cast<float *>(params[6]);
+  const ForwardArgs a(params);
+  const float *x = a.x, *weight = a.weight, *bias = a.bias, *cfg = a.cfg;
+  float *y = a.y, *mean_out = a.mean, *rstd_out = a.rstd;
   const int64_t width = shapes[0][ndims[0] - 1], rows = Product(shapes[0], 0, ndims[0] - 1);
   const double eps = cfg[0];
   ParallelFor(rows, rows * width, [&](int64_t row) {
@@ -207,14 +223,9 @@ extern "C" int LayerNormForward(int, void **params, int *ndims, int64_t **shapes
 
 // LayerNorm backward. Inputs: x, weight, bias, cfg, mean, rstd, dy. Outputs: dx (like x), dweight (C), dbias (C).
 extern "C" int LayerNormBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *x = static_cast<const float *>(params[0]);
-  const float *weight = static_cast<const float *>(params[1]);
-  const float *mean = static_cast<const float *>(params[4]);
-  const float *rstd = static_cast<const float *>(params[5]);
-  const float *dy = static_cast<const float *>(params[6]);
-  float *dx = static_cast<float *>(params[7]);
-  float *dweight = static_cast<float *>(params[8]);
-  float *dbias = static_cast<float *>(params[9]);
+  const BackwardArgs a(params);
+  const float *x = a.x, *weight = a.weight, *mean = a.mean, *rstd = a.rstd, *dy = a.dy;
+  float *dx = a.dx, *dweight = a.dweight, *dbias = a.dbias;
   const int64_t width = shapes[0][ndims[0] - 1], rows = Product(shapes[0], 0, ndims[0] - 1);
   ParallelFor(rows, rows * width, [&](int64_t row) {
     const float m = mean[row], r = rstd[row];
