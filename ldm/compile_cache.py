@@ -93,7 +93,7 @@ def cache_key(job: str, options, extra: dict, ignore: tuple = ()) -> str:
         "mindspore": importlib.metadata.version("mindspore"),
         "source": source_digest(),
         "entry": _entry_script_digest(),
-        "cpu_kernels": cpu_kernels.enabled(),  # LDM_CPU_KERNELS or a missing compiler changes every norm's kernel
+        "cpu_kernels": cpu_kernels.available(),  # switched off, no compiler or a failed build: MindSpore's norms
     }
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -173,14 +173,15 @@ def use_compile_cache(
     except OSError as exc:  # a read-only or full cache folder costs the cache, not the run
         log(f"compile cache: cannot use {folder} ({exc.strerror or exc}); compiling without it")
         return None
+    keep = keep_count()
     try:
         os.utime(folder)  # most recently used
-        removed = prune(folder.parent, keep_count())
+        removed = prune(folder.parent, keep)
     except OSError as exc:
         log(f"compile cache: could not clean {folder.parent} ({exc.strerror or exc})")
         removed = []
     if removed:
-        log(f"compile cache: deleted {len(removed)} least recently used folder(s), keeping {keep_count()} ({KEEP_VAR})")
+        log(f"compile cache: deleted {len(removed)} least recently used folder(s), keeping {keep} ({KEEP_VAR})")
     # MindSpore's file names: compile_cache_<i>.mindir, prefixed with the role under msrun (MS_WORKERcompile_...)
     warm = any((folder / f"rank_{rank}" / "graph_cache").glob("*compile_cache_0.mindir"))
     import mindspore as ms

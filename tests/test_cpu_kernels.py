@@ -120,7 +120,9 @@ def test_switch_off_uses_mindspore_kernels(monkeypatch):
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
-    """A compiler that fails leaves no library (and no partial file) behind; cells use MindSpore's kernels."""
+    """A compiler that fails leaves no library (and no partial file) behind; cells use MindSpore's kernels, and the
+    graph key says so."""
+    on_key = cache_key("train", {"a": 1}, {})
     broken = tmp_path / "broken-cxx"
     broken.write_text("#!/bin/sh\necho 'broken-cxx: cannot compile' >&2\nexit 1\n")
     broken.chmod(0o755)
@@ -137,6 +139,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path, caplog)
         assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
         x = np.random.default_rng(4).standard_normal((1, 64, 4, 4)).astype(np.float32)
         assert np.isfinite(cell(ms.Tensor(x)).asnumpy()).all()
+        assert cache_key("train", {"a": 1}, {}) != on_key
     finally:
         cpu_kernels.library.cache_clear()
 

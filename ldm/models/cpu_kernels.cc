@@ -101,6 +101,20 @@ struct BackwardArgs {
   float *dx, *dweight, *dbias;
 };
 
+// dweight and dbias: the per-column sums over `parts` rows of partial sums (`width` columns each), rows in order.
+void SumPartials(const std::vector<double> &part_w, const std::vector<double> &part_b, int64_t parts, int64_t width,
+                 float *dweight, float *dbias) {
+  for (int64_t i = 0; i < width; ++i) {
+    double sw = 0.0, sb = 0.0;
+    for (int64_t part = 0; part < parts; ++part) {
+      sw += part_w[part * width + i];
+      sb += part_b[part * width + i];
+    }
+    dweight[i] = static_cast<float>(sw);
+    dbias[i] = static_cast<float>(sb);
+  }
+}
+
 int64_t Product(const int64_t *shape, int begin, int end) {
   int64_t n = 1;
   for (int i = begin; i < end; ++i) n *= shape[i];
@@ -187,15 +201,7 @@ extern "C" int GroupNormBackward(int, void **params, int *ndims, int64_t **shape
       dxb[k] = r * (dxb[k] - mean_g - xhat * mean_gx);
     }
   });
-  for (int64_t c = 0; c < channels; ++c) {
-    double sw = 0.0, sb = 0.0;
-    for (int64_t s = 0; s < n; ++s) {
-      sw += part_w[s * channels + c];
-      sb += part_b[s * channels + c];
-    }
-    dweight[c] = static_cast<float>(sw);
-    dbias[c] = static_cast<float>(sb);
-  }
+  SumPartials(part_w, part_b, n, channels, dweight, dbias);
   return 0;
 }
 
@@ -263,15 +269,7 @@ extern "C" int LayerNormBackward(int, void **params, int *ndims, int64_t **shape
       }
     }
   });
-  for (int64_t i = 0; i < width; ++i) {
-    double sw = 0.0, sb = 0.0;
-    for (int64_t part = 0; part < parts; ++part) {
-      sw += part_w[part * width + i];
-      sb += part_b[part * width + i];
-    }
-    dweight[i] = static_cast<float>(sw);
-    dbias[i] = static_cast<float>(sb);
-  }
+  SumPartials(part_w, part_b, parts, width, dweight, dbias);
   return 0;
 }
 

@@ -51,6 +51,12 @@ def enabled() -> bool:
     return True
 
 
+def available() -> bool:
+    """Whether a norm built now runs on these kernels: :func:`enabled` and the library built (building it if
+    needed)."""
+    return enabled() and library() is not None
+
+
 @functools.cache
 def _warn_no_compiler() -> None:
     log.warning(

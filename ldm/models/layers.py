@@ -46,7 +46,7 @@ class GroupNorm(nn.Cell):
         else:
             self.fixed_weight = ms.Tensor(np.ones(num_channels, np.float32))
             self.fixed_bias = ms.Tensor(np.zeros(num_channels, np.float32))
-        self.cpu_kernel = cpu_kernels.enabled() and cpu_kernels.library() is not None
+        self.cpu_kernel = cpu_kernels.available()
         if self.cpu_kernel:
             self.fused = cpu_kernels.group_norm_op(num_groups)
             self.fused_config = ms.Tensor(np.array([num_groups, eps], np.float32))
@@ -72,7 +72,7 @@ class LayerNorm(nn.Cell):
         self.weight = _ones(normalized_shape)
         self.bias = _zeros(normalized_shape)
         self.eps = eps
-        self.cpu_kernel = cpu_kernels.enabled() and cpu_kernels.library() is not None
+        self.cpu_kernel = cpu_kernels.available()
         if self.cpu_kernel:
             self.fused = cpu_kernels.layer_norm_op()
             self.fused_config = ms.Tensor(np.array([eps], np.float32))
